@@ -1,0 +1,245 @@
+"""Derived scalars: small pure functions of cached activations, gradients and weights.
+
+Each is registered by (node type, metric) with the hook values it reads, so the engine caches only
+what the requested scalars need. Formulas (engine.md §3), per layer:
+
+| metric                 | embedding at t        | MLP neuron i at t   | head h at (q, k)            |
+|------------------------|-----------------------|---------------------|-----------------------------|
+| activation             | 1                     | a[t,i]              | A[q,k,h]                    |
+| write_magnitude        | ‖e[t]‖                | |a|·‖W_out[i]‖      | A·‖v[k,h] W_O[h]‖           |
+| direct_effect          | e[t]·g[t]             | a·(W_out[i]·g[t])   | A·((v[k,h] W_O[h])·g[q])    |
+| estimated_total_effect | e[t]·∂D/∂e[t]         | a·∂D/∂a             | A·∂D/∂A                     |
+
+Per-token node types return [b, n, C]; attention head pairs return [b, n_q, n_k, H]. Head metrics
+never build the n²·H·d tensor of per-pair write vectors: ‖v W_O‖ comes from the per-head Gram matrix
+W_O[h] W_O[h]ᵀ and the direct effect from v · (W_O[h] g[q]), so extra memory is n·H·dh + n²·H.
+
+New node types (autoencoder latents) register their own functions here; the engine is unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from neuron_explainer.activations.nodes import NodeType
+from neuron_explainer.models.transformer import HookedTransformer
+
+METRICS = ("activation", "write_magnitude", "direct_effect", "estimated_total_effect")
+
+
+@dataclass
+class PassState:
+    """What one forward (+ backward) pass left behind, read by derived scalars.
+
+    acts/grads are keyed by full hook name; `g` [b, n, d] is each row's gradient of its direction
+    of interest with respect to the residual stream at that row's cut (the point D reads), with the
+    norm scale there held fixed; nodes writing after `cut[row]` have no direct effect.
+    """
+
+    model: HookedTransformer
+    acts: dict[str, torch.Tensor]
+    grads: dict[str, torch.Tensor] = field(default_factory=dict)
+    g: torch.Tensor | None = None
+    cut: list[int] = field(default_factory=list)
+
+    def act(self, name: str) -> torch.Tensor:
+        return self.acts[name]
+
+    def grad(self, name: str) -> torch.Tensor:
+        if name not in self.grads:
+            # No backward pass (loss "zero"): the effect of every node on D is zero.
+            return torch.zeros_like(self.acts[name])
+        return self.grads[name]
+
+    def gradient_at_cut(self) -> torch.Tensor:
+        if self.g is None:
+            b, n = self.acts["hook_embed"].shape[:2]
+            return torch.zeros(b, n, self.model.cfg.d_model, device=self.model.device)
+        return self.g
+
+    def cut_mask(self, write_position: int) -> torch.Tensor:
+        """[b, 1, 1] (broadcastable) 1.0 where a node writing at `write_position` is before the cut."""
+        keep = [1.0 if write_position <= c else 0.0 for c in self.cut]
+        return torch.tensor(keep, device=self.model.device)[:, None, None]
+
+
+ScalarFn = Callable[[PassState, int], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class DerivedScalar:
+    node_type: NodeType
+    metric: str
+    fn: ScalarFn
+    acts: tuple[str, ...]  # hook names; "{L}" is replaced by the layer
+    grads: tuple[str, ...] = ()
+    signed: bool = True  # signed metrics get a bottom-k too
+
+
+REGISTRY: dict[tuple[NodeType, str], DerivedScalar] = {}
+
+
+def derived_scalar(
+    node_type: NodeType,
+    metric: str,
+    acts: tuple[str, ...],
+    grads: tuple[str, ...] = (),
+    signed: bool = True,
+) -> Callable[[ScalarFn], ScalarFn]:
+    def register(fn: ScalarFn) -> ScalarFn:
+        REGISTRY[(node_type, metric)] = DerivedScalar(node_type, metric, fn, acts, grads, signed)
+        return fn
+
+    return register
+
+
+def hook_names_for(scalar: DerivedScalar, n_layers: int) -> tuple[set[str], set[str]]:
+    """(activation hook names, gradient hook names) that `scalar` reads, over all layers."""
+
+    def expand(names: tuple[str, ...]) -> set[str]:
+        out: set[str] = set()
+        for n in names:
+            out.update(n.format(L=layer) for layer in range(n_layers)) if "{L}" in n else out.add(n)
+        return out
+
+    return expand(scalar.acts), expand(scalar.grads)
+
+
+# ---- embeddings ------------------------------------------------------------------------------------
+
+
+def embedding_vectors(state: PassState) -> torch.Tensor:
+    """[b, n, d] the embedding node's write: token embedding (+ learned position embedding)."""
+    e = state.act("hook_embed")
+    if "hook_pos_embed" in state.acts:
+        e = e + state.act("hook_pos_embed")
+    return e
+
+
+_EMB = ("hook_embed", "hook_pos_embed")
+
+
+@derived_scalar(NodeType.EMBEDDING, "activation", acts=("hook_embed",), signed=False)
+def embedding_activation(state: PassState, layer: int) -> torch.Tensor:
+    return torch.ones_like(state.act("hook_embed")[..., :1])
+
+
+@derived_scalar(NodeType.EMBEDDING, "write_magnitude", acts=_EMB, signed=False)
+def embedding_write_magnitude(state: PassState, layer: int) -> torch.Tensor:
+    return embedding_vectors(state).norm(dim=-1, keepdim=True)
+
+
+@derived_scalar(NodeType.EMBEDDING, "direct_effect", acts=_EMB)
+def embedding_direct_effect(state: PassState, layer: int) -> torch.Tensor:
+    return (embedding_vectors(state) * state.gradient_at_cut()).sum(-1, keepdim=True)
+
+
+@derived_scalar(NodeType.EMBEDDING, "estimated_total_effect", acts=_EMB, grads=("hook_embed",))
+def embedding_total_effect(state: PassState, layer: int) -> torch.Tensor:
+    # Token and position embeddings are summed into the residual stream, so both see the gradient
+    # taken at hook_embed.
+    return (embedding_vectors(state) * state.grad("hook_embed")).sum(-1, keepdim=True)
+
+
+# ---- MLP neurons -----------------------------------------------------------------------------------
+
+_POST = "blocks.{L}.mlp.hook_post"
+
+
+@derived_scalar(NodeType.MLP_NEURON, "activation", acts=(_POST,))
+def neuron_activation(state: PassState, layer: int) -> torch.Tensor:
+    return state.act(_POST.format(L=layer))
+
+
+@derived_scalar(NodeType.MLP_NEURON, "write_magnitude", acts=(_POST,), signed=False)
+def neuron_write_magnitude(state: PassState, layer: int) -> torch.Tensor:
+    w_out = state.model.blocks[layer].mlp.W_out  # [m, d]
+    return state.act(_POST.format(L=layer)).abs() * w_out.norm(dim=-1)
+
+
+@derived_scalar(NodeType.MLP_NEURON, "direct_effect", acts=(_POST,))
+def neuron_direct_effect(state: PassState, layer: int) -> torch.Tensor:
+    w_out = state.model.blocks[layer].mlp.W_out
+    g = state.gradient_at_cut() * state.cut_mask(2 * layer + 2)
+    return state.act(_POST.format(L=layer)) * (g @ w_out.T)
+
+
+@derived_scalar(NodeType.MLP_NEURON, "estimated_total_effect", acts=(_POST,), grads=(_POST,))
+def neuron_total_effect(state: PassState, layer: int) -> torch.Tensor:
+    name = _POST.format(L=layer)
+    return state.act(name) * state.grad(name)
+
+
+# ---- attention heads (per query/key pair) ----------------------------------------------------------
+
+_PATTERN = "blocks.{L}.attn.hook_pattern"
+_V = "blocks.{L}.attn.hook_v"
+
+
+def head_values(state: PassState, layer: int) -> torch.Tensor:
+    """[b, n, H, dh] the value each head reads (key/value heads repeated for grouped-query)."""
+    v = state.act(_V.format(L=layer))
+    cfg = state.model.cfg
+    return v.repeat_interleave(cfg.n_heads // cfg.n_kv_heads, dim=2)
+
+
+def pattern_qkh(state: PassState, layer: int) -> torch.Tensor:
+    """[b, n_q, n_k, H] attention probabilities."""
+    return state.act(_PATTERN.format(L=layer)).permute(0, 2, 3, 1)
+
+
+def head_write_norms(state: PassState, layer: int) -> torch.Tensor:
+    """[b, n_k, H] ‖v[k,h] W_O[h]‖ via the Gram matrix W_O[h] W_O[h]ᵀ (no n·H·d tensor)."""
+    w_o = state.model.blocks[layer].attn.W_O  # [H, dh, d]
+    gram = w_o @ w_o.transpose(1, 2)  # [H, dh, dh]
+    v = head_values(state, layer)
+    return torch.einsum("bkhe,hef,bkhf->bkh", v, gram, v).clamp(min=0).sqrt()
+
+
+@derived_scalar(NodeType.ATTENTION_HEAD, "activation", acts=(_PATTERN,), signed=False)
+def head_activation(state: PassState, layer: int) -> torch.Tensor:
+    return pattern_qkh(state, layer)
+
+
+@derived_scalar(NodeType.ATTENTION_HEAD, "write_magnitude", acts=(_PATTERN, _V), signed=False)
+def head_write_magnitude(state: PassState, layer: int) -> torch.Tensor:
+    return pattern_qkh(state, layer) * head_write_norms(state, layer)[:, None]
+
+
+@derived_scalar(NodeType.ATTENTION_HEAD, "direct_effect", acts=(_PATTERN, _V))
+def head_direct_effect(state: PassState, layer: int) -> torch.Tensor:
+    w_o = state.model.blocks[layer].attn.W_O  # [H, dh, d]
+    g = state.gradient_at_cut() * state.cut_mask(2 * layer + 1)  # [b, n, d]
+    pattern = pattern_qkh(state, layer)
+    out = torch.zeros_like(pattern)
+    # g is non-zero at a few tokens only (the read position, or the traced pair's tokens): project
+    # just those query rows into each head's value space.
+    rows = g.abs().sum(dim=(0, 2)).nonzero().flatten()
+    if rows.numel():
+        g_o = torch.einsum("bqd,hed->bqhe", g[:, rows], w_o)  # [b, r, H, dh]
+        vg = torch.einsum("bkhe,bqhe->bqkh", head_values(state, layer), g_o)  # [b, r, n, H]
+        out[:, rows] = pattern[:, rows] * vg
+    return out
+
+
+@derived_scalar(NodeType.ATTENTION_HEAD, "estimated_total_effect", acts=(_PATTERN,), grads=(_PATTERN,))
+def head_total_effect(state: PassState, layer: int) -> torch.Tensor:
+    name = _PATTERN.format(L=layer)
+    return (state.act(name) * state.grad(name)).permute(0, 2, 3, 1)
+
+
+def token_pair_attribution(
+    state: PassState, layer: int, direction: torch.Tensor, query_token: int
+) -> torch.Tensor:
+    """[b, n_k]: how much each key token's contribution to attn_out[q] points along `direction`.
+
+    Σ_h A[q,k,h] · (v[k,h] W_O[h]) · direction, the hook used by attention-side autoencoder latents
+    (with `direction` the latent's encoder row); summed over k it gives (attn_out[q] - b_O)·direction.
+    """
+    w_o = state.model.blocks[layer].attn.W_O
+    proj = torch.einsum("hed,d->he", w_o, direction.to(w_o.dtype))  # [H, dh]
+    vproj = torch.einsum("bkhe,he->bkh", head_values(state, layer), proj)
+    return torch.einsum("bkh,bkh->bk", pattern_qkh(state, layer)[:, query_token], vproj)

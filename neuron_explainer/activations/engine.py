@@ -1,0 +1,684 @@
+"""The request engine: one batched forward and one backward for a debugger request (engine.md).
+
+`run_debugger_request(model, sub_requests)` right-pads every sub-request's prompt into one batch,
+applies each row's ablations, runs one forward, computes each row's direction of interest `D` (a
+loss on the logits, or a traced node's pre-activation), runs one backward on ΣD (rows never mix),
+then evaluates the requested derived scalars layer by layer, keeps exact top/bottom-k per node
+type and metric, and reports every metric for the union of selected nodes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from neuron_explainer.activations import token_views
+from neuron_explainer.activations.derived_scalars import (
+    METRICS,
+    REGISTRY,
+    PassState,
+    hook_names_for,
+)
+from neuron_explainer.activations.nodes import (
+    AttentionTraceType,
+    NodeAblation,
+    NodeIndex,
+    NodeToTrace,
+    NodeType,
+    PromptTooLongError,
+    RequestError,
+)
+from neuron_explainer.models.hooks import HookPoint
+from neuron_explainer.models.tokenizer import TokenizerError
+from neuron_explainer.models.transformer import HookedTransformer, pad_right
+
+LossFn = Literal["logit_diff", "logit_minus_mean", "probs", "zero"]
+LOSS_FNS: tuple[str, ...] = ("logit_diff", "logit_minus_mean", "probs", "zero")
+NODE_TYPES = (NodeType.EMBEDDING, NodeType.MLP_NEURON, NodeType.ATTENTION_HEAD)
+
+
+@dataclass
+class SubRequest:
+    prompt: str | Sequence[int]
+    target_tokens: Sequence[str | int] = ()
+    distractor_tokens: Sequence[str | int] = ()
+    loss_fn: LossFn = "logit_diff"
+    node_ablations: Sequence[NodeAblation] = ()
+    upstream_node_to_trace: NodeToTrace | None = None
+    downstream_node_to_trace: NodeToTrace | None = None
+    top_and_bottom_k: int = 10
+    node_types: Sequence[NodeType] = NODE_TYPES
+    metrics: Sequence[str] = METRICS
+    token_views: bool = True
+    token_view_k: int = 10
+    prepend_bos: bool = False
+
+
+@dataclass
+class ScoredToken:
+    token: int
+    text: str
+    score: float
+    probability: float | None = None
+
+
+@dataclass
+class NodeTokenViews:
+    """Token-space views of one node (engine.md §6); lists are ordered best first."""
+
+    upvoted_output_tokens: list[ScoredToken] = field(default_factory=list)
+    downvoted_output_tokens: list[ScoredToken] = field(default_factory=list)
+    # Neurons: input tokens whose embedding raises / lowers the pre-activation. Heads: the query side.
+    upvoting_input_tokens: list[ScoredToken] = field(default_factory=list)
+    downvoting_input_tokens: list[ScoredToken] = field(default_factory=list)
+    # Heads only: the key side of the attention score.
+    upvoting_key_tokens: list[ScoredToken] = field(default_factory=list)
+    downvoting_key_tokens: list[ScoredToken] = field(default_factory=list)
+
+
+@dataclass
+class SubResult:
+    tokens: list[int]
+    token_strings: list[str]
+    read_position: int  # where D is read (the last token, or the traced node's token)
+    direction_value: float  # D
+    bias_direct_effect: float  # direct effect of the layers' output biases before the cut
+    nodes: list[NodeIndex]  # the union over sub-requests and metrics (same list in every result)
+    metrics: dict[str, list[float | None]]  # metric -> value per node (None: not in this prompt)
+    # node type -> metric -> per-token sum over all nodes at that token (heads: two views)
+    token_sums: dict[str, dict[str, list[float]]]
+    top_logits: list[ScoredToken]
+    bottom_logits: list[ScoredToken]
+    target_logits: list[ScoredToken]
+    distractor_logits: list[ScoredToken]
+    token_views: dict[NodeIndex, NodeTokenViews]
+    trace_description: str | None = None
+
+
+@dataclass
+class _Row:
+    request: SubRequest
+    tokens: list[int]
+    targets: list[int]
+    distractors: list[int]
+    cut: int  # residual write position D reads (2·n_layers for the loss)
+    cut_hook: str
+    upstream_token_limit: int  # nodes at later tokens are not upstream of D
+
+
+def _field(index: int, name: str) -> str:
+    return f"subRequests[{index}].{name}"
+
+
+class Engine:
+    """Runs debugger requests on one model. `max_prompt_tokens` defaults to the context length."""
+
+    def __init__(self, model: HookedTransformer, max_prompt_tokens: int | None = None) -> None:
+        self.model = model
+        self.max_prompt_tokens = min(max_prompt_tokens or model.cfg.n_ctx, model.cfg.n_ctx)
+
+    # ---- validation --------------------------------------------------------------------------
+
+    def _token_id(self, value: str | int, fld: str) -> int:
+        if isinstance(value, int):
+            if not 0 <= value < self.model.cfg.vocab_size:
+                raise RequestError(fld, f"token id {value} is outside the vocabulary")
+            return value
+        if self.model.tokenizer is None:
+            raise RequestError(fld, "this model has no tokenizer; give token ids")
+        try:
+            return self.model.tokenizer.single_token_id(value)
+        except TokenizerError as e:
+            raise RequestError(fld, str(e)) from e
+
+    def validate_node(self, node: NodeIndex, n_tokens: int, fld: str) -> None:
+        cfg = self.model.cfg
+        n_components = {
+            NodeType.EMBEDDING: 1,
+            NodeType.MLP_NEURON: cfg.d_mlp,
+            NodeType.ATTENTION_HEAD: cfg.n_heads,
+        }
+        if node.node_type not in n_components:
+            raise RequestError(f"{fld}.nodeType", f"unknown node type {node.node_type!r}")
+        n_layers = 1 if node.node_type == NodeType.EMBEDDING else cfg.n_layers
+        if not 0 <= node.layer < n_layers:
+            raise RequestError(f"{fld}.layer", f"layer {node.layer} is out of range [0, {n_layers})")
+        if not 0 <= node.token < n_tokens:
+            raise RequestError(
+                f"{fld}.tokenIndex", f"token {node.token} is out of range for {n_tokens} tokens"
+            )
+        if not 0 <= node.component < n_components[node.node_type]:
+            raise RequestError(
+                f"{fld}.componentIndex",
+                f"component {node.component} is out of range [0, {n_components[node.node_type]})",
+            )
+        if node.attended_token is not None:
+            if node.node_type != NodeType.ATTENTION_HEAD:
+                raise RequestError(f"{fld}.attendedTokenIndex", "only attention heads have one")
+            if not 0 <= node.attended_token <= node.token:
+                raise RequestError(
+                    f"{fld}.attendedTokenIndex",
+                    f"attended token {node.attended_token} must be in [0, {node.token}] (causal)",
+                )
+
+    def _prepare(self, index: int, req: SubRequest) -> _Row:
+        cfg = self.model.cfg
+        if isinstance(req.prompt, str):
+            if self.model.tokenizer is None:
+                raise RequestError(_field(index, "prompt"), "this model has no tokenizer")
+            tokens = self.model.tokenizer.encode(req.prompt)
+        else:
+            tokens = [self._token_id(int(t), _field(index, "prompt")) for t in req.prompt]
+        if req.prepend_bos:
+            if self.model.tokenizer is None or self.model.tokenizer.bos_token_id is None:
+                raise RequestError(_field(index, "prependBos"), "this tokenizer has no BOS token")
+            tokens = [self.model.tokenizer.bos_token_id, *tokens]
+        if not tokens:
+            raise RequestError(_field(index, "prompt"), "the prompt is empty")
+        if len(tokens) > self.max_prompt_tokens:
+            raise PromptTooLongError(
+                _field(index, "prompt"),
+                f"{len(tokens)} tokens exceed the maximum of {self.max_prompt_tokens}",
+            )
+        if req.loss_fn not in LOSS_FNS:
+            raise RequestError(_field(index, "lossFn"), f"unknown loss {req.loss_fn!r}; use one of {LOSS_FNS}")
+        if req.top_and_bottom_k < 0:
+            raise RequestError(_field(index, "topAndBottomK"), "must be >= 0")
+        for m in req.metrics:
+            if m not in METRICS:
+                raise RequestError(_field(index, "metrics"), f"unknown metric {m!r}; use {METRICS}")
+        targets = [
+            self._token_id(t, f"{_field(index, 'targetTokens')}[{i}]")
+            for i, t in enumerate(req.target_tokens)
+        ]
+        distractors = [
+            self._token_id(t, f"{_field(index, 'distractorTokens')}[{i}]")
+            for i, t in enumerate(req.distractor_tokens)
+        ]
+        up, down = req.upstream_node_to_trace, req.downstream_node_to_trace
+        reads_loss = up is None or (up.attention_trace_type == AttentionTraceType.VALUE and down is None)
+        if req.loss_fn != "zero" and reads_loss and not targets:
+            raise RequestError(_field(index, "targetTokens"), "at least one target token is needed")
+        for i, abl in enumerate(req.node_ablations):
+            self.validate_node(abl.node, len(tokens), f"{_field(index, 'nodeAblations')}[{i}].node")
+        cut, cut_hook, limit = 2 * cfg.n_layers, f"blocks.{cfg.n_layers - 1}.hook_resid_post", len(tokens)
+        if down is not None and (up is None or up.attention_trace_type != AttentionTraceType.VALUE):
+            raise RequestError(
+                _field(index, "downstreamNodeToTrace"),
+                "a downstream node is only used when tracing an attention head through its value",
+            )
+        for name, trace in (("upstreamNodeToTrace", up), ("downstreamNodeToTrace", down)):
+            if trace is None:
+                continue
+            self._validate_trace(trace, len(tokens), _field(index, name))
+        if up is not None:
+            cut, cut_hook = _trace_cut(up, cfg.n_layers)
+            node = up.node
+            limit = node.token + 1
+            if down is not None and down.node.write_position <= up.node.write_position:
+                raise RequestError(
+                    _field(index, "downstreamNodeToTrace"),
+                    "the downstream node must be in a later layer than the traced head",
+                )
+        return _Row(req, tokens, targets, distractors, cut, cut_hook, limit)
+
+    def _validate_trace(self, trace: NodeToTrace, n_tokens: int, fld: str) -> None:
+        self.validate_node(trace.node, n_tokens, f"{fld}.node")
+        if trace.node.node_type == NodeType.EMBEDDING:
+            raise RequestError(f"{fld}.node.nodeType", "embeddings have no pre-activation to trace")
+        if trace.node.node_type == NodeType.ATTENTION_HEAD:
+            if trace.attention_trace_type is None:
+                raise RequestError(f"{fld}.attentionTraceType", "required for an attention head")
+            if trace.node.attended_token is None:
+                raise RequestError(f"{fld}.node.attendedTokenIndex", "a traced head pair needs one")
+
+    # ---- the pass ------------------------------------------------------------------------------
+
+    def run(self, sub_requests: Sequence[SubRequest]) -> list[SubResult]:
+        if not sub_requests:
+            raise RequestError("subRequests", "at least one sub-request is needed")
+        rows = [self._prepare(i, r) for i, r in enumerate(sub_requests)]
+        model, cfg, dev = self.model, self.model.cfg, self.model.device
+        tokens, mask = pad_right([r.tokens for r in rows], device=dev)
+        lengths = [len(r.tokens) for r in rows]
+        read_pos = torch.tensor([n - 1 for n in lengths], device=dev)
+        needs_backward = any(
+            r.request.loss_fn != "zero" or r.request.upstream_node_to_trace is not None for r in rows
+        )
+
+        # What to record: activations for the requested scalars, gradients where a backward runs.
+        scalars = [
+            REGISTRY[(t, m)]
+            for t in {t for r in rows for t in r.request.node_types}
+            for m in {m for r in rows for m in r.request.metrics}
+        ]
+        act_names: set[str] = {"hook_embed"}
+        grad_names: set[str] = {"hook_embed"} | {r.cut_hook for r in rows} if needs_backward else set()
+        for s in scalars:
+            acts, grads = hook_names_for(s, cfg.n_layers)
+            act_names |= acts
+            if needs_backward:
+                grad_names |= grads
+        if any(r.request.token_views for r in rows):
+            rot = cfg.positional == "rotary"
+            for layer in range(cfg.n_layers):
+                act_names |= {f"blocks.{layer}.ln1.hook_scale", f"blocks.{layer}.ln2.hook_scale"}
+                act_names |= {f"blocks.{layer}.attn.hook_{'rot_' if rot else ''}{s}" for s in "qk"}
+        act_names = {n for n in act_names if n in model.hook_points()}
+        live_names = self._live_hook_names(rows)
+
+        acts: dict[str, torch.Tensor] = {}
+        live: dict[str, torch.Tensor] = {}
+        grads: dict[str, torch.Tensor] = {}
+
+        def record(x: torch.Tensor, hook: HookPoint) -> None:
+            if hook.name in act_names:
+                acts[hook.name] = x.detach()
+            if hook.name in live_names:
+                live[hook.name] = x
+
+        def record_grad(g: torch.Tensor, hook: HookPoint) -> None:
+            grads[hook.name] = g.detach()
+
+        fwd = self._ablation_hooks(rows) + self._norm_hooks(rows)
+        fwd += [(n, record) for n in sorted(act_names | live_names)]
+        bwd = [(n, record_grad) for n in sorted(grad_names)]
+        with torch.enable_grad(), model.hooks(fwd=fwd, bwd=bwd):
+            logits = model(tokens, mask, logits_positions=read_pos)  # [b, V]
+            directions = [self._direction(i, row, logits, live) for i, row in enumerate(rows)]
+            total = sum((d for d in directions if d.requires_grad), start=torch.zeros((), device=dev))
+            if needs_backward and total.requires_grad:
+                total.backward()
+        logits = logits.detach()
+
+        g = torch.zeros(len(rows), tokens.shape[1], cfg.d_model, device=dev)
+        for i, row in enumerate(rows):
+            if row.cut_hook in grads:
+                g[i] = grads[row.cut_hook][i]
+        state = PassState(model, acts, grads, g if needs_backward else None, [r.cut for r in rows])
+        return self._collect(rows, state, logits, [float(d.detach()) for d in directions], lengths)
+
+    def _live_hook_names(self, rows: list[_Row]) -> set[str]:
+        """Hook values needed with their graph to compute each row's D."""
+        names: set[str] = set()
+        rotary = self.model.cfg.positional == "rotary"
+        for row in rows:
+            for trace in (row.request.upstream_node_to_trace, row.request.downstream_node_to_trace):
+                if trace is None:
+                    continue
+                L = trace.node.layer
+                if trace.node.node_type == NodeType.MLP_NEURON:
+                    names |= {f"blocks.{L}.mlp.hook_pre", f"blocks.{L}.hook_resid_mid"}
+                elif trace.attention_trace_type == AttentionTraceType.VALUE:
+                    names |= {f"blocks.{L}.attn.hook_v", f"blocks.{L}.attn.hook_pattern"}
+                else:
+                    q, k = ("hook_rot_q", "hook_rot_k") if rotary else ("hook_q", "hook_k")
+                    names |= {f"blocks.{L}.attn.{q}", f"blocks.{L}.attn.{k}", f"blocks.{L}.hook_resid_pre"}
+            if row.request.upstream_node_to_trace is not None and row.request.downstream_node_to_trace is None:
+                names.add(f"blocks.{self.model.cfg.n_layers - 1}.hook_resid_post")
+        return names
+
+    def _ablation_hooks(self, rows: list[_Row]) -> list[tuple[str, object]]:
+        by_hook: dict[str, list[tuple[int, NodeAblation]]] = {}
+        for i, row in enumerate(rows):
+            for abl in row.request.node_ablations:
+                n = abl.node
+                if n.node_type == NodeType.MLP_NEURON:
+                    name = f"blocks.{n.layer}.mlp.hook_post"
+                elif n.node_type == NodeType.ATTENTION_HEAD:
+                    name = f"blocks.{n.layer}.attn.hook_pattern"
+                else:
+                    name = "hook_embed"
+                by_hook.setdefault(name, []).append((i, abl))
+                if n.node_type == NodeType.EMBEDDING and self.model.cfg.positional == "learned":
+                    by_hook.setdefault("hook_pos_embed", []).append((i, abl))
+        return [(name, _make_ablation(items)) for name, items in by_hook.items()]
+
+    def _norm_hooks(self, rows: list[_Row]) -> list[tuple[str, object]]:
+        """Hold norm scales fixed in the backward pass: the final norm (always) and, per row, the
+        norm in front of each traced node (engine.md §2, §5). Forward values are unchanged."""
+        hooks: list[tuple[str, object]] = [("ln_final.hook_scale", lambda x, h: x.detach())]
+        per_layer: dict[str, list[int]] = {}
+        for i, row in enumerate(rows):
+            for trace in (row.request.upstream_node_to_trace, row.request.downstream_node_to_trace):
+                if trace is not None:
+                    ln = "ln2" if trace.node.node_type == NodeType.MLP_NEURON else "ln1"
+                    per_layer.setdefault(f"blocks.{trace.node.layer}.{ln}.hook_scale", []).append(i)
+        for name, row_ids in per_layer.items():
+            hooks.append((name, _make_row_detach(row_ids)))
+        return hooks
+
+    def _direction(
+        self, i: int, row: _Row, logits: torch.Tensor, live: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """Row i's direction of interest D (a scalar with graph when a backward is needed)."""
+        up = row.request.upstream_node_to_trace
+        if up is None:
+            return loss_value(row.request.loss_fn, logits[i], row.targets, row.distractors)
+        if up.attention_trace_type != AttentionTraceType.VALUE:
+            return self._pre_activation(i, up, live)
+        # Through the value: the head pair's direct effect on a downstream gradient, with the
+        # pattern (query and key) held fixed.
+        down = row.request.downstream_node_to_trace
+        if down is None:
+            resid_name = f"blocks.{self.model.cfg.n_layers - 1}.hook_resid_post"
+            objective = loss_value(row.request.loss_fn, logits[i], row.targets, row.distractors)
+        else:
+            resid_name = _trace_cut(down, self.model.cfg.n_layers)[1]
+            objective = self._pre_activation(i, down, live)
+        (g_down,) = torch.autograd.grad(objective, live[resid_name], retain_graph=True)
+        node = up.node
+        layer = node.layer
+        attn = self.model.blocks[layer].attn
+        kv_head = node.component // (attn.n_heads // attn.n_kv_heads)
+        v = live[f"blocks.{layer}.attn.hook_v"][i, node.attended_token, kv_head]  # [dh]
+        write = v @ attn.W_O[node.component]  # [d]
+        a = live[f"blocks.{layer}.attn.hook_pattern"][i, node.component, node.token, node.attended_token]
+        return a.detach() * (write @ g_down[i, node.token].detach())
+
+    def _pre_activation(self, i: int, trace: NodeToTrace, live: dict[str, torch.Tensor]) -> torch.Tensor:
+        node = trace.node
+        L = node.layer
+        if node.node_type == NodeType.MLP_NEURON:
+            return live[f"blocks.{L}.mlp.hook_pre"][i, node.token, node.component]
+        attn = self.model.blocks[L].attn
+        rotary = self.model.cfg.positional == "rotary"
+        q_all = live[f"blocks.{L}.attn.{'hook_rot_q' if rotary else 'hook_q'}"]
+        k_all = live[f"blocks.{L}.attn.{'hook_rot_k' if rotary else 'hook_k'}"]
+        q = q_all[i, node.token, node.component]
+        k = k_all[i, node.attended_token, node.component // (attn.n_heads // attn.n_kv_heads)]
+        side = trace.attention_trace_type
+        if side == AttentionTraceType.QUERY:
+            k = k.detach()
+        elif side == AttentionTraceType.KEY:
+            q = q.detach()
+        return (q @ k) / math.sqrt(attn.d_head)
+
+    # ---- collecting results --------------------------------------------------------------------
+
+    def _valid_mask(self, node_type: NodeType, row: _Row, n: int, layer: int) -> torch.Tensor:
+        """Bool mask over one row's nodes of one layer: real tokens, causal pairs, upstream only."""
+        dev = self.model.device
+        length = len(row.tokens)
+        limit = min(length, row.upstream_token_limit)
+        tok_ok = torch.arange(n, device=dev) < limit
+        write_pos = NodeIndex(node_type, layer, 0).write_position
+        upstream = row.request.upstream_node_to_trace is None or write_pos <= row.cut
+        if node_type == NodeType.ATTENTION_HEAD:
+            k_ok = torch.arange(n, device=dev) < length
+            pair = tok_ok[:, None] & k_ok[None, :] & torch.ones(n, n, dtype=torch.bool, device=dev).tril()
+            return (pair & upstream)[:, :, None]
+        return (tok_ok & upstream)[:, None]
+
+    def _collect(
+        self,
+        rows: list[_Row],
+        state: PassState,
+        logits: torch.Tensor,
+        directions: list[float],
+        lengths: list[int],
+    ) -> list[SubResult]:
+        cfg, model = self.model.cfg, self.model
+        n = max(lengths)
+        node_types = [t for t in NODE_TYPES if any(t in r.request.node_types for r in rows)]
+        metrics = [m for m in METRICS if any(m in r.request.metrics for r in rows)]
+        selected: set[NodeIndex] = set()
+        token_sums: list[dict[str, dict[str, list[float]]]] = [{} for _ in rows]
+        kept: dict[tuple[NodeType, str, int], torch.Tensor] = {}
+        budget = 256 * 2**20  # bytes of per-layer metric tensors kept for the second pass
+
+        for node_type in node_types:
+            layers = range(1) if node_type == NodeType.EMBEDDING else range(cfg.n_layers)
+            for metric in metrics:
+                scalar = REGISTRY[(node_type, metric)]
+                cand: list[list[tuple[torch.Tensor, torch.Tensor, int]]] = [[] for _ in rows]
+                sums = torch.zeros(len(rows), 2, n, device=model.device)
+                for layer in layers:
+                    values = scalar.fn(state, layer)  # [b, n, C] or [b, n, n, H]
+                    if values.numel() * 4 <= budget:
+                        budget -= values.numel() * 4
+                        kept[(node_type, metric, layer)] = values
+                    for i, row in enumerate(rows):
+                        valid = self._valid_mask(node_type, row, n, layer)
+                        v = values[i].masked_fill(~valid, 0.0)
+                        if node_type == NodeType.ATTENTION_HEAD:
+                            sums[i, 0] += v.sum(dim=(1, 2))  # attended from (per query token)
+                            sums[i, 1] += v.sum(dim=(0, 2))  # attended to (per key token)
+                        else:
+                            sums[i, 0] += v.sum(dim=1)
+                        k = row.request.top_and_bottom_k
+                        if metric not in row.request.metrics or node_type not in row.request.node_types or k == 0:
+                            continue
+                        flat = values[i].masked_fill(~valid, float("nan")).flatten()
+                        cand[i].append(_top_candidates(flat, k, scalar.signed) + (layer,))
+                for i, row in enumerate(rows):
+                    key = f"{node_type.value}"
+                    if node_type == NodeType.ATTENTION_HEAD:
+                        token_sums[i].setdefault(f"{key}_attended_from", {})[metric] = sums[i, 0].tolist()
+                        token_sums[i].setdefault(f"{key}_attended_to", {})[metric] = sums[i, 1].tolist()
+                    else:
+                        token_sums[i].setdefault(key, {})[metric] = sums[i, 0].tolist()
+                    if cand[i]:
+                        selected |= _select(cand[i], row.request.top_and_bottom_k, scalar.signed, node_type, n, cfg)
+        nodes = sorted(selected, key=_node_sort_key)
+
+        # Every metric for every selected node, in every row (None where the node is not in it).
+        values_by_row: list[dict[str, list[float | None]]] = [{m: [] for m in metrics} for _ in rows]
+        for metric in metrics:
+            per_node: list[list[float | None]] = [[None] * len(nodes) for _ in rows]
+            groups: dict[tuple[NodeType, int], list[int]] = {}
+            for j, node in enumerate(nodes):
+                groups.setdefault((node.node_type, node.layer), []).append(j)
+            for (node_type, layer), idxs in groups.items():
+                values = kept.get((node_type, metric, layer))
+                if values is None:
+                    values = REGISTRY[(node_type, metric)].fn(state, layer)
+                for i, length in enumerate(lengths):
+                    for j in idxs:
+                        node = nodes[j]
+                        if node.token >= length:
+                            continue
+                        if node_type == NodeType.ATTENTION_HEAD:
+                            per_node[i][j] = float(values[i, node.token, node.attended_token, node.component])
+                        else:
+                            per_node[i][j] = float(values[i, node.token, node.component])
+            for i in range(len(rows)):
+                values_by_row[i][metric] = per_node[i]
+
+        tok = model.tokenizer
+        results = []
+        for i, row in enumerate(rows):
+            views: dict[NodeIndex, NodeTokenViews] = {}
+            if row.request.token_views and nodes:
+                views = token_views.node_token_views(
+                    model, state, i, [nd for nd in nodes if nd.token < lengths[i]], row.request.token_view_k
+                )
+            probs = logits[i].float().softmax(-1)
+            k = max(row.request.token_view_k, 1)
+            results.append(
+                SubResult(
+                    tokens=row.tokens,
+                    token_strings=tok.display_tokens(row.tokens) if tok else [str(t) for t in row.tokens],
+                    read_position=_read_position(row),
+                    direction_value=directions[i],
+                    bias_direct_effect=self._bias_direct_effect(i, row, state),
+                    nodes=nodes,
+                    metrics=values_by_row[i],
+                    token_sums=token_sums[i],
+                    top_logits=token_views.scored(model, logits[i], probs, k, largest=True),
+                    bottom_logits=token_views.scored(model, logits[i], probs, k, largest=False),
+                    target_logits=token_views.scored_ids(model, logits[i], probs, row.targets),
+                    distractor_logits=token_views.scored_ids(model, logits[i], probs, row.distractors),
+                    token_views=views,
+                    trace_description=_describe_trace(row, tok.display_tokens(row.tokens) if tok else None),
+                )
+            )
+        return results
+
+    def _bias_direct_effect(self, i: int, row: _Row, state: PassState) -> float:
+        """Σ over layers before the cut of (b_O + b_out)·g: the part of D written by biases."""
+        if state.g is None:
+            return 0.0
+        g_sum = state.g[i].sum(0)  # biases are written at every token; g is per token
+        total = 0.0
+        for layer, block in enumerate(self.model.blocks):
+            if block.attn.o_proj.bias is not None and 2 * layer + 1 <= row.cut:
+                total += float(block.attn.o_proj.bias @ g_sum)
+            if block.mlp.w_out.bias is not None and 2 * layer + 2 <= row.cut:
+                total += float(block.mlp.w_out.bias @ g_sum)
+        return total
+
+
+# ---- helpers ---------------------------------------------------------------------------------------
+
+
+def loss_value(loss_fn: str, logits: torch.Tensor, targets: list[int], distractors: list[int]) -> torch.Tensor:
+    """D for one row from its logits [V] at the read position (terminology.md)."""
+    if loss_fn == "zero":
+        return logits.sum().detach() * 0.0
+    if loss_fn == "probs":
+        return logits.softmax(-1)[targets].sum()
+    target_mean = logits[targets].mean()
+    if loss_fn == "logit_diff" and distractors:
+        return target_mean - logits[distractors].mean()
+    return target_mean - logits.mean()
+
+
+def _trace_cut(trace: NodeToTrace, n_layers: int) -> tuple[int, str]:
+    """(write position, hook name) of the residual stream just before the traced node."""
+    L = trace.node.layer
+    if trace.node.node_type == NodeType.MLP_NEURON:
+        return 2 * L + 1, f"blocks.{L}.hook_resid_mid"
+    return 2 * L, f"blocks.{L}.hook_resid_pre"
+
+
+def _read_position(row: _Row) -> int:
+    up = row.request.upstream_node_to_trace
+    return up.node.token if up is not None else len(row.tokens) - 1
+
+
+def _make_ablation(items: list[tuple[int, NodeAblation]]):  # type: ignore[no-untyped-def]
+    def ablate(x: torch.Tensor, hook: HookPoint) -> torch.Tensor:
+        x = x.clone()
+        for row, abl in items:
+            n = abl.node
+            if hook.name.endswith("hook_pattern"):  # [b, H, q, k]
+                keys = slice(0, n.token + 1) if n.attended_token is None else n.attended_token
+                x[row, n.component, n.token, keys] = abl.value
+            elif hook.name.endswith("mlp.hook_post"):  # [b, n, m]
+                x[row, n.token, n.component] = abl.value
+            else:  # embeddings [b, n, d]: the activation is 1, so the value scales the write
+                x[row, n.token] = x[row, n.token] * abl.value
+        return x
+
+    return ablate
+
+
+def _make_row_detach(row_ids: list[int]):  # type: ignore[no-untyped-def]
+    def detach_rows(x: torch.Tensor, hook: HookPoint) -> torch.Tensor:
+        mask = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+        mask[row_ids] = True
+        return torch.where(mask.view(-1, *([1] * (x.ndim - 1))), x.detach(), x)
+
+    return detach_rows
+
+
+def _top_candidates(flat: torch.Tensor, k: int, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k (and bottom-k when signed) of one layer's flattened values, NaN = not a node.
+
+    Returns (values [c], flat indices [c]) with value sign preserved; -inf/inf mark empties.
+    """
+    top = flat.nan_to_num(nan=float("-inf"))
+    kk = min(k, flat.numel())
+    tv, ti = top.topk(kk)
+    if not signed:
+        return tv, ti
+    bottom = flat.nan_to_num(nan=float("inf"))
+    bv, bi = bottom.topk(kk, largest=False)
+    return torch.cat([tv, bv]), torch.cat([ti, bi])
+
+
+def _select(
+    cand: list[tuple[torch.Tensor, torch.Tensor, int]],
+    k: int,
+    signed: bool,
+    node_type: NodeType,
+    n: int,
+    cfg: object,
+) -> set[NodeIndex]:
+    """Exact top-k (and bottom-k) across layers from the per-layer candidates."""
+    values = torch.cat([c[0] for c in cand])
+    flat_idx = torch.cat([c[1] for c in cand])
+    layer_of = torch.cat([torch.full_like(c[1], c[2]) for c in cand])
+    picks: list[int] = []
+    finite = values.isfinite()
+    top = values.masked_fill(~finite, float("-inf")).topk(min(k, values.numel()))
+    picks += [int(j) for v, j in zip(top.values, top.indices, strict=True) if math.isfinite(float(v))]
+    if signed:
+        bottom = values.masked_fill(~finite, float("inf")).topk(min(k, values.numel()), largest=False)
+        picks += [int(j) for v, j in zip(bottom.values, bottom.indices, strict=True) if math.isfinite(float(v))]
+    out: set[NodeIndex] = set()
+    for j in picks:
+        out.add(_unflatten(node_type, int(layer_of[j]), int(flat_idx[j]), n, cfg))
+    return out
+
+
+def _unflatten(node_type: NodeType, layer: int, flat: int, n: int, cfg: object) -> NodeIndex:
+    if node_type == NodeType.ATTENTION_HEAD:
+        h_count = cfg.n_heads  # type: ignore[attr-defined]
+        q, rest = divmod(flat, n * h_count)
+        k, h = divmod(rest, h_count)
+        return NodeIndex(node_type, layer, q, h, k)
+    c = 1 if node_type == NodeType.EMBEDDING else cfg.d_mlp  # type: ignore[attr-defined]
+    t, comp = divmod(flat, c)
+    return NodeIndex(node_type, layer, t, comp)
+
+
+def _node_sort_key(node: NodeIndex) -> tuple[int, int, int, int, int]:
+    return (
+        NODE_TYPES.index(node.node_type),
+        node.layer,
+        node.token,
+        -1 if node.attended_token is None else node.attended_token,
+        node.component,
+    )
+
+
+def _describe_trace(row: _Row, strings: list[str] | None) -> str | None:
+    up = row.request.upstream_node_to_trace
+    if up is None:
+        return None
+
+    def at(t: int) -> str:
+        return f"{strings[t]!r} ({t})" if strings else f"({t})"
+
+    node = up.node
+    if node.node_type == NodeType.MLP_NEURON:
+        text = f"What caused mlp L{node.layer} #{node.component} at {at(node.token)}?"
+    else:
+        assert node.attended_token is not None
+        side = {
+            AttentionTraceType.QUERY: "through the query",
+            AttentionTraceType.KEY: "through the key",
+            AttentionTraceType.QUERY_AND_KEY: "through the query and key",
+            AttentionTraceType.VALUE: "through the value",
+        }[up.attention_trace_type or AttentionTraceType.QUERY_AND_KEY]
+        text = (
+            f"What caused attn L{node.layer} H{node.component} at {at(node.token)} to attend to "
+            f"{at(node.attended_token)}, {side}?"
+        )
+    down = row.request.downstream_node_to_trace
+    if down is not None:
+        text = text[:-1] + f", as it affects {down.node}?"
+    return text
+
+
+def run_debugger_request(
+    model: HookedTransformer, sub_requests: Sequence[SubRequest], max_prompt_tokens: int | None = None
+) -> list[SubResult]:
+    """Run a batch of sub-requests with one forward and one backward; see `Engine`."""
+    return Engine(model, max_prompt_tokens).run(sub_requests)

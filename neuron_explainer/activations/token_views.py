@@ -1,0 +1,197 @@
+"""Token-space views of nodes (engine.md §6).
+
+- Upvoted output tokens: the node's write vector through the final norm's linear part (centering for
+  LayerNorm, gain) and the unembedding, minus the vocabulary mean (a logit lens of the write).
+- Input tokens that upvote a node: the gradient of the node's pre-activation with respect to its
+  input residual (norm scale fixed) dotted with every token embedding. Heads: query and key sides
+  of the attention score.
+
+Nodes that share a direction up to a scalar (a neuron at different tokens) share one projection.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+
+from neuron_explainer.activations.derived_scalars import PassState, embedding_vectors, head_values
+from neuron_explainer.activations.nodes import NodeIndex, NodeType
+from neuron_explainer.models.transformer import HookedTransformer, Norm, Rotary
+
+if TYPE_CHECKING:
+    from neuron_explainer.activations.engine import NodeTokenViews, ScoredToken
+
+
+def _text(model: HookedTransformer, token: int) -> str:
+    return model.tokenizer.token_display(token) if model.tokenizer else str(token)
+
+
+def scored(
+    model: HookedTransformer, logits: torch.Tensor, probs: torch.Tensor, k: int, largest: bool
+) -> list[ScoredToken]:
+    from neuron_explainer.activations.engine import ScoredToken
+
+    top = logits.float().topk(min(k, logits.numel()), largest=largest)
+    return [
+        ScoredToken(int(i), _text(model, int(i)), float(v), float(probs[i]))
+        for v, i in zip(top.values, top.indices, strict=True)
+    ]
+
+
+def scored_ids(
+    model: HookedTransformer, logits: torch.Tensor, probs: torch.Tensor, ids: Sequence[int]
+) -> list[ScoredToken]:
+    from neuron_explainer.activations.engine import ScoredToken
+
+    return [ScoredToken(i, _text(model, i), float(logits[i]), float(probs[i])) for i in ids]
+
+
+def norm_linear(norm: Norm, vectors: torch.Tensor) -> torch.Tensor:
+    """The norm's action on directions with its scale held fixed (up to 1/scale): center, gain."""
+    if norm.kind == "layernorm":
+        vectors = vectors - vectors.mean(-1, keepdim=True)
+    return vectors * norm.weight
+
+
+def norm_linear_transpose(norm: Norm, grads: torch.Tensor) -> torch.Tensor:
+    """Pull a gradient w.r.t. the norm's output back to its input (scale fixed, up to 1/scale)."""
+    grads = grads * norm.weight
+    if norm.kind == "layernorm":
+        grads = grads - grads.mean(-1, keepdim=True)
+    return grads
+
+
+class _Projector:
+    """Collects direction vectors, projects them onto the vocabulary in one matmul, ranks them."""
+
+    def __init__(self) -> None:
+        self.keys: dict[object, int] = {}
+        self.vectors: list[torch.Tensor] = []
+
+    def add(self, key: object, make: object) -> int:
+        if key not in self.keys:
+            self.keys[key] = len(self.vectors)
+            self.vectors.append(make() if callable(make) else make)  # type: ignore[arg-type]
+        return self.keys[key]
+
+    def rank(
+        self, matrix: torch.Tensor, k: int, center: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        if not self.vectors:
+            return None
+        scores = torch.stack(self.vectors) @ matrix  # [U, V]
+        if center:
+            scores = scores - scores.mean(-1, keepdim=True)
+        k = min(k, scores.shape[-1])
+        top, bottom = scores.topk(k), scores.topk(k, largest=False)
+        return top.values, top.indices, bottom.values, bottom.indices
+
+
+def _lists(
+    model: HookedTransformer,
+    ranked: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    u: int,
+    factor: float,
+) -> tuple[list[ScoredToken], list[ScoredToken]]:
+    """(up, down) lists for unique vector u scaled by `factor` (a negative factor swaps them)."""
+    from neuron_explainer.activations.engine import ScoredToken
+
+    tv, ti, bv, bi = ranked
+
+    def make(vals: torch.Tensor, idx: torch.Tensor) -> list[ScoredToken]:
+        return [
+            ScoredToken(int(i), _text(model, int(i)), float(v) * factor)
+            for v, i in zip(vals[u], idx[u], strict=True)
+        ]
+
+    up, down = make(tv, ti), make(bv, bi)
+    return (up, down) if factor >= 0 else (down, up)
+
+
+def node_token_views(
+    model: HookedTransformer, state: PassState, row: int, nodes: Sequence[NodeIndex], k: int
+) -> dict[NodeIndex, NodeTokenViews]:
+    from neuron_explainer.activations.engine import NodeTokenViews
+
+    cfg = model.cfg
+    out_proj, in_proj, key_proj = _Projector(), _Projector(), _Projector()
+    # node -> (unique index, factor) per view
+    out_ref: dict[NodeIndex, tuple[int, float]] = {}
+    in_ref: dict[NodeIndex, tuple[int, float]] = {}
+    key_ref: dict[NodeIndex, tuple[int, float]] = {}
+    lnf = model.ln_final
+    n = state.acts["hook_embed"].shape[1]
+    rope = None
+    if cfg.positional == "rotary":
+        rope = model.rotary.cos_sin(torch.arange(n, device=model.device)[None], model.dtype)
+
+    for node in nodes:
+        L, t = node.layer, node.token
+        if node.node_type == NodeType.EMBEDDING:
+            if "hook_embed" in state.acts:
+                e = embedding_vectors(state)[row, t]
+                out_ref[node] = (out_proj.add(("emb", row, t), lambda e=e: norm_linear(lnf, e)), 1.0)
+            continue
+        if node.node_type == NodeType.MLP_NEURON:
+            post = state.acts.get(f"blocks.{L}.mlp.hook_post")
+            scale = state.acts.get(f"blocks.{L}.ln2.hook_scale")
+            mlp = model.blocks[L].mlp
+            if post is not None:
+                w = mlp.W_out[node.component]
+                u = out_proj.add(("mlp", L, node.component), lambda w=w: norm_linear(lnf, w))
+                out_ref[node] = (u, float(post[row, t, node.component]))
+            if scale is not None:
+                w_in = mlp.w_in.weight[node.component]
+                ln2 = model.blocks[L].ln2
+                u = in_proj.add(("mlp_in", L, node.component), lambda w=w_in, ln=ln2: norm_linear_transpose(ln, w))
+                in_ref[node] = (u, 1.0 / float(scale[row, t, 0]))
+            continue
+        # Attention head pair (q = t, k = attended token).
+        assert node.attended_token is not None
+        h, kt = node.component, node.attended_token
+        attn = model.blocks[L].attn
+        pattern = state.acts.get(f"blocks.{L}.attn.hook_pattern")
+        if pattern is not None and f"blocks.{L}.attn.hook_v" in state.acts:
+            vo = head_values(state, L)[row, kt, h] @ attn.W_O[h]
+            u = out_proj.add(("head", L, row, kt, h), lambda vo=vo: norm_linear(lnf, vo))
+            out_ref[node] = (u, float(pattern[row, h, t, kt]))
+        qname, kname = ("hook_rot_q", "hook_rot_k") if rope is not None else ("hook_q", "hook_k")
+        q_all = state.acts.get(f"blocks.{L}.attn.{qname}")
+        k_all = state.acts.get(f"blocks.{L}.attn.{kname}")
+        s1 = state.acts.get(f"blocks.{L}.ln1.hook_scale")
+        if q_all is None or k_all is None or s1 is None:
+            continue
+        kvh = h // (attn.n_heads // attn.n_kv_heads)
+        q_vec, k_vec = q_all[row, t, h], k_all[row, kt, kvh]
+        # d score / d q_raw = R(pos_q)^T k_rot / sqrt(dh); R^T rotates by -θ.
+        g_q, g_k = k_vec / math.sqrt(attn.d_head), q_vec / math.sqrt(attn.d_head)
+        if rope is not None:
+            cos, sin = rope
+            g_q = Rotary.apply(g_q[None, None, None], cos[:, t : t + 1], -sin[:, t : t + 1]).flatten()
+            g_k = Rotary.apply(g_k[None, None, None], cos[:, kt : kt + 1], -sin[:, kt : kt + 1]).flatten()
+        dh = attn.d_head
+        w_q = attn.q_proj.weight[h * dh : (h + 1) * dh]  # [dh, d]
+        w_k = attn.k_proj.weight[kvh * dh : (kvh + 1) * dh]
+        ln1 = model.blocks[L].ln1
+        u = in_proj.add(("q", L, row, t, kt, h), norm_linear_transpose(ln1, g_q @ w_q))
+        in_ref[node] = (u, 1.0 / float(s1[row, t, 0]))
+        u = key_proj.add(("k", L, row, t, kt, h), norm_linear_transpose(ln1, g_k @ w_k))
+        key_ref[node] = (u, 1.0 / float(s1[row, kt, 0]))
+
+    ranked_out = out_proj.rank(model.W_U, k, center=True)
+    ranked_in = in_proj.rank(model.W_E.T, k, center=False)
+    ranked_key = key_proj.rank(model.W_E.T, k, center=False)
+    views: dict[NodeIndex, NodeTokenViews] = {}
+    for node in nodes:
+        v = NodeTokenViews()
+        if node in out_ref and ranked_out is not None:
+            v.upvoted_output_tokens, v.downvoted_output_tokens = _lists(model, ranked_out, *out_ref[node])
+        if node in in_ref and ranked_in is not None:
+            v.upvoting_input_tokens, v.downvoting_input_tokens = _lists(model, ranked_in, *in_ref[node])
+        if node in key_ref and ranked_key is not None:
+            v.upvoting_key_tokens, v.downvoting_key_tokens = _lists(model, ranked_key, *key_ref[node])
+        views[node] = v
+    return views

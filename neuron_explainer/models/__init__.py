@@ -1,0 +1,22 @@
+"""Hooked transformer models, their loaders and tokenizers."""
+
+from neuron_explainer.models.hooks import BLOCK_HOOKS, GLOBAL_HOOKS, HookPoint
+from neuron_explainer.models.loading import export_hf, load_model
+from neuron_explainer.models.registry import DEFAULT_MODEL, ModelNotFoundError
+from neuron_explainer.models.tokenizer import Tokenizer, TokenizerError
+from neuron_explainer.models.transformer import HookedTransformer, ModelConfig, pad_right
+
+__all__ = [
+    "BLOCK_HOOKS",
+    "DEFAULT_MODEL",
+    "GLOBAL_HOOKS",
+    "HookPoint",
+    "HookedTransformer",
+    "ModelConfig",
+    "ModelNotFoundError",
+    "Tokenizer",
+    "TokenizerError",
+    "export_hf",
+    "load_model",
+    "pad_right",
+]

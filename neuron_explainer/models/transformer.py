@@ -1,0 +1,510 @@
+"""One readable pre-norm decoder-only transformer covering the GPT-2 and Llama families.
+
+GPT-2: LayerNorm, GELU MLP, learned positions, biases everywhere.
+Llama family (Llama, SmolLM2, Mistral, Qwen2): RMSNorm, SwiGLU MLP, rotary positions, grouped-query
+attention, optional q/k/v biases (Qwen2), tied or untied embeddings.
+
+Every internal quantity passes through a named `HookPoint` (see hooks.py for the table). Weights live
+in `nn.Linear` modules in PyTorch's (out, in) layout; per-head and per-neuron views used by the
+interpretability code (`W_O`, `W_out`, `W_U`) are properties.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from neuron_explainer.models.hooks import (
+    BLOCK_HOOKS,
+    GLOBAL_HOOKS,
+    BackwardHookFn,
+    ForwardHookFn,
+    HookPoint,
+    NameFilter,
+    matches,
+)
+
+if TYPE_CHECKING:
+    from neuron_explainer.models.tokenizer import Tokenizer
+
+Activation = Literal["gelu_new", "gelu", "silu", "relu"]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    n_layers: int
+    d_model: int
+    n_heads: int
+    d_mlp: int
+    vocab_size: int
+    n_ctx: int
+    d_head: int = 0  # 0: d_model // n_heads
+    n_kv_heads: int = 0  # 0: n_heads (no grouped-query attention)
+    norm: Literal["layernorm", "rmsnorm"] = "rmsnorm"
+    norm_eps: float = 1e-5
+    positional: Literal["learned", "rotary"] = "rotary"
+    rope_theta: float = 10000.0
+    gated_mlp: bool = True  # SwiGLU: act(gate(x)) * up(x)
+    activation: Activation = "silu"
+    attn_qkv_bias: bool = False
+    attn_out_bias: bool = False
+    mlp_bias: bool = False
+    tied_embeddings: bool = True
+    name: str = ""
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.d_head == 0:
+            object.__setattr__(self, "d_head", self.d_model // self.n_heads)
+        if self.n_kv_heads == 0:
+            object.__setattr__(self, "n_kv_heads", self.n_heads)
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+
+    @property
+    def architecture(self) -> str:
+        return "gpt2" if self.positional == "learned" else "llama"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("extra")
+        return d
+
+    @classmethod
+    def gpt2(cls, **kw: Any) -> ModelConfig:
+        """A GPT-2 family config; pass sizes as keyword arguments."""
+        defaults: dict[str, Any] = dict(
+            norm="layernorm",
+            positional="learned",
+            gated_mlp=False,
+            activation="gelu_new",
+            attn_qkv_bias=True,
+            attn_out_bias=True,
+            mlp_bias=True,
+            tied_embeddings=True,
+        )
+        return cls(**(defaults | kw))
+
+
+_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu": F.gelu,
+    "silu": F.silu,
+    "relu": F.relu,
+}
+
+
+class Norm(nn.Module):
+    """LayerNorm or RMSNorm, exposing its denominator at `hook_scale` so it can be held fixed."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.kind = cfg.norm
+        self.eps = cfg.norm_eps
+        self.weight = nn.Parameter(torch.ones(cfg.d_model))
+        self.bias = nn.Parameter(torch.zeros(cfg.d_model)) if cfg.norm == "layernorm" else None
+        self.hook_scale = HookPoint()  # [b, n, 1]
+        self.hook_normalized = HookPoint()  # [b, n, d]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        if self.kind == "layernorm":
+            x = x - x.mean(-1, keepdim=True)
+        scale = self.hook_scale((x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
+        x = (x / scale).to(dtype) * self.weight
+        if self.bias is not None:
+            x = x + self.bias
+        return self.hook_normalized(x)
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding in the Hugging Face (rotate-half) layout."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.d_head, 2).float() / cfg.d_head))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [b, n] -> cos, sin [b, n, 1, dh] to broadcast over heads."""
+        freqs = positions[..., None].float() * self.inv_freq  # [b, n, dh/2]
+        emb = torch.cat([freqs, freqs], dim=-1)[:, :, None, :]
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    @staticmethod
+    def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+        return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.d_head = cfg.n_heads, cfg.n_kv_heads, cfg.d_head
+        self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.d_head, bias=cfg.attn_qkv_bias)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.d_head, bias=cfg.attn_qkv_bias)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.d_head, bias=cfg.attn_qkv_bias)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.d_head, cfg.d_model, bias=cfg.attn_out_bias)
+        self.rotary = cfg.positional == "rotary"
+        self.hook_q, self.hook_k, self.hook_v = HookPoint(), HookPoint(), HookPoint()
+        if self.rotary:
+            self.hook_rot_q, self.hook_rot_k = HookPoint(), HookPoint()
+        self.hook_attn_scores = HookPoint()  # [b, H, q, k]
+        self.hook_pattern = HookPoint()  # [b, H, q, k]
+        self.hook_z = HookPoint()  # [b, n, H, dh]
+
+    @property
+    def W_O(self) -> torch.Tensor:
+        """[H, dh, d]: head h writes z[h] @ W_O[h] into the residual stream."""
+        return self.o_proj.weight.T.reshape(self.n_heads, self.d_head, -1)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [b, n, d], already normalized
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        mask: torch.Tensor | None,  # [b, 1, n, n] bool (True = may attend), None = plain causal
+    ) -> torch.Tensor:
+        b, n, _ = x.shape
+        q = self.hook_q(self.q_proj(x).view(b, n, self.n_heads, self.d_head))
+        k = self.hook_k(self.k_proj(x).view(b, n, self.n_kv_heads, self.d_head))
+        v = self.hook_v(self.v_proj(x).view(b, n, self.n_kv_heads, self.d_head))
+        if rope is not None:
+            q = self.hook_rot_q(Rotary.apply(q, *rope))
+            k = self.hook_rot_k(Rotary.apply(k, *rope))
+        group = self.n_heads // self.n_kv_heads
+        # [b, H, n, dh]; with grouped-query attention, head h reads key/value head h // group.
+        qh = q.transpose(1, 2)
+        kh = k.transpose(1, 2).repeat_interleave(group, dim=1)
+        vh = v.transpose(1, 2).repeat_interleave(group, dim=1)
+        if self.hook_attn_scores.has_hooks or self.hook_pattern.has_hooks:
+            scores = qh @ kh.transpose(-1, -2) / math.sqrt(self.d_head)
+            if mask is None:
+                mask = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
+            scores = self.hook_attn_scores(scores.masked_fill(~mask, float("-inf")))
+            pattern = self.hook_pattern(scores.softmax(dim=-1))
+            z = pattern @ vh
+        else:
+            # Nothing observes the pattern: the fused kernel is faster and never stores it.
+            z = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, is_causal=mask is None)
+        z = self.hook_z(z.transpose(1, 2))  # [b, n, H, dh]
+        return self.o_proj(z.reshape(b, n, self.n_heads * self.d_head))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.gated = cfg.gated_mlp
+        self.act = _ACTIVATIONS[cfg.activation]
+        self.w_in = nn.Linear(cfg.d_model, cfg.d_mlp, bias=cfg.mlp_bias)  # the gate when gated
+        if self.gated:
+            self.w_up = nn.Linear(cfg.d_model, cfg.d_mlp, bias=cfg.mlp_bias)
+            self.hook_pre_linear = HookPoint()
+        self.w_out = nn.Linear(cfg.d_mlp, cfg.d_model, bias=cfg.mlp_bias)
+        self.hook_pre = HookPoint()
+        self.hook_post = HookPoint()
+
+    @property
+    def W_out(self) -> torch.Tensor:
+        """[m, d]: neuron i writes post[i] * W_out[i] into the residual stream."""
+        return self.w_out.weight.T
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pre = self.hook_pre(self.w_in(x))
+        if self.gated:
+            post = self.act(pre) * self.hook_pre_linear(self.w_up(x))
+        else:
+            post = self.act(pre)
+        return self.w_out(self.hook_post(post))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.ln1 = Norm(cfg)
+        self.attn = Attention(cfg)
+        self.ln2 = Norm(cfg)
+        self.mlp = MLP(cfg)
+        for name in ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post"):
+            setattr(self, f"hook_{name}", HookPoint())
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        x = self.hook_resid_pre(x)
+        x = self.hook_resid_mid(x + self.hook_attn_out(self.attn(self.ln1(x), rope, mask)))
+        return self.hook_resid_post(x + self.hook_mlp_out(self.mlp(self.ln2(x))))
+
+
+class HookedTransformer(nn.Module):
+    """The subject model. `tokenizer` is attached by the loaders (None for bare random models)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.hook_embed = HookPoint()
+        if cfg.positional == "learned":
+            self.pos_embed = nn.Embedding(cfg.n_ctx, cfg.d_model)
+            self.hook_pos_embed = HookPoint()
+        else:
+            self.rotary = Rotary(cfg)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.ln_final = Norm(cfg)
+        self.unembed = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tied_embeddings:
+            self.unembed.weight = self.embed.weight
+        self.hook_logits = HookPoint()
+        self.tokenizer: Tokenizer | None = None
+        found = {n: m for n, m in self.named_modules() if isinstance(m, HookPoint)}
+        order = expected_hook_names(cfg)
+        assert set(found) == set(order), set(found) ^ set(order)
+        self._hook_points: dict[str, HookPoint] = {n: found[n] for n in order}
+        for name, hp in self._hook_points.items():
+            hp.name = name
+
+    # ---- views used by interpretability code -------------------------------------------------
+
+    @property
+    def W_E(self) -> torch.Tensor:
+        """[V, d] token embeddings."""
+        return self.embed.weight
+
+    @property
+    def W_U(self) -> torch.Tensor:
+        """[d, V] unembedding (logits = ln_final(x) @ W_U)."""
+        return self.unembed.weight.T
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.weight.dtype
+
+    # ---- the forward pass ----------------------------------------------------------------------
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        logits_positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """tokens [b, n] (or [n]); attention_mask [b, n], 1 for real tokens (right or left padding).
+
+        Returns logits [b, n, V], or [b, V] at `logits_positions` [b] (one position per row), which
+        skips the unembedding everywhere else.
+        """
+        if tokens.ndim == 1:
+            tokens = tokens[None]
+            attention_mask = None if attention_mask is None else attention_mask.reshape(1, -1)
+        b, n = tokens.shape
+        if n > self.cfg.n_ctx:
+            raise ValueError(f"{n} tokens exceed the model's context length of {self.cfg.n_ctx}")
+        mask: torch.Tensor | None = None
+        if attention_mask is None or bool(attention_mask.all()):
+            positions = torch.arange(n, device=tokens.device).expand(b, n)
+        else:
+            real = attention_mask.to(device=tokens.device, dtype=torch.bool)
+            positions = (real.long().cumsum(-1) - 1).clamp(min=0)
+            causal = torch.ones(n, n, dtype=torch.bool, device=tokens.device).tril()
+            # A query sees real earlier keys, and always itself, so padded rows stay finite.
+            eye = torch.eye(n, dtype=torch.bool, device=tokens.device)
+            mask = ((causal & real[:, None, :]) | eye)[:, None]
+        x = self.hook_embed(self.embed(tokens))
+        rope = None
+        if self.cfg.positional == "learned":
+            x = x + self.hook_pos_embed(self.pos_embed(positions))
+        else:
+            rope = self.rotary.cos_sin(positions, x.dtype)
+        for block in self.blocks:
+            x = block(x, rope, mask)
+        if logits_positions is not None:
+            x = x[torch.arange(b, device=x.device), logits_positions.to(x.device)][:, None]
+            return self.hook_logits(self.unembed(self.ln_final(x)))[:, 0]
+        return self.hook_logits(self.unembed(self.ln_final(x)))
+
+    # ---- hooks ---------------------------------------------------------------------------------
+
+    def hook_points(self) -> dict[str, HookPoint]:
+        """All hook points by name, in forward order."""
+        return dict(self._hook_points)
+
+    def hook_names(self, name_filter: NameFilter | None = None) -> list[str]:
+        names = list(self._hook_points)
+        return names if name_filter is None else [n for n in names if matches(n, name_filter)]
+
+    def _resolve(self, name_filter: NameFilter) -> list[HookPoint]:
+        found = [self._hook_points[n] for n in self.hook_names(name_filter)]
+        if not found:
+            raise KeyError(f"no hook point matches {name_filter!r}; see model.hook_names()")
+        return found
+
+    @contextmanager
+    def hooks(
+        self,
+        fwd: Sequence[tuple[NameFilter, ForwardHookFn]] = (),
+        bwd: Sequence[tuple[NameFilter, BackwardHookFn]] = (),
+    ) -> Iterator[HookedTransformer]:
+        """Attach hooks for the duration of a `with` block; they are removed on exit, even on error."""
+        added: list[tuple[list[Any], Any]] = []
+        try:
+            for name_filter, fn in fwd:
+                for hp in self._resolve(name_filter):
+                    hp.forward_fns.append(fn)
+                    added.append((hp.forward_fns, fn))
+            for name_filter, bfn in bwd:
+                for hp in self._resolve(name_filter):
+                    hp.backward_fns.append(bfn)
+                    added.append((hp.backward_fns, bfn))
+            yield self
+        finally:
+            for fns, fn in reversed(added):
+                fns.remove(fn)
+
+    def reset_hooks(self) -> None:
+        for hp in self._hook_points.values():
+            hp.clear()
+
+    def run_with_cache(
+        self,
+        tokens: torch.Tensor,
+        names: NameFilter | Sequence[str] | None = None,
+        attention_mask: torch.Tensor | None = None,
+        detach: bool = True,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Run forward and return (logits, cache) with the values at the requested hook points."""
+        if names is None:
+            selected = self.hook_names()
+        elif isinstance(names, str) or callable(names):
+            selected = self.hook_names(names)
+        else:
+            unknown = [n for n in names if n not in self._hook_points]
+            if unknown:
+                raise KeyError(f"unknown hook point(s) {unknown}; see model.hook_names()")
+            selected = list(names)
+        cache: dict[str, torch.Tensor] = {}
+
+        def save(x: torch.Tensor, hook: HookPoint) -> None:
+            cache[hook.name] = x.detach() if detach else x
+
+        with self.hooks(fwd=[(n, save) for n in selected]):
+            logits = self(tokens, attention_mask)
+        return logits, cache
+
+    # ---- text helpers and generation -----------------------------------------------------------
+
+    def _require_tokenizer(self) -> Tokenizer:
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer attached; pass token ids instead")
+        return self.tokenizer
+
+    def to_tokens(
+        self, texts: str | Sequence[str], prepend_bos: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokenize and right-pad: (tokens [b, n], attention_mask [b, n])."""
+        tok = self._require_tokenizer()
+        if isinstance(texts, str):
+            texts = [texts]
+        rows = [tok.encode(t) for t in texts]
+        if prepend_bos:
+            if tok.bos_token_id is None:
+                raise ValueError("this tokenizer has no BOS token")
+            rows = [[tok.bos_token_id, *r] for r in rows]
+        return pad_right(rows, pad_id=0, device=self.device)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        tokens: torch.Tensor | str,
+        max_new_tokens: int = 20,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        stop_at_eos: bool = True,
+    ) -> torch.Tensor:
+        """Greedy (temperature 0) or sampled continuation of one prompt; returns the new tokens [t].
+
+        Hooks attached by the caller stay active on every step, so a continuation can be generated
+        under ablations. Each step reruns the whole prefix (no key/value cache): simple and exactly
+        consistent with `forward`, fine for the short continuations a debugger needs.
+        """
+        if isinstance(tokens, str):
+            tokens = self.to_tokens(tokens)[0][0]
+        seq = tokens.reshape(-1).to(self.device)
+        generator = torch.Generator(device=self.device)
+        if seed is not None:
+            generator.manual_seed(seed)
+        eos = self.tokenizer.eos_token_id if self.tokenizer is not None else None
+        new: list[int] = []
+        for _ in range(max_new_tokens):
+            if seq.numel() >= self.cfg.n_ctx:
+                break
+            logits = self(seq[None], logits_positions=torch.tensor([seq.numel() - 1]))[0].float()
+            if temperature <= 0:
+                next_id = int(logits.argmax())
+            else:
+                next_id = sample_token(logits / temperature, top_k, top_p, generator)
+            new.append(next_id)
+            seq = torch.cat([seq, seq.new_tensor([next_id])])
+            if stop_at_eos and next_id == eos:
+                break
+        return torch.tensor(new, dtype=torch.long)
+
+
+def sample_token(
+    logits: torch.Tensor, top_k: int | None, top_p: float | None, generator: torch.Generator
+) -> int:
+    """Sample one id from logits [V] after top-k and nucleus (top-p) filtering."""
+    if top_k is not None and top_k > 0:
+        kth = logits.topk(min(top_k, logits.numel())).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest prefix reaching top_p
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+    probs = logits.softmax(-1)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def pad_right(
+    rows: Sequence[Sequence[int]], pad_id: int = 0, device: torch.device | str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token rows into (tokens [b, n], attention_mask [b, n])."""
+    if not rows or any(len(r) == 0 for r in rows):
+        raise ValueError("every prompt must have at least one token")
+    n = max(len(r) for r in rows)
+    tokens = torch.full((len(rows), n), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), n), dtype=torch.long)
+    for i, r in enumerate(rows):
+        tokens[i, : len(r)] = torch.tensor(list(r), dtype=torch.long)
+        mask[i, : len(r)] = 1
+    return tokens.to(device), mask.to(device)
+
+
+def expected_hook_names(cfg: ModelConfig) -> list[str]:
+    """The hook names a model with this config has, from the table in hooks.py."""
+    names = ["hook_embed"] + (["hook_pos_embed"] if cfg.positional == "learned" else [])
+    for layer in range(cfg.n_layers):
+        for suffix in BLOCK_HOOKS:
+            if "rot_" in suffix and cfg.positional != "rotary":
+                continue
+            if suffix == "mlp.hook_pre_linear" and not cfg.gated_mlp:
+                continue
+            names.append(f"blocks.{layer}.{suffix}")
+    names += [n for n in GLOBAL_HOOKS if n.startswith("ln_final")] + ["hook_logits"]
+    return names
