@@ -19,7 +19,9 @@ DEMO_PROMPTS = (
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help="registry name, HF folder or .gguf file")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if present)")
+    p.add_argument(
+        "--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if present)"
+    )
     p.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16")
 
 
@@ -28,8 +30,10 @@ def _load(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
     start = time.perf_counter()
     model = load_model(args.model, device=args.device, dtype=args.dtype)
-    print(f"loaded {model.cfg.name} ({model.device}, {model.dtype}) in {time.perf_counter() - start:.1f}s",
-          file=sys.stderr)
+    print(
+        f"loaded {model.cfg.name} ({model.device}, {model.dtype}) in {time.perf_counter() - start:.1f}s",
+        file=sys.stderr,
+    )
     return model
 
 

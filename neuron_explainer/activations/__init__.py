@@ -1,6 +1,11 @@
 """The request engine: derived scalars, ablations, tracing and token-space views."""
 
-from neuron_explainer.activations.derived_scalars import METRICS, REGISTRY, PassState, derived_scalar
+from neuron_explainer.activations.derived_scalars import (
+    METRICS,
+    REGISTRY,
+    PassState,
+    derived_scalar,
+)
 from neuron_explainer.activations.engine import (
     Engine,
     NodeTokenViews,

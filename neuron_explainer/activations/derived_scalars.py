@@ -225,7 +225,9 @@ def head_direct_effect(state: PassState, layer: int) -> torch.Tensor:
     return out
 
 
-@derived_scalar(NodeType.ATTENTION_HEAD, "estimated_total_effect", acts=(_PATTERN,), grads=(_PATTERN,))
+@derived_scalar(
+    NodeType.ATTENTION_HEAD, "estimated_total_effect", acts=(_PATTERN,), grads=(_PATTERN,)
+)
 def head_total_effect(state: PassState, layer: int) -> torch.Tensor:
     name = _PATTERN.format(L=layer)
     return (state.act(name) * state.grad(name)).permute(0, 2, 3, 1)

@@ -10,6 +10,7 @@ type and metric, and reports every metric for the union of selected nodes.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -32,7 +33,7 @@ from neuron_explainer.activations.nodes import (
     PromptTooLongError,
     RequestError,
 )
-from neuron_explainer.models.hooks import HookPoint
+from neuron_explainer.models.hooks import BackwardHookFn, ForwardHookFn, HookPoint, NameFilter
 from neuron_explainer.models.tokenizer import TokenizerError
 from neuron_explainer.models.transformer import HookedTransformer, pad_right
 
@@ -120,6 +121,8 @@ class Engine:
     def __init__(self, model: HookedTransformer, max_prompt_tokens: int | None = None) -> None:
         self.model = model
         self.max_prompt_tokens = min(max_prompt_tokens or model.cfg.n_ctx, model.cfg.n_ctx)
+        # Seconds per phase of the last run (forward, backward, metrics, gather, token_views).
+        self.last_timings: dict[str, float] = {}
 
     # ---- validation --------------------------------------------------------------------------
 
@@ -146,7 +149,9 @@ class Engine:
             raise RequestError(f"{fld}.nodeType", f"unknown node type {node.node_type!r}")
         n_layers = 1 if node.node_type == NodeType.EMBEDDING else cfg.n_layers
         if not 0 <= node.layer < n_layers:
-            raise RequestError(f"{fld}.layer", f"layer {node.layer} is out of range [0, {n_layers})")
+            raise RequestError(
+                f"{fld}.layer", f"layer {node.layer} is out of range [0, {n_layers})"
+            )
         if not 0 <= node.token < n_tokens:
             raise RequestError(
                 f"{fld}.tokenIndex", f"token {node.token} is out of range for {n_tokens} tokens"
@@ -185,7 +190,9 @@ class Engine:
                 f"{len(tokens)} tokens exceed the maximum of {self.max_prompt_tokens}",
             )
         if req.loss_fn not in LOSS_FNS:
-            raise RequestError(_field(index, "lossFn"), f"unknown loss {req.loss_fn!r}; use one of {LOSS_FNS}")
+            raise RequestError(
+                _field(index, "lossFn"), f"unknown loss {req.loss_fn!r}; use one of {LOSS_FNS}"
+            )
         if req.top_and_bottom_k < 0:
             raise RequestError(_field(index, "topAndBottomK"), "must be >= 0")
         for m in req.metrics:
@@ -200,12 +207,18 @@ class Engine:
             for i, t in enumerate(req.distractor_tokens)
         ]
         up, down = req.upstream_node_to_trace, req.downstream_node_to_trace
-        reads_loss = up is None or (up.attention_trace_type == AttentionTraceType.VALUE and down is None)
+        reads_loss = up is None or (
+            up.attention_trace_type == AttentionTraceType.VALUE and down is None
+        )
         if req.loss_fn != "zero" and reads_loss and not targets:
             raise RequestError(_field(index, "targetTokens"), "at least one target token is needed")
         for i, abl in enumerate(req.node_ablations):
             self.validate_node(abl.node, len(tokens), f"{_field(index, 'nodeAblations')}[{i}].node")
-        cut, cut_hook, limit = 2 * cfg.n_layers, f"blocks.{cfg.n_layers - 1}.hook_resid_post", len(tokens)
+        cut, cut_hook, limit = (
+            2 * cfg.n_layers,
+            f"blocks.{cfg.n_layers - 1}.hook_resid_post",
+            len(tokens),
+        )
         if down is not None and (up is None or up.attention_trace_type != AttentionTraceType.VALUE):
             raise RequestError(
                 _field(index, "downstreamNodeToTrace"),
@@ -242,12 +255,15 @@ class Engine:
         if not sub_requests:
             raise RequestError("subRequests", "at least one sub-request is needed")
         rows = [self._prepare(i, r) for i, r in enumerate(sub_requests)]
+        self.last_timings = {}
+        clock = time.perf_counter()
         model, cfg, dev = self.model, self.model.cfg, self.model.device
         tokens, mask = pad_right([r.tokens for r in rows], device=dev)
         lengths = [len(r.tokens) for r in rows]
         read_pos = torch.tensor([n - 1 for n in lengths], device=dev)
         needs_backward = any(
-            r.request.loss_fn != "zero" or r.request.upstream_node_to_trace is not None for r in rows
+            r.request.loss_fn != "zero" or r.request.upstream_node_to_trace is not None
+            for r in rows
         )
 
         # What to record: activations for the requested scalars, gradients where a backward runs.
@@ -257,12 +273,14 @@ class Engine:
             for m in {m for r in rows for m in r.request.metrics}
         ]
         act_names: set[str] = {"hook_embed"}
-        grad_names: set[str] = {"hook_embed"} | {r.cut_hook for r in rows} if needs_backward else set()
+        grad_names: set[str] = (
+            {"hook_embed"} | {r.cut_hook for r in rows} if needs_backward else set()
+        )
         for s in scalars:
-            acts, grads = hook_names_for(s, cfg.n_layers)
-            act_names |= acts
+            scalar_acts, scalar_grads = hook_names_for(s, cfg.n_layers)
+            act_names |= scalar_acts
             if needs_backward:
-                grad_names |= grads
+                grad_names |= scalar_grads
         if any(r.request.token_views for r in rows):
             rot = cfg.positional == "rotary"
             for layer in range(cfg.n_layers):
@@ -286,14 +304,21 @@ class Engine:
 
         fwd = self._ablation_hooks(rows) + self._norm_hooks(rows)
         fwd += [(n, record) for n in sorted(act_names | live_names)]
-        bwd = [(n, record_grad) for n in sorted(grad_names)]
+        bwd: list[tuple[NameFilter, BackwardHookFn]] = [
+            (n, record_grad) for n in sorted(grad_names)
+        ]
         with torch.enable_grad(), model.hooks(fwd=fwd, bwd=bwd):
             logits = model(tokens, mask, logits_positions=read_pos)  # [b, V]
             directions = [self._direction(i, row, logits, live) for i, row in enumerate(rows)]
-            total = sum((d for d in directions if d.requires_grad), start=torch.zeros((), device=dev))
+            total = sum(
+                (d for d in directions if d.requires_grad), start=torch.zeros((), device=dev)
+            )
+            self.last_timings["forward"] = time.perf_counter() - clock
+            clock = time.perf_counter()
             if needs_backward and total.requires_grad:
                 total.backward()
         logits = logits.detach()
+        self.last_timings["backward"] = time.perf_counter() - clock
 
         g = torch.zeros(len(rows), tokens.shape[1], cfg.d_model, device=dev)
         for i, row in enumerate(rows):
@@ -317,12 +342,19 @@ class Engine:
                     names |= {f"blocks.{L}.attn.hook_v", f"blocks.{L}.attn.hook_pattern"}
                 else:
                     q, k = ("hook_rot_q", "hook_rot_k") if rotary else ("hook_q", "hook_k")
-                    names |= {f"blocks.{L}.attn.{q}", f"blocks.{L}.attn.{k}", f"blocks.{L}.hook_resid_pre"}
-            if row.request.upstream_node_to_trace is not None and row.request.downstream_node_to_trace is None:
+                    names |= {
+                        f"blocks.{L}.attn.{q}",
+                        f"blocks.{L}.attn.{k}",
+                        f"blocks.{L}.hook_resid_pre",
+                    }
+            if (
+                row.request.upstream_node_to_trace is not None
+                and row.request.downstream_node_to_trace is None
+            ):
                 names.add(f"blocks.{self.model.cfg.n_layers - 1}.hook_resid_post")
         return names
 
-    def _ablation_hooks(self, rows: list[_Row]) -> list[tuple[str, object]]:
+    def _ablation_hooks(self, rows: list[_Row]) -> list[tuple[NameFilter, ForwardHookFn]]:
         by_hook: dict[str, list[tuple[int, NodeAblation]]] = {}
         for i, row in enumerate(rows):
             for abl in row.request.node_ablations:
@@ -338,10 +370,12 @@ class Engine:
                     by_hook.setdefault("hook_pos_embed", []).append((i, abl))
         return [(name, _make_ablation(items)) for name, items in by_hook.items()]
 
-    def _norm_hooks(self, rows: list[_Row]) -> list[tuple[str, object]]:
+    def _norm_hooks(self, rows: list[_Row]) -> list[tuple[NameFilter, ForwardHookFn]]:
         """Hold norm scales fixed in the backward pass: the final norm (always) and, per row, the
         norm in front of each traced node (engine.md §2, §5). Forward values are unchanged."""
-        hooks: list[tuple[str, object]] = [("ln_final.hook_scale", lambda x, h: x.detach())]
+        hooks: list[tuple[NameFilter, ForwardHookFn]] = [
+            ("ln_final.hook_scale", lambda x, h: x.detach())
+        ]
         per_layer: dict[str, list[int]] = {}
         for i, row in enumerate(rows):
             for trace in (row.request.upstream_node_to_trace, row.request.downstream_node_to_trace):
@@ -377,10 +411,14 @@ class Engine:
         kv_head = node.component // (attn.n_heads // attn.n_kv_heads)
         v = live[f"blocks.{layer}.attn.hook_v"][i, node.attended_token, kv_head]  # [dh]
         write = v @ attn.W_O[node.component]  # [d]
-        a = live[f"blocks.{layer}.attn.hook_pattern"][i, node.component, node.token, node.attended_token]
+        a = live[f"blocks.{layer}.attn.hook_pattern"][
+            i, node.component, node.token, node.attended_token
+        ]
         return a.detach() * (write @ g_down[i, node.token].detach())
 
-    def _pre_activation(self, i: int, trace: NodeToTrace, live: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _pre_activation(
+        self, i: int, trace: NodeToTrace, live: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
         node = trace.node
         L = node.layer
         if node.node_type == NodeType.MLP_NEURON:
@@ -410,7 +448,11 @@ class Engine:
         upstream = row.request.upstream_node_to_trace is None or write_pos <= row.cut
         if node_type == NodeType.ATTENTION_HEAD:
             k_ok = torch.arange(n, device=dev) < length
-            pair = tok_ok[:, None] & k_ok[None, :] & torch.ones(n, n, dtype=torch.bool, device=dev).tril()
+            pair = (
+                tok_ok[:, None]
+                & k_ok[None, :]
+                & torch.ones(n, n, dtype=torch.bool, device=dev).tril()
+            )
             return (pair & upstream)[:, :, None]
         return (tok_ok & upstream)[:, None]
 
@@ -423,6 +465,7 @@ class Engine:
         lengths: list[int],
     ) -> list[SubResult]:
         cfg, model = self.model.cfg, self.model
+        clock = time.perf_counter()
         n = max(lengths)
         node_types = [t for t in NODE_TYPES if any(t in r.request.node_types for r in rows)]
         metrics = [m for m in METRICS if any(m in r.request.metrics for r in rows)]
@@ -451,58 +494,83 @@ class Engine:
                         else:
                             sums[i, 0] += v.sum(dim=1)
                         k = row.request.top_and_bottom_k
-                        if metric not in row.request.metrics or node_type not in row.request.node_types or k == 0:
+                        if (
+                            metric not in row.request.metrics
+                            or node_type not in row.request.node_types
+                            or k == 0
+                        ):
                             continue
                         flat = values[i].masked_fill(~valid, float("nan")).flatten()
-                        cand[i].append(_top_candidates(flat, k, scalar.signed) + (layer,))
+                        cand[i].append((*_top_candidates(flat, k, scalar.signed), layer))
                 for i, row in enumerate(rows):
                     key = f"{node_type.value}"
                     if node_type == NodeType.ATTENTION_HEAD:
-                        token_sums[i].setdefault(f"{key}_attended_from", {})[metric] = sums[i, 0].tolist()
-                        token_sums[i].setdefault(f"{key}_attended_to", {})[metric] = sums[i, 1].tolist()
+                        token_sums[i].setdefault(f"{key}_attended_from", {})[metric] = sums[
+                            i, 0
+                        ].tolist()
+                        token_sums[i].setdefault(f"{key}_attended_to", {})[metric] = sums[
+                            i, 1
+                        ].tolist()
                     else:
                         token_sums[i].setdefault(key, {})[metric] = sums[i, 0].tolist()
                     if cand[i]:
-                        selected |= _select(cand[i], row.request.top_and_bottom_k, scalar.signed, node_type, n, cfg)
+                        selected |= _select(
+                            cand[i], row.request.top_and_bottom_k, scalar.signed, node_type, n, cfg
+                        )
         nodes = sorted(selected, key=_node_sort_key)
+        self.last_timings["metrics"] = time.perf_counter() - clock
+        clock = time.perf_counter()
 
         # Every metric for every selected node, in every row (None where the node is not in it).
-        values_by_row: list[dict[str, list[float | None]]] = [{m: [] for m in metrics} for _ in rows]
+        values_by_row: list[dict[str, list[float | None]]] = [
+            {m: [] for m in metrics} for _ in rows
+        ]
         for metric in metrics:
             per_node: list[list[float | None]] = [[None] * len(nodes) for _ in rows]
             groups: dict[tuple[NodeType, int], list[int]] = {}
             for j, node in enumerate(nodes):
                 groups.setdefault((node.node_type, node.layer), []).append(j)
             for (node_type, layer), idxs in groups.items():
-                values = kept.get((node_type, metric, layer))
-                if values is None:
-                    values = REGISTRY[(node_type, metric)].fn(state, layer)
+                kept_values = kept.get((node_type, metric, layer))
+                if kept_values is None:
+                    kept_values = REGISTRY[(node_type, metric)].fn(state, layer)
+                values = kept_values
                 for i, length in enumerate(lengths):
                     for j in idxs:
                         node = nodes[j]
                         if node.token >= length:
                             continue
                         if node_type == NodeType.ATTENTION_HEAD:
-                            per_node[i][j] = float(values[i, node.token, node.attended_token, node.component])
+                            per_node[i][j] = float(
+                                values[i, node.token, node.attended_token, node.component]
+                            )
                         else:
                             per_node[i][j] = float(values[i, node.token, node.component])
             for i in range(len(rows)):
                 values_by_row[i][metric] = per_node[i]
 
+        self.last_timings["gather"] = time.perf_counter() - clock
+        clock = time.perf_counter()
         tok = model.tokenizer
         results = []
         for i, row in enumerate(rows):
             views: dict[NodeIndex, NodeTokenViews] = {}
             if row.request.token_views and nodes:
                 views = token_views.node_token_views(
-                    model, state, i, [nd for nd in nodes if nd.token < lengths[i]], row.request.token_view_k
+                    model,
+                    state,
+                    i,
+                    [nd for nd in nodes if nd.token < lengths[i]],
+                    row.request.token_view_k,
                 )
             probs = logits[i].float().softmax(-1)
             k = max(row.request.token_view_k, 1)
             results.append(
                 SubResult(
                     tokens=row.tokens,
-                    token_strings=tok.display_tokens(row.tokens) if tok else [str(t) for t in row.tokens],
+                    token_strings=tok.display_tokens(row.tokens)
+                    if tok
+                    else [str(t) for t in row.tokens],
                     read_position=_read_position(row),
                     direction_value=directions[i],
                     bias_direct_effect=self._bias_direct_effect(i, row, state),
@@ -512,11 +580,16 @@ class Engine:
                     top_logits=token_views.scored(model, logits[i], probs, k, largest=True),
                     bottom_logits=token_views.scored(model, logits[i], probs, k, largest=False),
                     target_logits=token_views.scored_ids(model, logits[i], probs, row.targets),
-                    distractor_logits=token_views.scored_ids(model, logits[i], probs, row.distractors),
+                    distractor_logits=token_views.scored_ids(
+                        model, logits[i], probs, row.distractors
+                    ),
                     token_views=views,
-                    trace_description=_describe_trace(row, tok.display_tokens(row.tokens) if tok else None),
+                    trace_description=_describe_trace(
+                        row, tok.display_tokens(row.tokens) if tok else None
+                    ),
                 )
             )
+        self.last_timings["token_views"] = time.perf_counter() - clock
         return results
 
     def _bias_direct_effect(self, i: int, row: _Row, state: PassState) -> float:
@@ -536,7 +609,9 @@ class Engine:
 # ---- helpers ---------------------------------------------------------------------------------------
 
 
-def loss_value(loss_fn: str, logits: torch.Tensor, targets: list[int], distractors: list[int]) -> torch.Tensor:
+def loss_value(
+    loss_fn: str, logits: torch.Tensor, targets: list[int], distractors: list[int]
+) -> torch.Tensor:
     """D for one row from its logits [V] at the read position (terminology.md)."""
     if loss_fn == "zero":
         return logits.sum().detach() * 0.0
@@ -561,7 +636,7 @@ def _read_position(row: _Row) -> int:
     return up.node.token if up is not None else len(row.tokens) - 1
 
 
-def _make_ablation(items: list[tuple[int, NodeAblation]]):  # type: ignore[no-untyped-def]
+def _make_ablation(items: list[tuple[int, NodeAblation]]) -> ForwardHookFn:
     def ablate(x: torch.Tensor, hook: HookPoint) -> torch.Tensor:
         x = x.clone()
         for row, abl in items:
@@ -578,7 +653,7 @@ def _make_ablation(items: list[tuple[int, NodeAblation]]):  # type: ignore[no-un
     return ablate
 
 
-def _make_row_detach(row_ids: list[int]):  # type: ignore[no-untyped-def]
+def _make_row_detach(row_ids: list[int]) -> ForwardHookFn:
     def detach_rows(x: torch.Tensor, hook: HookPoint) -> torch.Tensor:
         mask = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
         mask[row_ids] = True
@@ -617,10 +692,18 @@ def _select(
     picks: list[int] = []
     finite = values.isfinite()
     top = values.masked_fill(~finite, float("-inf")).topk(min(k, values.numel()))
-    picks += [int(j) for v, j in zip(top.values, top.indices, strict=True) if math.isfinite(float(v))]
+    picks += [
+        int(j) for v, j in zip(top.values, top.indices, strict=True) if math.isfinite(float(v))
+    ]
     if signed:
-        bottom = values.masked_fill(~finite, float("inf")).topk(min(k, values.numel()), largest=False)
-        picks += [int(j) for v, j in zip(bottom.values, bottom.indices, strict=True) if math.isfinite(float(v))]
+        bottom = values.masked_fill(~finite, float("inf")).topk(
+            min(k, values.numel()), largest=False
+        )
+        picks += [
+            int(j)
+            for v, j in zip(bottom.values, bottom.indices, strict=True)
+            if math.isfinite(float(v))
+        ]
     out: set[NodeIndex] = set()
     for j in picks:
         out.add(_unflatten(node_type, int(layer_of[j]), int(flat_idx[j]), n, cfg))
@@ -678,7 +761,9 @@ def _describe_trace(row: _Row, strings: list[str] | None) -> str | None:
 
 
 def run_debugger_request(
-    model: HookedTransformer, sub_requests: Sequence[SubRequest], max_prompt_tokens: int | None = None
+    model: HookedTransformer,
+    sub_requests: Sequence[SubRequest],
+    max_prompt_tokens: int | None = None,
 ) -> list[SubResult]:
     """Run a batch of sub-requests with one forward and one backward; see `Engine`."""
     return Engine(model, max_prompt_tokens).run(sub_requests)

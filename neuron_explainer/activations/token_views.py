@@ -133,7 +133,10 @@ def node_token_views(
         if node.node_type == NodeType.EMBEDDING:
             if "hook_embed" in state.acts:
                 e = embedding_vectors(state)[row, t]
-                out_ref[node] = (out_proj.add(("emb", row, t), lambda e=e: norm_linear(lnf, e)), 1.0)
+                out_ref[node] = (
+                    out_proj.add(("emb", row, t), lambda e=e: norm_linear(lnf, e)),
+                    1.0,
+                )
             continue
         if node.node_type == NodeType.MLP_NEURON:
             post = state.acts.get(f"blocks.{L}.mlp.hook_post")
@@ -146,7 +149,10 @@ def node_token_views(
             if scale is not None:
                 w_in = mlp.w_in.weight[node.component]
                 ln2 = model.blocks[L].ln2
-                u = in_proj.add(("mlp_in", L, node.component), lambda w=w_in, ln=ln2: norm_linear_transpose(ln, w))
+                u = in_proj.add(
+                    ("mlp_in", L, node.component),
+                    lambda w=w_in, ln=ln2: norm_linear_transpose(ln, w),
+                )
                 in_ref[node] = (u, 1.0 / float(scale[row, t, 0]))
             continue
         # Attention head pair (q = t, k = attended token).
@@ -170,8 +176,12 @@ def node_token_views(
         g_q, g_k = k_vec / math.sqrt(attn.d_head), q_vec / math.sqrt(attn.d_head)
         if rope is not None:
             cos, sin = rope
-            g_q = Rotary.apply(g_q[None, None, None], cos[:, t : t + 1], -sin[:, t : t + 1]).flatten()
-            g_k = Rotary.apply(g_k[None, None, None], cos[:, kt : kt + 1], -sin[:, kt : kt + 1]).flatten()
+            g_q = Rotary.rotate(
+                g_q[None, None, None], cos[:, t : t + 1], -sin[:, t : t + 1]
+            ).flatten()
+            g_k = Rotary.rotate(
+                g_k[None, None, None], cos[:, kt : kt + 1], -sin[:, kt : kt + 1]
+            ).flatten()
         dh = attn.d_head
         w_q = attn.q_proj.weight[h * dh : (h + 1) * dh]  # [dh, d]
         w_k = attn.k_proj.weight[kvh * dh : (kvh + 1) * dh]
@@ -188,10 +198,16 @@ def node_token_views(
     for node in nodes:
         v = NodeTokenViews()
         if node in out_ref and ranked_out is not None:
-            v.upvoted_output_tokens, v.downvoted_output_tokens = _lists(model, ranked_out, *out_ref[node])
+            v.upvoted_output_tokens, v.downvoted_output_tokens = _lists(
+                model, ranked_out, *out_ref[node]
+            )
         if node in in_ref and ranked_in is not None:
-            v.upvoting_input_tokens, v.downvoting_input_tokens = _lists(model, ranked_in, *in_ref[node])
+            v.upvoting_input_tokens, v.downvoting_input_tokens = _lists(
+                model, ranked_in, *in_ref[node]
+            )
         if node in key_ref and ranked_key is not None:
-            v.upvoting_key_tokens, v.downvoting_key_tokens = _lists(model, ranked_key, *key_ref[node])
+            v.upvoting_key_tokens, v.downvoting_key_tokens = _lists(
+                model, ranked_key, *key_ref[node]
+            )
         views[node] = v
     return views

@@ -58,7 +58,9 @@ class HookPoint(nn.Module):
         return f"name={self.name!r}"
 
 
-def _bind_backward(fn: BackwardHookFn, hook: HookPoint) -> Callable[[torch.Tensor], torch.Tensor | None]:
+def _bind_backward(
+    fn: BackwardHookFn, hook: HookPoint
+) -> Callable[[torch.Tensor], torch.Tensor | None]:
     return lambda grad: fn(grad, hook)
 
 

@@ -56,9 +56,8 @@ def load_model(
         model = _load_hf_folder(path)
     model.cfg.extra["source"] = str(path)
     object.__setattr__(model.cfg, "name", name)
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
-    model.to(device=device or default_device(), dtype=dtype or torch.float32)
+    torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    model.to(device=device or default_device(), dtype=torch_dtype or torch.float32)
     model.requires_grad_(False)
     model.eval()
     log.info("loaded %s from %s in %.1fs", name, path, time.perf_counter() - start)
@@ -210,7 +209,11 @@ def _gpt2_to_hf(sd: StateDict, cfg: ModelConfig) -> StateDict:
         qkv = ("q_proj", "k_proj", "v_proj")
         out[h + "attn.c_attn.weight"] = torch.cat([sd[b + f"attn.{p}.weight"] for p in qkv]).T
         out[h + "attn.c_attn.bias"] = torch.cat([sd[b + f"attn.{p}.bias"] for p in qkv])
-        for ours, theirs in (("attn.o_proj", "attn.c_proj"), ("mlp.w_in", "mlp.c_fc"), ("mlp.w_out", "mlp.c_proj")):
+        for ours, theirs in (
+            ("attn.o_proj", "attn.c_proj"),
+            ("mlp.w_in", "mlp.c_fc"),
+            ("mlp.w_out", "mlp.c_proj"),
+        ):
             out[h + theirs + ".weight"] = sd[b + ours + ".weight"].T
             out[h + theirs + ".bias"] = sd[b + ours + ".bias"]
         for ours, theirs in (("ln1", "ln_1"), ("ln2", "ln_2")):
@@ -236,7 +239,10 @@ _LLAMA_LAYER_NAMES = {
 
 
 def _llama_name_pairs(cfg: ModelConfig) -> list[tuple[str, str]]:
-    pairs = [("embed.weight", "model.embed_tokens.weight"), ("ln_final.weight", "model.norm.weight")]
+    pairs = [
+        ("embed.weight", "model.embed_tokens.weight"),
+        ("ln_final.weight", "model.norm.weight"),
+    ]
     if not cfg.tied_embeddings:
         pairs.append(("unembed.weight", "lm_head.weight"))
     for i in range(cfg.n_layers):
@@ -302,7 +308,9 @@ def model_from_state_dict(cfg: ModelConfig, sd: StateDict) -> HookedTransformer:
     missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
     missing = [m for m in missing if not (m == "unembed.weight" and cfg.tied_embeddings)]
     if missing or unexpected:
-        raise ValueError(f"weights do not match the config: missing {missing}, unexpected {unexpected}")
+        raise ValueError(
+            f"weights do not match the config: missing {missing}, unexpected {unexpected}"
+        )
     if cfg.tied_embeddings:
         model.unembed.weight = model.embed.weight
     if cfg.positional == "rotary":
@@ -390,7 +398,10 @@ def _load_gguf(path: Path) -> HookedTransformer:
         "ffn_up": "mlp.w_up",
         "ffn_down": "mlp.w_out",
     }
-    sd: StateDict = {"embed.weight": get("token_embd.weight"), "ln_final.weight": get("output_norm.weight")}
+    sd: StateDict = {
+        "embed.weight": get("token_embd.weight"),
+        "ln_final.weight": get("output_norm.weight"),
+    }
     if not cfg.tied_embeddings:
         sd["unembed.weight"] = get("output.weight")
     for i in range(cfg.n_layers):

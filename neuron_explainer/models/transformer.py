@@ -15,7 +15,7 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -66,7 +66,9 @@ class ModelConfig:
         if self.n_kv_heads == 0:
             object.__setattr__(self, "n_kv_heads", self.n_heads)
         if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+            raise ValueError(
+                f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}"
+            )
 
     @property
     def architecture(self) -> str:
@@ -128,19 +130,23 @@ class Norm(nn.Module):
 class Rotary(nn.Module):
     """Rotary position embedding in the Hugging Face (rotate-half) layout."""
 
+    inv_freq: torch.Tensor
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.d_head, 2).float() / cfg.d_head))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
-    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def cos_sin(
+        self, positions: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [b, n] -> cos, sin [b, n, 1, dh] to broadcast over heads."""
         freqs = positions[..., None].float() * self.inv_freq  # [b, n, dh/2]
         emb = torch.cat([freqs, freqs], dim=-1)[:, :, None, :]
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
     @staticmethod
-    def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         half = x.shape[-1] // 2
         rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
         return x * cos + rotated * sin
@@ -178,8 +184,8 @@ class Attention(nn.Module):
         k = self.hook_k(self.k_proj(x).view(b, n, self.n_kv_heads, self.d_head))
         v = self.hook_v(self.v_proj(x).view(b, n, self.n_kv_heads, self.d_head))
         if rope is not None:
-            q = self.hook_rot_q(Rotary.apply(q, *rope))
-            k = self.hook_rot_k(Rotary.apply(k, *rope))
+            q = self.hook_rot_q(Rotary.rotate(q, *rope))
+            k = self.hook_rot_k(Rotary.rotate(k, *rope))
         group = self.n_heads // self.n_kv_heads
         # [b, H, n, dh]; with grouped-query attention, head h reads key/value head h // group.
         qh = q.transpose(1, 2)
@@ -233,8 +239,12 @@ class Block(nn.Module):
         self.attn = Attention(cfg)
         self.ln2 = Norm(cfg)
         self.mlp = MLP(cfg)
-        for name in ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post"):
-            setattr(self, f"hook_{name}", HookPoint())
+        self.hook_resid_pre, self.hook_attn_out, self.hook_resid_mid = (
+            HookPoint(),
+            HookPoint(),
+            HookPoint(),
+        )
+        self.hook_mlp_out, self.hook_resid_post = HookPoint(), HookPoint()
 
     def forward(
         self,
@@ -260,7 +270,8 @@ class HookedTransformer(nn.Module):
             self.hook_pos_embed = HookPoint()
         else:
             self.rotary = Rotary(cfg)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        # A ModuleList, typed as what it holds so `model.blocks[L].attn.W_O` type-checks.
+        self.blocks = cast(Sequence[Block], nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers)))
         self.ln_final = Norm(cfg)
         self.unembed = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tied_embeddings:
