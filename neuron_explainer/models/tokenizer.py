@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import functools
 import json
-import mmap
 import os
 import re
-import struct
 import unicodedata
 from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
@@ -298,11 +296,12 @@ class Tokenizer:
             "tokenizer.ggml.bos_token_id",
             "tokenizer.ggml.eos_token_id",
         ]
-        if isinstance(path_or_reader, GGUFReader):
-            meta = _reader_metadata(path_or_reader, keys)
-        else:
-            # GGUFReader indexes every field and tensor (~3 s for SmolLM2); read only the keys.
-            meta = _read_gguf_metadata(Path(path_or_reader), keys)
+        # load_model passes the reader it already opened for the weights; opening one indexes
+        # every field and tensor (~3 s for SmolLM2).
+        reader = (
+            path_or_reader if isinstance(path_or_reader, GGUFReader) else GGUFReader(path_or_reader)
+        )
+        meta = _reader_metadata(reader, keys)
 
         model = meta.get("tokenizer.ggml.model")
         if model != "gpt2":
@@ -608,88 +607,6 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 # ---- GGUF metadata -------------------------------------------------------------------------------
-
-# struct formats of GGUF scalar value types.
-_GGUF_SCALAR_FORMATS = {
-    GGUFValueType.UINT8: "B",
-    GGUFValueType.INT8: "b",
-    GGUFValueType.UINT16: "H",
-    GGUFValueType.INT16: "h",
-    GGUFValueType.UINT32: "I",
-    GGUFValueType.INT32: "i",
-    GGUFValueType.FLOAT32: "f",
-    GGUFValueType.BOOL: "?",
-    GGUFValueType.UINT64: "Q",
-    GGUFValueType.INT64: "q",
-    GGUFValueType.FLOAT64: "d",
-}
-
-
-class _GGUFCursor:
-    """Reads GGUF (v2+) key/value metadata from a buffer, decoding only the values asked for."""
-
-    def __init__(self, buf: mmap.mmap, order: str, pos: int) -> None:
-        self.buf, self.order, self.pos = buf, order, pos
-
-    def unpack(self, fmt: str, count: int = 1) -> tuple[Any, ...]:
-        fmt = f"{self.order}{count}{fmt}"
-        values = struct.unpack_from(fmt, self.buf, self.pos)
-        self.pos += struct.calcsize(fmt)
-        return values
-
-    def string(self) -> str:
-        (length,) = self.unpack("Q")
-        start, self.pos = self.pos, self.pos + length
-        return self.buf[start : self.pos].decode("utf-8")
-
-    def value(self, vtype: int, *, keep: bool) -> Any:
-        """The next value of type `vtype`; with keep=False it is skipped (None)."""
-        if vtype == GGUFValueType.STRING:
-            if keep:
-                return self.string()
-            (length,) = self.unpack("Q")
-            self.pos += length
-            return None
-        if vtype == GGUFValueType.ARRAY:
-            item_type, count = self.unpack("I")[0], self.unpack("Q")[0]
-            if item_type in _GGUF_SCALAR_FORMATS:
-                fmt = _GGUF_SCALAR_FORMATS[GGUFValueType(item_type)]
-                if keep:
-                    return list(self.unpack(fmt, count))
-                self.pos += struct.calcsize(f"{self.order}{count}{fmt}")
-                return None
-            if item_type == GGUFValueType.STRING and keep:
-                return [self.string() for _ in range(count)]
-            items = [self.value(item_type, keep=keep) for _ in range(count)]
-            return items if keep else None
-        if vtype in _GGUF_SCALAR_FORMATS:
-            fmt = _GGUF_SCALAR_FORMATS[GGUFValueType(vtype)]
-            if keep:
-                return self.unpack(fmt)[0]
-            self.pos += struct.calcsize(f"{self.order}{fmt}")
-            return None
-        raise TokenizerError(f"unknown GGUF value type {vtype}")
-
-
-def _read_gguf_metadata(path: Path, keys: Collection[str]) -> dict[str, Any]:
-    """The values of `keys` present in a GGUF file's metadata (tensor info is not read)."""
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        if buf[:4] != b"GGUF":
-            raise TokenizerError(f"{path} is not a GGUF file")
-        # A file written on a machine of the other byte order reads as version << 16.
-        order = "<" if struct.unpack_from("<I", buf, 4)[0] & 0xFFFF else ">"
-        version, _, kv_count = struct.unpack_from(f"{order}IQQ", buf, 4)
-        if version < 2:
-            raise TokenizerError(f"{path} is GGUF version {version}; versions 2+ are supported")
-        cursor = _GGUFCursor(buf, order, pos=24)
-        meta: dict[str, Any] = {}
-        for _ in range(kv_count):
-            key = cursor.string()
-            (vtype,) = cursor.unpack("I")
-            value = cursor.value(vtype, keep=key in keys)
-            if key in keys:
-                meta[key] = value
-        return meta
 
 
 def _reader_metadata(reader: GGUFReader, keys: Collection[str]) -> dict[str, Any]:
