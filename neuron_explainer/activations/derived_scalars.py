@@ -57,13 +57,15 @@ class PassState:
     def gradient_at_cut(self) -> torch.Tensor:
         if self.g is None:
             b, n = self.acts["hook_embed"].shape[:2]
-            return torch.zeros(b, n, self.model.cfg.d_model, device=self.model.device)
+            return torch.zeros(
+                b, n, self.model.cfg.d_model, device=self.model.device, dtype=self.model.dtype
+            )
         return self.g
 
     def cut_mask(self, write_position: int) -> torch.Tensor:
         """[b, 1, 1] (broadcastable) 1.0 where a node writing at `write_position` is before the cut."""
         keep = [1.0 if write_position <= c else 0.0 for c in self.cut]
-        return torch.tensor(keep, device=self.model.device)[:, None, None]
+        return torch.tensor(keep, device=self.model.device, dtype=self.model.dtype)[:, None, None]
 
 
 ScalarFn = Callable[[PassState, int], torch.Tensor]

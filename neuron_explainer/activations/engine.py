@@ -320,7 +320,7 @@ class Engine:
         logits = logits.detach()
         self.last_timings["backward"] = time.perf_counter() - clock
 
-        g = torch.zeros(len(rows), tokens.shape[1], cfg.d_model, device=dev)
+        g = torch.zeros(len(rows), tokens.shape[1], cfg.d_model, device=dev, dtype=model.dtype)
         for i, row in enumerate(rows):
             if row.cut_hook in grads:
                 g[i] = grads[row.cut_hook][i]
@@ -467,6 +467,7 @@ class Engine:
         cfg, model = self.model.cfg, self.model
         clock = time.perf_counter()
         n = max(lengths)
+        sum_dtype = torch.promote_types(model.dtype, torch.float32)  # bf16 models sum in fp32
         node_types = [t for t in NODE_TYPES if any(t in r.request.node_types for r in rows)]
         metrics = [m for m in METRICS if any(m in r.request.metrics for r in rows)]
         selected: set[NodeIndex] = set()
@@ -479,7 +480,7 @@ class Engine:
             for metric in metrics:
                 scalar = REGISTRY[(node_type, metric)]
                 cand: list[list[tuple[torch.Tensor, torch.Tensor, int]]] = [[] for _ in rows]
-                sums = torch.zeros(len(rows), 2, n, device=model.device)
+                sums = torch.zeros(len(rows), 2, n, device=model.device, dtype=sum_dtype)
                 for layer in layers:
                     values = scalar.fn(state, layer)  # [b, n, C] or [b, n, n, H]
                     if values.numel() * 4 <= budget:
