@@ -139,11 +139,13 @@ def test_input_token_views_are_gradients_dotted_with_embeddings(
         )
         saved: dict[str, torch.Tensor] = {}
 
-        def leaf(x: torch.Tensor, hook: object) -> torch.Tensor:
+        def leaf(
+            x: torch.Tensor, hook: object, saved: dict[str, torch.Tensor] = saved
+        ) -> torch.Tensor:
             saved["resid"] = x.detach().requires_grad_(True)
             return saved["resid"]
 
-        def keep(x: torch.Tensor, hook: object) -> None:
+        def keep(x: torch.Tensor, hook: object, saved: dict[str, torch.Tensor] = saved) -> None:
             saved[hook.name] = x  # type: ignore[attr-defined]
 
         names = [
