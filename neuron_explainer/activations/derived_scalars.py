@@ -71,6 +71,22 @@ class PassState:
 ScalarFn = Callable[[PassState, int], torch.Tensor]
 
 
+_WEIGHT_CACHE: dict[tuple[str, int], tuple[int, int, torch.Tensor]] = {}
+
+
+def weight_derived(
+    key: str, weight: torch.Tensor, make: Callable[[torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
+    """`make(weight)` for a quantity that depends on one weight only (norms, Gram matrices),
+    cached across requests. Keyed by the tensor's identity and version counter, so in-place
+    edits to the weights (`w_out.weight[:, 7] = 0`) recompute it."""
+    entry = _WEIGHT_CACHE.get((key, id(weight)))
+    if entry is None or entry[0] != weight._version or entry[1] != weight.data_ptr():
+        entry = (weight._version, weight.data_ptr(), make(weight))
+        _WEIGHT_CACHE[(key, id(weight))] = entry
+    return entry[2]
+
+
 @dataclass(frozen=True)
 class DerivedScalar:
     node_type: NodeType
@@ -108,6 +124,11 @@ def hook_names_for(scalar: DerivedScalar, n_layers: int) -> tuple[set[str], set[
         return out
 
     return expand(scalar.acts), expand(scalar.grads)
+
+
+def nonzero_tokens(g: torch.Tensor) -> torch.Tensor:
+    """Token positions where any row's gradient [b, n, d] is non-zero."""
+    return g.abs().sum(dim=(0, 2)).nonzero().flatten()
 
 
 # ---- embeddings ------------------------------------------------------------------------------------
@@ -158,15 +179,21 @@ def neuron_activation(state: PassState, layer: int) -> torch.Tensor:
 
 @derived_scalar(NodeType.MLP_NEURON, "write_magnitude", acts=(_POST,), signed=False)
 def neuron_write_magnitude(state: PassState, layer: int) -> torch.Tensor:
-    w_out = state.model.blocks[layer].mlp.W_out  # [m, d]
-    return state.act(_POST.format(L=layer)).abs() * w_out.norm(dim=-1)
+    weight = state.model.blocks[layer].mlp.w_out.weight  # [d, m]
+    norms = weight_derived("w_out_norms", weight, lambda w: w.norm(dim=0))
+    return state.act(_POST.format(L=layer)).abs() * norms
 
 
 @derived_scalar(NodeType.MLP_NEURON, "direct_effect", acts=(_POST,))
 def neuron_direct_effect(state: PassState, layer: int) -> torch.Tensor:
     w_out = state.model.blocks[layer].mlp.W_out
     g = state.gradient_at_cut() * state.cut_mask(2 * layer + 2)
-    return state.act(_POST.format(L=layer)) * (g @ w_out.T)
+    post = state.act(_POST.format(L=layer))
+    out = torch.zeros_like(post)
+    rows = nonzero_tokens(g)  # g is non-zero at a few tokens only
+    if rows.numel():
+        out[:, rows] = post[:, rows] * (g[:, rows] @ w_out.T)
+    return out
 
 
 @derived_scalar(NodeType.MLP_NEURON, "estimated_total_effect", acts=(_POST,), grads=(_POST,))
@@ -195,8 +222,10 @@ def pattern_qkh(state: PassState, layer: int) -> torch.Tensor:
 
 def head_write_norms(state: PassState, layer: int) -> torch.Tensor:
     """[b, n_k, H] ‖v[k,h] W_O[h]‖ via the Gram matrix W_O[h] W_O[h]ᵀ (no n·H·d tensor)."""
-    w_o = state.model.blocks[layer].attn.W_O  # [H, dh, d]
-    gram = w_o @ w_o.transpose(1, 2)  # [H, dh, dh]
+    attn = state.model.blocks[layer].attn
+    gram = weight_derived(
+        "w_o_gram", attn.o_proj.weight, lambda _: attn.W_O @ attn.W_O.transpose(1, 2)
+    )
     v = head_values(state, layer)
     return torch.einsum("bkhe,hef,bkhf->bkh", v, gram, v).clamp(min=0).sqrt()
 
@@ -219,7 +248,7 @@ def head_direct_effect(state: PassState, layer: int) -> torch.Tensor:
     out = torch.zeros_like(pattern)
     # g is non-zero at a few tokens only (the read position, or the traced pair's tokens): project
     # just those query rows into each head's value space.
-    rows = g.abs().sum(dim=(0, 2)).nonzero().flatten()
+    rows = nonzero_tokens(g)
     if rows.numel():
         g_o = torch.einsum("bqd,hed->bqhe", g[:, rows], w_o)  # [b, r, H, dh]
         vg = torch.einsum("bkhe,bqhe->bqkh", head_values(state, layer), g_o)  # [b, r, n, H]

@@ -35,7 +35,7 @@ from neuron_explainer.activations.nodes import (
 )
 from neuron_explainer.models.hooks import BackwardHookFn, ForwardHookFn, HookPoint, NameFilter
 from neuron_explainer.models.tokenizer import TokenizerError
-from neuron_explainer.models.transformer import HookedTransformer, pad_right
+from neuron_explainer.models.transformer import HookedTransformer, ModelConfig, pad_right
 
 LossFn = Literal["logit_diff", "logit_minus_mean", "probs", "zero"]
 LOSS_FNS: tuple[str, ...] = ("logit_diff", "logit_minus_mean", "probs", "zero")
@@ -438,23 +438,17 @@ class Engine:
 
     # ---- collecting results --------------------------------------------------------------------
 
-    def _valid_mask(self, node_type: NodeType, row: _Row, n: int, layer: int) -> torch.Tensor:
-        """Bool mask over one row's nodes of one layer: real tokens, causal pairs, upstream only."""
+    def _token_mask(self, node_type: NodeType, row: _Row, n: int) -> torch.Tensor:
+        """Bool mask over one row's nodes of a layer: real tokens, causal pairs, and when tracing
+        only tokens up to the traced one. [n, 1] per-token types, [n, n, 1] head pairs."""
         dev = self.model.device
         length = len(row.tokens)
-        limit = min(length, row.upstream_token_limit)
-        tok_ok = torch.arange(n, device=dev) < limit
-        write_pos = NodeIndex(node_type, layer, 0).write_position
-        upstream = row.request.upstream_node_to_trace is None or write_pos <= row.cut
+        tok_ok = torch.arange(n, device=dev) < min(length, row.upstream_token_limit)
         if node_type == NodeType.ATTENTION_HEAD:
             k_ok = torch.arange(n, device=dev) < length
-            pair = (
-                tok_ok[:, None]
-                & k_ok[None, :]
-                & torch.ones(n, n, dtype=torch.bool, device=dev).tril()
-            )
-            return (pair & upstream)[:, :, None]
-        return (tok_ok & upstream)[:, None]
+            causal = torch.ones(n, n, dtype=torch.bool, device=dev).tril()
+            return (tok_ok[:, None] & k_ok[None, :] & causal)[:, :, None]
+        return tok_ok[:, None]
 
     def _collect(
         self,
@@ -476,33 +470,38 @@ class Engine:
         budget = 256 * 2**20  # bytes of per-layer metric tensors kept for the second pass
 
         for node_type in node_types:
-            layers = range(1) if node_type == NodeType.EMBEDDING else range(cfg.n_layers)
+            layers = range(1 if node_type == NodeType.EMBEDDING else cfg.n_layers)
+            token_masks = [self._token_mask(node_type, row, n) for row in rows]
             for metric in metrics:
                 scalar = REGISTRY[(node_type, metric)]
-                cand: list[list[tuple[torch.Tensor, torch.Tensor, int]]] = [[] for _ in rows]
+                cand: list[list[tuple[Candidates, Candidates | None, int]]] = [[] for _ in rows]
                 sums = torch.zeros(len(rows), 2, n, device=model.device, dtype=sum_dtype)
                 for layer in layers:
                     values = scalar.fn(state, layer)  # [b, n, C] or [b, n, n, H]
                     if values.numel() * 4 <= budget:
                         budget -= values.numel() * 4
                         kept[(node_type, metric, layer)] = values
+                    write_position = NodeIndex(node_type, layer, 0).write_position
                     for i, row in enumerate(rows):
-                        valid = self._valid_mask(node_type, row, n, layer)
-                        v = values[i].masked_fill(~valid, 0.0)
+                        if (
+                            row.request.upstream_node_to_trace is not None
+                            and write_position > row.cut
+                        ):
+                            continue  # not upstream of the traced node
+                        v, valid = values[i], token_masks[i]
+                        masked = v * valid
                         if node_type == NodeType.ATTENTION_HEAD:
-                            sums[i, 0] += v.sum(dim=(1, 2))  # attended from (per query token)
-                            sums[i, 1] += v.sum(dim=(0, 2))  # attended to (per key token)
+                            sums[i, 0] += masked.sum(dim=(1, 2))  # attended from (per query token)
+                            sums[i, 1] += masked.sum(dim=(0, 2))  # attended to (per key token)
                         else:
-                            sums[i, 0] += v.sum(dim=1)
+                            sums[i, 0] += masked.sum(dim=1)
                         k = row.request.top_and_bottom_k
                         if (
-                            metric not in row.request.metrics
-                            or node_type not in row.request.node_types
-                            or k == 0
+                            metric in row.request.metrics
+                            and node_type in row.request.node_types
+                            and k
                         ):
-                            continue
-                        flat = values[i].masked_fill(~valid, float("nan")).flatten()
-                        cand[i].append((*_top_candidates(flat, k, scalar.signed), layer))
+                            cand[i].append((*_top_candidates(v, valid, k, scalar.signed), layer))
                 for i, row in enumerate(rows):
                     key = f"{node_type.value}"
                     if node_type == NodeType.ATTENTION_HEAD:
@@ -516,7 +515,7 @@ class Engine:
                         token_sums[i].setdefault(key, {})[metric] = sums[i, 0].tolist()
                     if cand[i]:
                         selected |= _select(
-                            cand[i], row.request.top_and_bottom_k, scalar.signed, node_type, n, cfg
+                            cand[i], row.request.top_and_bottom_k, node_type, n, cfg
                         )
         nodes = sorted(selected, key=_node_sort_key)
         self.last_timings["metrics"] = time.perf_counter() - clock
@@ -663,61 +662,64 @@ def _make_row_detach(row_ids: list[int]) -> ForwardHookFn:
     return detach_rows
 
 
-def _top_candidates(flat: torch.Tensor, k: int, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k (and bottom-k when signed) of one layer's flattened values, NaN = not a node.
+Candidates = tuple[torch.Tensor, torch.Tensor]  # (values [c], flat indices [c]) into one layer
 
-    Returns (values [c], flat indices [c]) with value sign preserved; -inf/inf mark empties.
+
+def _top_candidates(
+    values: torch.Tensor, valid: torch.Tensor, k: int, signed: bool
+) -> tuple[Candidates, Candidates | None]:
+    """Top-k and (when signed) bottom-k candidates of one layer's values [n, ...], `valid`
+    (broadcastable bool) marking real nodes; -inf/inf mark empty slots.
+
+    Exact and cheap: an element of the top k lies in one of the k tokens with the largest maxima
+    (otherwise k larger elements exist), so one max-reduction picks k tokens and only those are
+    ranked.
     """
-    top = flat.nan_to_num(nan=float("-inf"))
-    kk = min(k, flat.numel())
-    tv, ti = top.topk(kk)
-    if not signed:
-        return tv, ti
-    bottom = flat.nan_to_num(nan=float("inf"))
-    bv, bi = bottom.topk(kk, largest=False)
-    return torch.cat([tv, bv]), torch.cat([ti, bi])
+    n = values.shape[0]
+    rows = values.reshape(n, -1)
+    valid = valid.expand_as(values).reshape(n, -1)
+
+    def side(largest: bool) -> Candidates:
+        masked = rows.masked_fill(~valid, float("-inf") if largest else float("inf"))
+        extreme = masked.amax(dim=1) if largest else masked.amin(dim=1)
+        tokens = extreme.topk(min(k, n), largest=largest).indices
+        best = masked[tokens].topk(min(k, rows.shape[1]), dim=1, largest=largest)
+        flat = best.indices + tokens[:, None] * rows.shape[1]
+        return best.values.flatten(), flat.flatten()
+
+    return side(True), side(False) if signed else None
 
 
 def _select(
-    cand: list[tuple[torch.Tensor, torch.Tensor, int]],
+    cand: list[tuple[Candidates, Candidates | None, int]],
     k: int,
-    signed: bool,
     node_type: NodeType,
     n: int,
-    cfg: object,
+    cfg: ModelConfig,
 ) -> set[NodeIndex]:
     """Exact top-k (and bottom-k) across layers from the per-layer candidates."""
-    values = torch.cat([c[0] for c in cand])
-    flat_idx = torch.cat([c[1] for c in cand])
-    layer_of = torch.cat([torch.full_like(c[1], c[2]) for c in cand])
-    picks: list[int] = []
-    finite = values.isfinite()
-    top = values.masked_fill(~finite, float("-inf")).topk(min(k, values.numel()))
-    picks += [
-        int(j) for v, j in zip(top.values, top.indices, strict=True) if math.isfinite(float(v))
-    ]
-    if signed:
-        bottom = values.masked_fill(~finite, float("inf")).topk(
-            min(k, values.numel()), largest=False
-        )
-        picks += [
-            int(j)
-            for v, j in zip(bottom.values, bottom.indices, strict=True)
-            if math.isfinite(float(v))
-        ]
     out: set[NodeIndex] = set()
-    for j in picks:
-        out.add(_unflatten(node_type, int(layer_of[j]), int(flat_idx[j]), n, cfg))
+    for side, largest in ((0, True), (1, False)):
+        parts = [(c[side], c[2]) for c in cand if c[side] is not None]
+        if not parts:
+            continue
+        values = torch.cat([p[0] for p, _ in parts])  # type: ignore[index]
+        flat = torch.cat([p[1] for p, _ in parts])  # type: ignore[index]
+        layers = torch.cat([torch.full_like(p[1], layer) for p, layer in parts])  # type: ignore[index]
+        best = values.topk(min(k, values.numel()), largest=largest)
+        for v, j in zip(best.values.tolist(), best.indices.tolist(), strict=True):
+            if math.isfinite(v):
+                out.add(_unflatten(node_type, int(layers[j]), int(flat[j]), n, cfg))
     return out
 
 
-def _unflatten(node_type: NodeType, layer: int, flat: int, n: int, cfg: object) -> NodeIndex:
+def _unflatten(node_type: NodeType, layer: int, flat: int, n: int, cfg: ModelConfig) -> NodeIndex:
     if node_type == NodeType.ATTENTION_HEAD:
-        h_count = cfg.n_heads  # type: ignore[attr-defined]
+        h_count = cfg.n_heads
         q, rest = divmod(flat, n * h_count)
         k, h = divmod(rest, h_count)
         return NodeIndex(node_type, layer, q, h, k)
-    c = 1 if node_type == NodeType.EMBEDDING else cfg.d_mlp  # type: ignore[attr-defined]
+    c = 1 if node_type == NodeType.EMBEDDING else cfg.d_mlp
     t, comp = divmod(flat, c)
     return NodeIndex(node_type, layer, t, comp)
 

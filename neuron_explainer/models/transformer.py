@@ -358,6 +358,10 @@ class HookedTransformer(nn.Module):
         return names if name_filter is None else [n for n in names if matches(n, name_filter)]
 
     def _resolve(self, name_filter: NameFilter) -> list[HookPoint]:
+        if isinstance(name_filter, str):
+            if name_filter not in self._hook_points:
+                raise KeyError(f"no hook point named {name_filter!r}; see model.hook_names()")
+            return [self._hook_points[name_filter]]
         found = [self._hook_points[n] for n in self.hook_names(name_filter)]
         if not found:
             raise KeyError(f"no hook point matches {name_filter!r}; see model.hook_names()")
