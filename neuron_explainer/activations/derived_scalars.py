@@ -10,7 +10,7 @@ what the requested scalars need. Formulas (engine.md §3), per layer:
 | direct_effect          | e[t]·g[t]             | a·(W_out[i]·g[t])   | A·((v[k,h] W_O[h])·g[q])    |
 | estimated_total_effect | e[t]·∂D/∂e[t]         | a·∂D/∂a             | A·∂D/∂A                     |
 
-Per-token node types return [b, n, C]; attention head pairs return [b, n_q, n_k, H]. Head metrics
+Per-token node types return [b, n, C]; attention head pairs return [b, H, n_q, n_k]. Head metrics
 never build the n²·H·d tensor of per-pair write vectors: ‖v W_O‖ comes from the per-head Gram matrix
 W_O[h] W_O[h]ᵀ and the direct effect from v · (W_O[h] g[q]), so extra memory is n·H·dh + n²·H.
 
@@ -95,6 +95,7 @@ class DerivedScalar:
     acts: tuple[str, ...]  # hook names; "{L}" is replaced by the layer
     grads: tuple[str, ...] = ()
     signed: bool = True  # signed metrics get a bottom-k too
+    ranked: bool = True  # False where every node has the same value (embedding activation)
 
 
 REGISTRY: dict[tuple[NodeType, str], DerivedScalar] = {}
@@ -106,9 +107,12 @@ def derived_scalar(
     acts: tuple[str, ...],
     grads: tuple[str, ...] = (),
     signed: bool = True,
+    ranked: bool = True,
 ) -> Callable[[ScalarFn], ScalarFn]:
     def register(fn: ScalarFn) -> ScalarFn:
-        REGISTRY[(node_type, metric)] = DerivedScalar(node_type, metric, fn, acts, grads, signed)
+        REGISTRY[(node_type, metric)] = DerivedScalar(
+            node_type, metric, fn, acts, grads, signed, ranked
+        )
         return fn
 
     return register
@@ -145,7 +149,7 @@ def embedding_vectors(state: PassState) -> torch.Tensor:
 _EMB = ("hook_embed", "hook_pos_embed")
 
 
-@derived_scalar(NodeType.EMBEDDING, "activation", acts=("hook_embed",), signed=False)
+@derived_scalar(NodeType.EMBEDDING, "activation", acts=("hook_embed",), signed=False, ranked=False)
 def embedding_activation(state: PassState, layer: int) -> torch.Tensor:
     return torch.ones_like(state.act("hook_embed")[..., :1])
 
@@ -215,9 +219,9 @@ def head_values(state: PassState, layer: int) -> torch.Tensor:
     return v.repeat_interleave(cfg.n_heads // cfg.n_kv_heads, dim=2)
 
 
-def pattern_qkh(state: PassState, layer: int) -> torch.Tensor:
-    """[b, n_q, n_k, H] attention probabilities."""
-    return state.act(_PATTERN.format(L=layer)).permute(0, 2, 3, 1)
+def pattern(state: PassState, layer: int) -> torch.Tensor:
+    """[b, H, n_q, n_k] attention probabilities."""
+    return state.act(_PATTERN.format(L=layer))
 
 
 def head_write_norms(state: PassState, layer: int) -> torch.Tensor:
@@ -232,27 +236,27 @@ def head_write_norms(state: PassState, layer: int) -> torch.Tensor:
 
 @derived_scalar(NodeType.ATTENTION_HEAD, "activation", acts=(_PATTERN,), signed=False)
 def head_activation(state: PassState, layer: int) -> torch.Tensor:
-    return pattern_qkh(state, layer)
+    return pattern(state, layer)
 
 
 @derived_scalar(NodeType.ATTENTION_HEAD, "write_magnitude", acts=(_PATTERN, _V), signed=False)
 def head_write_magnitude(state: PassState, layer: int) -> torch.Tensor:
-    return pattern_qkh(state, layer) * head_write_norms(state, layer)[:, None]
+    return pattern(state, layer) * head_write_norms(state, layer).transpose(1, 2)[:, :, None, :]
 
 
 @derived_scalar(NodeType.ATTENTION_HEAD, "direct_effect", acts=(_PATTERN, _V))
 def head_direct_effect(state: PassState, layer: int) -> torch.Tensor:
     w_o = state.model.blocks[layer].attn.W_O  # [H, dh, d]
     g = state.gradient_at_cut() * state.cut_mask(2 * layer + 1)  # [b, n, d]
-    pattern = pattern_qkh(state, layer)
-    out = torch.zeros_like(pattern)
+    probs = pattern(state, layer)
+    out = torch.zeros_like(probs)
     # g is non-zero at a few tokens only (the read position, or the traced pair's tokens): project
     # just those query rows into each head's value space.
     rows = nonzero_tokens(g)
     if rows.numel():
         g_o = torch.einsum("bqd,hed->bqhe", g[:, rows], w_o)  # [b, r, H, dh]
-        vg = torch.einsum("bkhe,bqhe->bqkh", head_values(state, layer), g_o)  # [b, r, n, H]
-        out[:, rows] = pattern[:, rows] * vg
+        vg = torch.einsum("bkhe,bqhe->bhqk", head_values(state, layer), g_o)  # [b, H, r, n]
+        out[:, :, rows] = probs[:, :, rows] * vg
     return out
 
 
@@ -261,7 +265,7 @@ def head_direct_effect(state: PassState, layer: int) -> torch.Tensor:
 )
 def head_total_effect(state: PassState, layer: int) -> torch.Tensor:
     name = _PATTERN.format(L=layer)
-    return (state.act(name) * state.grad(name)).permute(0, 2, 3, 1)
+    return state.act(name) * state.grad(name)
 
 
 def token_pair_attribution(
@@ -275,4 +279,4 @@ def token_pair_attribution(
     w_o = state.model.blocks[layer].attn.W_O
     proj = torch.einsum("hed,d->he", w_o, direction.to(w_o.dtype))  # [H, dh]
     vproj = torch.einsum("bkhe,he->bkh", head_values(state, layer), proj)
-    return torch.einsum("bkh,bkh->bk", pattern_qkh(state, layer)[:, query_token], vproj)
+    return torch.einsum("bhk,bkh->bk", pattern(state, layer)[:, :, query_token], vproj)

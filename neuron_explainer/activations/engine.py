@@ -438,18 +438,6 @@ class Engine:
 
     # ---- collecting results --------------------------------------------------------------------
 
-    def _token_mask(self, node_type: NodeType, row: _Row, n: int) -> torch.Tensor:
-        """Bool mask over one row's nodes of a layer: real tokens, causal pairs, and when tracing
-        only tokens up to the traced one. [n, 1] per-token types, [n, n, 1] head pairs."""
-        dev = self.model.device
-        length = len(row.tokens)
-        tok_ok = torch.arange(n, device=dev) < min(length, row.upstream_token_limit)
-        if node_type == NodeType.ATTENTION_HEAD:
-            k_ok = torch.arange(n, device=dev) < length
-            causal = torch.ones(n, n, dtype=torch.bool, device=dev).tril()
-            return (tok_ok[:, None] & k_ok[None, :] & causal)[:, :, None]
-        return tok_ok[:, None]
-
     def _collect(
         self,
         rows: list[_Row],
@@ -471,13 +459,12 @@ class Engine:
 
         for node_type in node_types:
             layers = range(1 if node_type == NodeType.EMBEDDING else cfg.n_layers)
-            token_masks = [self._token_mask(node_type, row, n) for row in rows]
             for metric in metrics:
                 scalar = REGISTRY[(node_type, metric)]
                 cand: list[list[tuple[Candidates, Candidates | None, int]]] = [[] for _ in rows]
                 sums = torch.zeros(len(rows), 2, n, device=model.device, dtype=sum_dtype)
                 for layer in layers:
-                    values = scalar.fn(state, layer)  # [b, n, C] or [b, n, n, H]
+                    values = scalar.fn(state, layer)  # [b, n, C] or [b, H, n, n]
                     if values.numel() * 4 <= budget:
                         budget -= values.numel() * 4
                         kept[(node_type, metric, layer)] = values
@@ -488,20 +475,22 @@ class Engine:
                             and write_position > row.cut
                         ):
                             continue  # not upstream of the traced node
-                        v, valid = values[i], token_masks[i]
-                        masked = v * valid
+                        # Nodes of this row: its real tokens (up to the traced token). Pads are
+                        # trailing and head pairs with k > q are exact zeros, so slicing suffices.
+                        t = min(len(row.tokens), row.upstream_token_limit)
                         if node_type == NodeType.ATTENTION_HEAD:
-                            sums[i, 0] += masked.sum(dim=(1, 2))  # attended from (per query token)
-                            sums[i, 1] += masked.sum(dim=(0, 2))  # attended to (per key token)
+                            v = values[i, :, :t, :t]
+                            sums[i, 0, :t] += v.sum(dim=(0, 2))  # attended from (per query token)
+                            sums[i, 1, :t] += v.sum(dim=(0, 1))  # attended to (per key token)
                         else:
-                            sums[i, 0] += masked.sum(dim=1)
+                            v = values[i, :t]
+                            sums[i, 0, :t] += v.sum(dim=1)
                         k = row.request.top_and_bottom_k
-                        if (
-                            metric in row.request.metrics
-                            and node_type in row.request.node_types
-                            and k
-                        ):
-                            cand[i].append((*_top_candidates(v, valid, k, scalar.signed), layer))
+                        wanted = (
+                            metric in row.request.metrics and node_type in row.request.node_types
+                        )
+                        if wanted and k and scalar.ranked:
+                            cand[i].append((*_top_candidates(v, k, scalar.signed), layer))
                 for i, row in enumerate(rows):
                     key = f"{node_type.value}"
                     if node_type == NodeType.ATTENTION_HEAD:
@@ -514,8 +503,9 @@ class Engine:
                     else:
                         token_sums[i].setdefault(key, {})[metric] = sums[i, 0].tolist()
                     if cand[i]:
+                        t = min(len(row.tokens), row.upstream_token_limit)
                         selected |= _select(
-                            cand[i], row.request.top_and_bottom_k, node_type, n, cfg
+                            cand[i], row.request.top_and_bottom_k, node_type, t, cfg
                         )
         nodes = sorted(selected, key=_node_sort_key)
         self.last_timings["metrics"] = time.perf_counter() - clock
@@ -542,7 +532,7 @@ class Engine:
                             continue
                         if node_type == NodeType.ATTENTION_HEAD:
                             per_node[i][j] = float(
-                                values[i, node.token, node.attended_token, node.component]
+                                values[i, node.component, node.token, node.attended_token]
                             )
                         else:
                             per_node[i][j] = float(values[i, node.token, node.component])
@@ -666,26 +656,22 @@ Candidates = tuple[torch.Tensor, torch.Tensor]  # (values [c], flat indices [c])
 
 
 def _top_candidates(
-    values: torch.Tensor, valid: torch.Tensor, k: int, signed: bool
+    values: torch.Tensor, k: int, signed: bool
 ) -> tuple[Candidates, Candidates | None]:
-    """Top-k and (when signed) bottom-k candidates of one layer's values [n, ...], `valid`
-    (broadcastable bool) marking real nodes; -inf/inf mark empty slots.
+    """Top-k and (when signed) bottom-k candidates of one layer's values ([t, C] per-token, or
+    [H, t, t] head pairs), as flat indices into `values`.
 
-    Exact and cheap: an element of the top k lies in one of the k tokens with the largest maxima
-    (otherwise k larger elements exist), so one max-reduction picks k tokens and only those are
-    ranked.
+    Exact and cheap: rows are all but the last dimension; an element of the top k lies in one of
+    the k rows with the largest maxima (otherwise k larger elements exist), so one reduction picks
+    k rows and only those are ranked.
     """
-    n = values.shape[0]
-    rows = values.reshape(n, -1)
-    valid = valid.expand_as(values).reshape(n, -1)
+    rows = values.reshape(-1, values.shape[-1])
 
     def side(largest: bool) -> Candidates:
-        masked = rows.masked_fill(~valid, float("-inf") if largest else float("inf"))
-        extreme = masked.amax(dim=1) if largest else masked.amin(dim=1)
-        tokens = extreme.topk(min(k, n), largest=largest).indices
-        best = masked[tokens].topk(min(k, rows.shape[1]), dim=1, largest=largest)
-        flat = best.indices + tokens[:, None] * rows.shape[1]
-        return best.values.flatten(), flat.flatten()
+        extreme = rows.amax(dim=1) if largest else rows.amin(dim=1)
+        picked = extreme.topk(min(k, rows.shape[0]), largest=largest).indices
+        best = rows[picked].topk(min(k, rows.shape[1]), dim=1, largest=largest)
+        return best.values.flatten(), (best.indices + picked[:, None] * rows.shape[1]).flatten()
 
     return side(True), side(False) if signed else None
 
@@ -694,10 +680,12 @@ def _select(
     cand: list[tuple[Candidates, Candidates | None, int]],
     k: int,
     node_type: NodeType,
-    n: int,
+    t: int,
     cfg: ModelConfig,
 ) -> set[NodeIndex]:
-    """Exact top-k (and bottom-k) across layers from the per-layer candidates."""
+    """Exact top-k (largest positive) and bottom-k (most negative) across layers from the
+    per-layer candidates; nodes whose value is exactly zero are never selected. `t` is the number
+    of tokens the candidates' flat indices were computed over."""
     out: set[NodeIndex] = set()
     for side, largest in ((0, True), (1, False)):
         parts = [(c[side], c[2]) for c in cand if c[side] is not None]
@@ -708,20 +696,19 @@ def _select(
         layers = torch.cat([torch.full_like(p[1], layer) for p, layer in parts])  # type: ignore[index]
         best = values.topk(min(k, values.numel()), largest=largest)
         for v, j in zip(best.values.tolist(), best.indices.tolist(), strict=True):
-            if math.isfinite(v):
-                out.add(_unflatten(node_type, int(layers[j]), int(flat[j]), n, cfg))
+            if (v > 0) if largest else (v < 0):
+                out.add(_unflatten(node_type, int(layers[j]), int(flat[j]), t, cfg))
     return out
 
 
-def _unflatten(node_type: NodeType, layer: int, flat: int, n: int, cfg: ModelConfig) -> NodeIndex:
-    if node_type == NodeType.ATTENTION_HEAD:
-        h_count = cfg.n_heads
-        q, rest = divmod(flat, n * h_count)
-        k, h = divmod(rest, h_count)
-        return NodeIndex(node_type, layer, q, h, k)
-    c = 1 if node_type == NodeType.EMBEDDING else cfg.d_mlp
-    t, comp = divmod(flat, c)
-    return NodeIndex(node_type, layer, t, comp)
+def _unflatten(node_type: NodeType, layer: int, flat: int, t: int, cfg: ModelConfig) -> NodeIndex:
+    if node_type == NodeType.ATTENTION_HEAD:  # [H, t, t]
+        head, rest = divmod(flat, t * t)
+        q, key = divmod(rest, t)
+        return NodeIndex(node_type, layer, q, head, key)
+    c = 1 if node_type == NodeType.EMBEDDING else cfg.d_mlp  # [t, C]
+    token, comp = divmod(flat, c)
+    return NodeIndex(node_type, layer, token, comp)
 
 
 def _node_sort_key(node: NodeIndex) -> tuple[int, int, int, int, int]:

@@ -65,7 +65,7 @@ def norm_linear_transpose(norm: Norm, grads: torch.Tensor) -> torch.Tensor:
 
 
 class _Projector:
-    """Collects direction vectors, projects them onto the vocabulary in one matmul, ranks them."""
+    """Collects direction vectors to project onto the vocabulary."""
 
     def __init__(self) -> None:
         self.keys: dict[object, int] = {}
@@ -77,37 +77,54 @@ class _Projector:
             self.vectors.append(make() if callable(make) else make)  # type: ignore[arg-type]
         return self.keys[key]
 
-    def rank(
-        self, matrix: torch.Tensor, k: int, center: bool
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        if not self.vectors:
-            return None
-        scores = torch.stack(self.vectors) @ matrix  # [U, V]
-        if center:
-            scores = scores - scores.mean(-1, keepdim=True)
-        k = min(k, scores.shape[-1])
-        top, bottom = scores.topk(k), scores.topk(k, largest=False)
-        return top.values, top.indices, bottom.values, bottom.indices
+
+# Per unique vector: (top scores, top ids, bottom scores, bottom ids) as Python lists.
+Ranked = list[tuple[list[float], list[int], list[float], list[int]]]
+
+
+def _rank_all(jobs: list[tuple[_Projector, torch.Tensor, bool]], k: int) -> list[Ranked]:
+    """Project every projector's vectors onto its vocabulary matrix and rank them. Projectors
+    sharing a matrix (W_E and W_U are one tensor with tied embeddings) share one matmul."""
+    results: list[Ranked] = [[] for _ in jobs]
+    by_matrix: dict[tuple[int, tuple[int, ...]], list[int]] = {}
+    for j, (proj, matrix, _) in enumerate(jobs):
+        if proj.vectors:
+            key = (matrix.untyped_storage().data_ptr(), tuple(matrix.stride()))
+            by_matrix.setdefault(key, []).append(j)
+    for members in by_matrix.values():
+        matrix = jobs[members[0]][1]
+        stacked = torch.cat([torch.stack(jobs[j][0].vectors) for j in members])
+        scores = stacked @ matrix  # [U, V]
+        start = 0
+        for j in members:
+            proj, _, center = jobs[j]
+            part = scores[start : start + len(proj.vectors)]
+            start += len(proj.vectors)
+            if center:
+                part = part - part.mean(-1, keepdim=True)
+            kk = min(k, part.shape[-1])
+            top, bottom = part.topk(kk), part.topk(kk, largest=False)
+            results[j] = list(
+                zip(
+                    top.values.tolist(),
+                    top.indices.tolist(),
+                    bottom.values.tolist(),
+                    bottom.indices.tolist(),
+                    strict=True,
+                )
+            )
+    return results
 
 
 def _lists(
-    model: HookedTransformer,
-    ranked: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
-    u: int,
-    factor: float,
+    model: HookedTransformer, ranked: Ranked, u: int, factor: float
 ) -> tuple[list[ScoredToken], list[ScoredToken]]:
     """(up, down) lists for unique vector u scaled by `factor` (a negative factor swaps them)."""
     from neuron_explainer.activations.engine import ScoredToken
 
-    tv, ti, bv, bi = ranked
-
-    def make(vals: torch.Tensor, idx: torch.Tensor) -> list[ScoredToken]:
-        return [
-            ScoredToken(int(i), _text(model, int(i)), float(v) * factor)
-            for v, i in zip(vals[u], idx[u], strict=True)
-        ]
-
-    up, down = make(tv, ti), make(bv, bi)
+    tv, ti, bv, bi = ranked[u]
+    up = [ScoredToken(i, _text(model, i), v * factor) for v, i in zip(tv, ti, strict=True)]
+    down = [ScoredToken(i, _text(model, i), v * factor) for v, i in zip(bv, bi, strict=True)]
     return (up, down) if factor >= 0 else (down, up)
 
 
@@ -191,21 +208,26 @@ def node_token_views(
         u = key_proj.add(("k", L, row, t, kt, h), norm_linear_transpose(ln1, g_k @ w_k))
         key_ref[node] = (u, 1.0 / float(s1[row, kt, 0]))
 
-    ranked_out = out_proj.rank(model.W_U, k, center=True)
-    ranked_in = in_proj.rank(model.W_E.T, k, center=False)
-    ranked_key = key_proj.rank(model.W_E.T, k, center=False)
+    ranked_out, ranked_in, ranked_key = _rank_all(
+        [
+            (out_proj, model.W_U, True),
+            (in_proj, model.W_E.T, False),
+            (key_proj, model.W_E.T, False),
+        ],
+        k,
+    )
     views: dict[NodeIndex, NodeTokenViews] = {}
     for node in nodes:
         v = NodeTokenViews()
-        if node in out_ref and ranked_out is not None:
+        if node in out_ref:
             v.upvoted_output_tokens, v.downvoted_output_tokens = _lists(
                 model, ranked_out, *out_ref[node]
             )
-        if node in in_ref and ranked_in is not None:
+        if node in in_ref:
             v.upvoting_input_tokens, v.downvoting_input_tokens = _lists(
                 model, ranked_in, *in_ref[node]
             )
-        if node in key_ref and ranked_key is not None:
+        if node in key_ref:
             v.upvoting_key_tokens, v.downvoting_key_tokens = _lists(
                 model, ranked_key, *key_ref[node]
             )

@@ -266,6 +266,10 @@ class Tokenizer:
     def token_display(self, token_id: int) -> str:
         """A token's text; bytes that are not valid UTF-8 on their own (part of a multi-byte
         character) show as \\xNN escapes, e.g. "\\xe2\\x80"."""
+        return self._display(int(token_id))
+
+    @functools.lru_cache(maxsize=65536)  # noqa: B019 - tokenizers live as long as their model
+    def _display(self, token_id: int) -> str:
         return self.token_bytes(token_id).decode("utf-8", errors="backslashreplace")
 
     def display_tokens(self, ids: Sequence[int]) -> list[str]:
