@@ -34,9 +34,15 @@ class HookPoint(nn.Module):
     def has_hooks(self) -> bool:
         return bool(self.forward_fns or self.backward_fns)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        # Skip nn.Module's call machinery when nothing is attached: an unused hook point costs one
+        # attribute check (module-level hooks registered with register_forward_hook do not apply
+        # to hook points; attach functions through the model's `hooks()` instead).
         if not (self.forward_fns or self.backward_fns):
             return x
+        return self.forward(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         for fn in self.forward_fns:
             out = fn(x, self)
             if out is not None:
