@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import json
 import os
 import statistics
@@ -50,10 +51,14 @@ def prompt_tokens(model: HookedTransformer, n: int) -> list[int]:
 
 
 def debugger_request(tokens: list[int], k: int = 10) -> SubRequest:
-    return SubRequest(prompt=tokens, target_tokens=[" the"], distractor_tokens=[" a"], top_and_bottom_k=k)
+    return SubRequest(
+        prompt=tokens, target_tokens=[" the"], distractor_tokens=[" a"], top_and_bottom_k=k
+    )
 
 
-def bare_forward_backward(model: HookedTransformer, tokens: list[int], target: int, distractor: int) -> None:
+def bare_forward_backward(
+    model: HookedTransformer, tokens: list[int], target: int, distractor: int
+) -> None:
     ids = torch.tensor([tokens], device=model.device)
     grads: list[torch.Tensor] = []
     with torch.enable_grad(), model.hooks(bwd=[("hook_embed", lambda g, h: grads.append(g))]):
@@ -75,17 +80,22 @@ def median_time(fn, repeats: int) -> float:  # type: ignore[no-untyped-def]
 def time_part(model: HookedTransformer, lengths: list[int], repeats: int) -> None:
     assert model.tokenizer is not None
     engine = Engine(model)
-    target, distractor = model.tokenizer.single_token_id(" the"), model.tokenizer.single_token_id(" a")
+    target, distractor = (
+        model.tokenizer.single_token_id(" the"),
+        model.tokenizer.single_token_id(" a"),
+    )
     print(f"\n== request time / bare forward+backward ({repeats} repeats, medians) ==")
     print(f"{'tokens':>7} {'bare s':>8} {'request s':>10} {'ratio':>6}   phases of the request (s)")
     for n in lengths:
         tokens = prompt_tokens(model, n)
-        bare = median_time(lambda: bare_forward_backward(model, tokens, target, distractor), repeats)
+        bare = median_time(
+            lambda t=tokens: bare_forward_backward(model, t, target, distractor), repeats
+        )
         phases: list[dict[str, float]] = []
 
-        def request() -> None:
-            engine.run([debugger_request(tokens)])  # noqa: B023 - evaluated within the iteration
-            phases.append(dict(engine.last_timings))
+        def request(t: list[int] = tokens, out: list[dict[str, float]] = phases) -> None:
+            engine.run([debugger_request(t)])
+            out.append(dict(engine.last_timings))
 
         full = median_time(request, repeats)
         phase = {k: statistics.median(p[k] for p in phases) for k in phases[0]}
@@ -131,7 +141,7 @@ def memory_part(model_name: str, lengths: list[int], model: HookedTransformer) -
         results.append(r)
         naive = n * n * cfg.n_heads * cfg.d_model * 4 / 2**20
         print(f"{n:>7} {r['extra_mib']:>10.0f} {r['seconds']:>8.2f} {naive:>28.0f}")
-    for a, b in zip(results, results[1:], strict=False):
+    for a, b in itertools.pairwise(results):
         growth = b["extra_mib"] / max(a["extra_mib"], 1e-9)
         ratio = b["n"] / a["n"]
         print(
@@ -142,7 +152,9 @@ def memory_part(model_name: str, lengths: list[int], model: HookedTransformer) -
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--lengths", type=int, nargs="+", default=[16, 64, 256])
     parser.add_argument("--memory-lengths", type=int, nargs="+", default=[64, 256, 1024])
@@ -158,9 +170,11 @@ def main() -> None:
         memory_child(args.model, args.memory_child)
         return
     model = load_model(args.model, device="cpu")
-    print(f"model {model.cfg.name}: {model.cfg.n_layers} layers, d {model.cfg.d_model}, "
-          f"{model.cfg.n_heads} heads; torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{os.cpu_count()} CPUs")
+    print(
+        f"model {model.cfg.name}: {model.cfg.n_layers} layers, d {model.cfg.d_model}, "
+        f"{model.cfg.n_heads} heads; torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"{os.cpu_count()} CPUs"
+    )
     if not args.skip_time:
         time_part(model, args.lengths, args.repeats)
     if not args.skip_memory:
