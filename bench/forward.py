@@ -54,7 +54,9 @@ def make_batch(model: HookedTransformer, batch: int, seq: int) -> torch.Tensor:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=128)
@@ -96,7 +98,11 @@ def main() -> None:
         ("our forward", ours, f"{theirs / ours:.2f}x transformers' tokens/s"),
         ("hook points compiled out", bypassed, "baseline for hook cost"),
         ("hook points, none attached", ours, f"overhead ratio {ours / bypassed:.3f}"),
-        (f"no-op hook on all {n_hooks} points", attached, f"ratio {attached / ours:.3f} vs none attached"),
+        (
+            f"no-op hook on all {n_hooks} points",
+            attached,
+            f"ratio {attached / ours:.3f} vs none attached",
+        ),
     ]
     print(f"\n{'':38} {'seconds':>8} {'tokens/s':>9}")
     for name, seconds, note in rows:
