@@ -137,3 +137,18 @@ def test_missing_model_error_says_how_to_point_at_a_folder(tmp_path: Path) -> No
         load_model("no-such-model-anywhere")
     with pytest.raises(ModelNotFoundError, match=r"config\.json"):
         load_model(tmp_path)
+
+
+@pytest.mark.parametrize("repo", ["gpt2", "openai-community/gpt2"])
+def test_names_resolve_from_a_local_hf_cache(
+    repo: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    snapshot = tmp_path / "hub" / ("models--" + repo.replace("/", "--")) / "snapshots" / "0123abcd"
+    hf = _hf_model("gpt2")
+    hf.save_pretrained(snapshot)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    model = load_model("gpt2", device="cpu")
+    tokens, mask = _batch()
+    with torch.no_grad():
+        want = hf(input_ids=tokens, attention_mask=mask).logits
+        assert (model(tokens, mask)[mask.bool()] - want[mask.bool()]).abs().max() <= 1e-4
