@@ -52,7 +52,7 @@ def test_probs_loss_is_target_probability_and_effects_are_its_gradients(
     for j, node in enumerate(result.nodes):
         if node.node_type == NodeType.MLP_NEURON and node.layer == 1:
             a = post["blocks.1.mlp.hook_post"][0, node.token, node.component]
-            want = float(a * grad[0, node.token, node.component])
+            want = float(a.detach() * grad[0, node.token, node.component])
             assert abs(total[j] - want) <= 1e-5 * abs(want) + 1e-8
             checked += 1
     assert checked
