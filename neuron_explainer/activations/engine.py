@@ -255,6 +255,7 @@ class Engine:
         if not sub_requests:
             raise RequestError("subRequests", "at least one sub-request is needed")
         rows = [self._prepare(i, r) for i, r in enumerate(sub_requests)]
+        self._check_memory(rows)
         self.last_timings = {}
         clock = time.perf_counter()
         model, cfg, dev = self.model, self.model.cfg, self.model.device
@@ -326,6 +327,28 @@ class Engine:
                 g[i] = grads[row.cut_hook][i]
         state = PassState(model, acts, grads, g if needs_backward else None, [r.cut for r in rows])
         return self._collect(rows, state, logits, [float(d.detach()) for d in directions], lengths)
+
+    def estimated_bytes(self, n_rows: int, n_tokens: int) -> int:
+        """Peak extra memory of a request, fitted to bench/request.py's measurements on SmolLM2
+        (180 MiB, 854 MiB, 3.8 GiB at 64, 256, 1024 tokens) and rounded up: per-token activations
+        and gradients (~12 values per MLP and residual width per layer), plus the attention
+        patterns (~1.5 copies of n²·H per layer)."""
+        cfg = self.model.cfg
+        elem = torch.finfo(self.model.dtype).bits // 8
+        quadratic = 1.5 * n_tokens**2 * cfg.n_heads * cfg.n_layers
+        linear = 12 * n_tokens * (cfg.d_mlp + cfg.d_model) * cfg.n_layers
+        return int(n_rows * (quadratic + linear) * elem)
+
+    def _check_memory(self, rows: list[_Row]) -> None:
+        need = self.estimated_bytes(len(rows), max(len(r.tokens) for r in rows))
+        free = available_memory(self.model.device)
+        if free is not None and need > 0.9 * free:
+            raise PromptTooLongError(
+                "subRequests",
+                f"{len(rows)} prompt(s) of up to {max(len(r.tokens) for r in rows)} tokens would "
+                f"need about {need / 2**30:.1f} GiB; {free / 2**30:.1f} GiB is available on "
+                f"{self.model.device}. Send shorter prompts or fewer sub-requests.",
+            )
 
     def _live_hook_names(self, rows: list[_Row]) -> set[str]:
         """Hook values needed with their graph to compute each row's D."""
@@ -597,6 +620,20 @@ class Engine:
 
 
 # ---- helpers ---------------------------------------------------------------------------------------
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes that can still be allocated on `device` (None where unknown)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def loss_value(

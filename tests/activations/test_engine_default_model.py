@@ -229,3 +229,21 @@ def test_long_prompt_runs_and_decomposes(default_model: HookedTransformer) -> No
         1.0, abs(result.direction_value)
     )
     assert len(result.token_sums["attention_head_attended_to"]["activation"]) == 512
+
+
+def test_a_request_too_large_for_memory_is_refused_before_running(
+    default_model: HookedTransformer,
+) -> None:
+    """Within the context length but far beyond this machine's memory: a clear 413, not an OOM."""
+    from neuron_explainer.activations import PromptTooLongError
+    from neuron_explainer.activations.engine import available_memory
+
+    engine = Engine(default_model)
+    free = available_memory(default_model.device)
+    assert free is not None and engine.estimated_bytes(1, 8000) > free
+    try:
+        engine.run([SubRequest([5] * 8000, target_tokens=[" the"])])
+    except PromptTooLongError as e:
+        assert e.status_code == 413 and "GiB" in e.message and "shorter prompts" in e.message
+    else:
+        raise AssertionError("an 8000-token request should have been refused")
