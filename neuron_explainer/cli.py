@@ -13,7 +13,7 @@ from neuron_explainer.models.registry import DEFAULT_MODEL
 DEMO_PROMPTS = (
     "The capital of France is",
     "When Mary and John went to the store, John gave a drink to",
-    "1, 2, 3, 4, 5,",
+    "The opposite of hot is",
 )
 
 
