@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -57,6 +57,8 @@ class SubRequest:
     token_views: bool = True
     token_view_k: int = 10
     prepend_bos: bool = False
+    # Further (node type, metric) scalars to compute without ranking them (read via `inspect`).
+    extra_scalars: Sequence[tuple[NodeType, str]] = ()
 
 
 @dataclass
@@ -111,8 +113,8 @@ class _Row:
     upstream_token_limit: int  # nodes at later tokens are not upstream of D
 
 
-def _field(index: int, name: str) -> str:
-    return f"subRequests[{index}].{name}"
+def _field(index: int, name: str, prefix: str = "subRequests") -> str:
+    return f"{prefix}[{index}].{name}" if prefix else name
 
 
 class Engine:
@@ -150,7 +152,7 @@ class Engine:
         n_layers = 1 if node.node_type == NodeType.EMBEDDING else cfg.n_layers
         if not 0 <= node.layer < n_layers:
             raise RequestError(
-                f"{fld}.layer", f"layer {node.layer} is out of range [0, {n_layers})"
+                f"{fld}.layerIndex", f"layer {node.layer} is out of range [0, {n_layers})"
             )
         if not 0 <= node.token < n_tokens:
             raise RequestError(
@@ -170,40 +172,52 @@ class Engine:
                     f"attended token {node.attended_token} must be in [0, {node.token}] (causal)",
                 )
 
-    def _prepare(self, index: int, req: SubRequest) -> _Row:
-        cfg = self.model.cfg
+    def prompt_tokens(
+        self, index: int, req: SubRequest, field_prefix: str = "subRequests"
+    ) -> list[int]:
+        """The sub-request's prompt as token ids, validated (empty, too long, unknown ids)."""
+        fld = _field(index, "prompt", field_prefix)
         if isinstance(req.prompt, str):
             if self.model.tokenizer is None:
-                raise RequestError(_field(index, "prompt"), "this model has no tokenizer")
+                raise RequestError(fld, "this model has no tokenizer")
             tokens = self.model.tokenizer.encode(req.prompt)
         else:
-            tokens = [self._token_id(int(t), _field(index, "prompt")) for t in req.prompt]
+            tokens = [self._token_id(int(t), fld) for t in req.prompt]
         if req.prepend_bos:
             if self.model.tokenizer is None or self.model.tokenizer.bos_token_id is None:
-                raise RequestError(_field(index, "prependBos"), "this tokenizer has no BOS token")
+                raise RequestError(
+                    _field(index, "prependBos", field_prefix), "this tokenizer has no BOS token"
+                )
             tokens = [self.model.tokenizer.bos_token_id, *tokens]
         if not tokens:
-            raise RequestError(_field(index, "prompt"), "the prompt is empty")
+            raise RequestError(fld, "the prompt is empty")
         if len(tokens) > self.max_prompt_tokens:
             raise PromptTooLongError(
-                _field(index, "prompt"),
-                f"{len(tokens)} tokens exceed the maximum of {self.max_prompt_tokens}",
+                fld, f"{len(tokens)} tokens exceed the maximum of {self.max_prompt_tokens}"
             )
+        return tokens
+
+    def _prepare(self, index: int, req: SubRequest, prefix: str = "subRequests") -> _Row:
+        cfg = self.model.cfg
+        tokens = self.prompt_tokens(index, req, prefix)
         if req.loss_fn not in LOSS_FNS:
             raise RequestError(
-                _field(index, "lossFn"), f"unknown loss {req.loss_fn!r}; use one of {LOSS_FNS}"
+                _field(index, "lossFn", prefix),
+                f"unknown loss {req.loss_fn!r}; use one of {LOSS_FNS}",
             )
         if req.top_and_bottom_k < 0:
-            raise RequestError(_field(index, "topAndBottomK"), "must be >= 0")
+            raise RequestError(_field(index, "topAndBottomK", prefix), "must be >= 0")
         for m in req.metrics:
             if m not in METRICS:
-                raise RequestError(_field(index, "metrics"), f"unknown metric {m!r}; use {METRICS}")
+                raise RequestError(
+                    _field(index, "metrics", prefix), f"unknown metric {m!r}; use {METRICS}"
+                )
         targets = [
-            self._token_id(t, f"{_field(index, 'targetTokens')}[{i}]")
+            self._token_id(t, f"{_field(index, 'targetTokens', prefix)}[{i}]")
             for i, t in enumerate(req.target_tokens)
         ]
         distractors = [
-            self._token_id(t, f"{_field(index, 'distractorTokens')}[{i}]")
+            self._token_id(t, f"{_field(index, 'distractorTokens', prefix)}[{i}]")
             for i, t in enumerate(req.distractor_tokens)
         ]
         up, down = req.upstream_node_to_trace, req.downstream_node_to_trace
@@ -211,9 +225,13 @@ class Engine:
             up.attention_trace_type == AttentionTraceType.VALUE and down is None
         )
         if req.loss_fn != "zero" and reads_loss and not targets:
-            raise RequestError(_field(index, "targetTokens"), "at least one target token is needed")
+            raise RequestError(
+                _field(index, "targetTokens", prefix), "at least one target token is needed"
+            )
         for i, abl in enumerate(req.node_ablations):
-            self.validate_node(abl.node, len(tokens), f"{_field(index, 'nodeAblations')}[{i}].node")
+            self.validate_node(
+                abl.node, len(tokens), f"{_field(index, 'nodeAblations', prefix)}[{i}].node"
+            )
         cut, cut_hook, limit = (
             2 * cfg.n_layers,
             f"blocks.{cfg.n_layers - 1}.hook_resid_post",
@@ -221,20 +239,20 @@ class Engine:
         )
         if down is not None and (up is None or up.attention_trace_type != AttentionTraceType.VALUE):
             raise RequestError(
-                _field(index, "downstreamNodeToTrace"),
+                _field(index, "downstreamNodeToTrace", prefix),
                 "a downstream node is only used when tracing an attention head through its value",
             )
         for name, trace in (("upstreamNodeToTrace", up), ("downstreamNodeToTrace", down)):
             if trace is None:
                 continue
-            self._validate_trace(trace, len(tokens), _field(index, name))
+            self._validate_trace(trace, len(tokens), _field(index, name, prefix))
         if up is not None:
             cut, cut_hook = _trace_cut(up, cfg.n_layers)
             node = up.node
             limit = node.token + 1
             if down is not None and down.node.write_position <= up.node.write_position:
                 raise RequestError(
-                    _field(index, "downstreamNodeToTrace"),
+                    _field(index, "downstreamNodeToTrace", prefix),
                     "the downstream node must be in a later layer than the traced head",
                 )
         return _Row(req, tokens, targets, distractors, cut, cut_hook, limit)
@@ -251,10 +269,25 @@ class Engine:
 
     # ---- the pass ------------------------------------------------------------------------------
 
-    def run(self, sub_requests: Sequence[SubRequest]) -> list[SubResult]:
+    def run(
+        self,
+        sub_requests: Sequence[SubRequest],
+        groups: Sequence[int] | None = None,
+        inspect: Callable[[PassState], None] | None = None,
+        field_prefix: str = "subRequests",
+    ) -> list[SubResult]:
+        """Run the sub-requests in one batch.
+
+        `groups` (one id per sub-request) keeps independent requests apart in a merged batch: the
+        node table is the union of selected nodes within a group only, so each group's results
+        equal those of running it alone. `inspect` is called with the pass state before it is
+        dropped, for callers that read further derived scalars or token views.
+        """
         if not sub_requests:
             raise RequestError("subRequests", "at least one sub-request is needed")
-        rows = [self._prepare(i, r) for i, r in enumerate(sub_requests)]
+        if groups is not None and len(groups) != len(sub_requests):
+            raise ValueError("groups needs one id per sub-request")
+        rows = [self._prepare(i, r, field_prefix) for i, r in enumerate(sub_requests)]
         self._check_memory(rows)
         self.last_timings = {}
         clock = time.perf_counter()
@@ -273,6 +306,7 @@ class Engine:
             for t in {t for r in rows for t in r.request.node_types}
             for m in {m for r in rows for m in r.request.metrics}
         ]
+        scalars += [REGISTRY[key] for r in rows for key in r.request.extra_scalars]
         act_names: set[str] = {"hook_embed"}
         grad_names: set[str] = (
             {"hook_embed"} | {r.cut_hook for r in rows} if needs_backward else set()
@@ -303,7 +337,7 @@ class Engine:
         def record_grad(g: torch.Tensor, hook: HookPoint) -> None:
             grads[hook.name] = g.detach()
 
-        fwd = self._ablation_hooks(rows) + self._norm_hooks(rows)
+        fwd = self.ablation_hooks([r.request.node_ablations for r in rows]) + self._norm_hooks(rows)
         fwd += [(n, record) for n in sorted(act_names | live_names)]
         bwd: list[tuple[NameFilter, BackwardHookFn]] = [
             (n, record_grad) for n in sorted(grad_names)
@@ -326,7 +360,13 @@ class Engine:
             if row.cut_hook in grads:
                 g[i] = grads[row.cut_hook][i]
         state = PassState(model, acts, grads, g if needs_backward else None, [r.cut for r in rows])
-        return self._collect(rows, state, logits, [float(d.detach()) for d in directions], lengths)
+        row_groups = list(groups) if groups is not None else [0] * len(rows)
+        results = self._collect(
+            rows, state, logits, [float(d.detach()) for d in directions], lengths, row_groups
+        )
+        if inspect is not None:
+            inspect(state)
+        return results
 
     def estimated_bytes(self, n_rows: int, n_tokens: int) -> int:
         """Peak extra memory of a request, fitted to bench/request.py's measurements on SmolLM2
@@ -377,10 +417,13 @@ class Engine:
                 names.add(f"blocks.{self.model.cfg.n_layers - 1}.hook_resid_post")
         return names
 
-    def _ablation_hooks(self, rows: list[_Row]) -> list[tuple[NameFilter, ForwardHookFn]]:
+    def ablation_hooks(
+        self, ablations_by_row: Sequence[Sequence[NodeAblation]]
+    ) -> list[tuple[NameFilter, ForwardHookFn]]:
+        """Forward hooks applying each batch row's node ablations (validated beforehand)."""
         by_hook: dict[str, list[tuple[int, NodeAblation]]] = {}
-        for i, row in enumerate(rows):
-            for abl in row.request.node_ablations:
+        for i, ablations in enumerate(ablations_by_row):
+            for abl in ablations:
                 n = abl.node
                 if n.node_type == NodeType.MLP_NEURON:
                     name = f"blocks.{n.layer}.mlp.hook_post"
@@ -468,6 +511,7 @@ class Engine:
         logits: torch.Tensor,
         directions: list[float],
         lengths: list[int],
+        row_groups: list[int],
     ) -> list[SubResult]:
         cfg, model = self.model.cfg, self.model
         clock = time.perf_counter()
@@ -475,7 +519,7 @@ class Engine:
         sum_dtype = torch.promote_types(model.dtype, torch.float32)  # bf16 models sum in fp32
         node_types = [t for t in NODE_TYPES if any(t in r.request.node_types for r in rows)]
         metrics = [m for m in METRICS if any(m in r.request.metrics for r in rows)]
-        selected: set[NodeIndex] = set()
+        selected: dict[int, set[NodeIndex]] = {g: set() for g in row_groups}
         token_sums: list[dict[str, dict[str, list[float]]]] = [{} for _ in rows]
         kept: dict[tuple[NodeType, str, int], torch.Tensor] = {}
         budget = 256 * 2**20  # bytes of per-layer metric tensors kept for the second pass
@@ -527,46 +571,42 @@ class Engine:
                         token_sums[i].setdefault(key, {})[metric] = sums[i, 0].tolist()
                     if cand[i]:
                         t = min(len(row.tokens), row.upstream_token_limit)
-                        selected |= _select(
+                        selected[row_groups[i]] |= _select(
                             cand[i], row.request.top_and_bottom_k, node_type, t, cfg
                         )
-        nodes = sorted(selected, key=_node_sort_key)
+        nodes_of = {g: sorted(sel, key=_node_sort_key) for g, sel in selected.items()}
         self.last_timings["metrics"] = time.perf_counter() - clock
         clock = time.perf_counter()
 
-        # Every metric for every selected node, in every row (None where the node is not in it).
+        # Every metric for every selected node of the group, in every row of it (None where the
+        # node is not in that row's prompt). One layer's values are held at a time.
         values_by_row: list[dict[str, list[float | None]]] = [
-            {m: [] for m in metrics} for _ in rows
+            {m: [None] * len(nodes_of[row_groups[i]]) for m in metrics} for i in range(len(rows))
         ]
+        by_layer: dict[tuple[NodeType, int], list[tuple[int, int, NodeIndex]]] = {}
+        for i in range(len(rows)):
+            for j, node in enumerate(nodes_of[row_groups[i]]):
+                if node.token < lengths[i]:
+                    by_layer.setdefault((node.node_type, node.layer), []).append((i, j, node))
         for metric in metrics:
-            per_node: list[list[float | None]] = [[None] * len(nodes) for _ in rows]
-            groups: dict[tuple[NodeType, int], list[int]] = {}
-            for j, node in enumerate(nodes):
-                groups.setdefault((node.node_type, node.layer), []).append(j)
-            for (node_type, layer), idxs in groups.items():
-                kept_values = kept.get((node_type, metric, layer))
-                if kept_values is None:
-                    kept_values = REGISTRY[(node_type, metric)].fn(state, layer)
-                values = kept_values
-                for i, length in enumerate(lengths):
-                    for j in idxs:
-                        node = nodes[j]
-                        if node.token >= length:
-                            continue
-                        if node_type == NodeType.ATTENTION_HEAD:
-                            per_node[i][j] = float(
-                                values[i, node.component, node.token, node.attended_token]
-                            )
-                        else:
-                            per_node[i][j] = float(values[i, node.token, node.component])
-            for i in range(len(rows)):
-                values_by_row[i][metric] = per_node[i]
+            for (node_type, layer), items in by_layer.items():
+                cached = kept.get((node_type, metric, layer))
+                values = (
+                    cached if cached is not None else REGISTRY[(node_type, metric)].fn(state, layer)
+                )
+                for i, j, node in items:
+                    if node_type == NodeType.ATTENTION_HEAD:
+                        value = values[i, node.component, node.token, node.attended_token]
+                    else:
+                        value = values[i, node.token, node.component]
+                    values_by_row[i][metric][j] = float(value)
 
         self.last_timings["gather"] = time.perf_counter() - clock
         clock = time.perf_counter()
         tok = model.tokenizer
         results = []
         for i, row in enumerate(rows):
+            nodes = nodes_of[row_groups[i]]
             views: dict[NodeIndex, NodeTokenViews] = {}
             if row.request.token_views and nodes:
                 views = token_views.node_token_views(

@@ -817,7 +817,7 @@ ERRORS: dict[str, tuple[Callable[[Case], dict[str, object]], str]] = {
     ),
     "layer_out_of_range": (
         lambda c: {"node_ablations": [NodeAblation(NodeIndex(MLP, c.model.cfg.n_layers, 0))]},
-        f"{ABLATION}.layer",
+        f"{ABLATION}.layerIndex",
     ),
     "token_out_of_range": (
         lambda c: {"node_ablations": [NodeAblation(NodeIndex(MLP, 0, len(c.main.tokens)))]},
@@ -829,7 +829,7 @@ ERRORS: dict[str, tuple[Callable[[Case], dict[str, object]], str]] = {
     ),
     "trace_layer_out_of_range": (
         lambda c: {"upstream_node_to_trace": NodeToTrace(NodeIndex(MLP, c.model.cfg.n_layers, 0))},
-        "subRequests[1].upstreamNodeToTrace.node.layer",
+        "subRequests[1].upstreamNodeToTrace.node.layerIndex",
     ),
     "unknown_loss": (lambda c: {"loss_fn": "cross_entropy"}, "subRequests[1].lossFn"),
 }
