@@ -1,5 +1,5 @@
-"""The activation server: a FastAPI app exposing the library over HTTP (not built yet).
+"""The activation server: a FastAPI app exposing the library over HTTP (api.md).
 
-The routes, schemas and error contract follow ../shared/spec/api.md; until they land, the library
-API in `neuron_explainer.activations` is the way to run debugger requests.
+`create_app(model)` builds the app; `python -m activation_server` / `tdb serve` start it;
+`activation_server.client` is a small client for scripts.
 """

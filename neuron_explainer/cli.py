@@ -87,9 +87,21 @@ def cmd_export_hf(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from activation_server.main import serve
+
+    return serve(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tdb", description="Transformer debugger")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="start the activation server (the REST API and the UI)")
+    from activation_server.main import add_serve_args
+
+    add_serve_args(p)
+    p.set_defaults(fn=cmd_serve)
 
     p = sub.add_parser("demo", help="load the default model and show its top next tokens")
     _add_model_args(p)

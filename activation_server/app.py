@@ -1,0 +1,95 @@
+"""The FastAPI app factory: `create_app(model)` wires state, routers, errors, CORS and the UI."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import HTMLResponse
+from fastapi.staticfiles import StaticFiles
+
+from activation_server import schemas as s
+from activation_server.errors import RequestIdMiddleware, install_error_handlers
+from activation_server.routes import inference
+from activation_server.state import ServerState, Settings, server_state
+from activation_server.worker import ModelWorker
+from neuron_explainer.activations import Engine
+from neuron_explainer.models import HookedTransformer
+
+log = logging.getLogger("activation_server")
+DEFAULT_UI_DIR = Path(__file__).resolve().parent.parent / "neuron_viewer" / "dist"
+
+ops = APIRouter(tags=["operations"])
+
+
+@ops.get("/health", response_model=s.HealthResponse)
+async def health(request: Request) -> s.HealthResponse:
+    """Liveness; says whether a model is loaded and how many requests wait for it."""
+    state = server_state(request)
+    return s.HealthResponse(
+        model_loaded=state.model is not None,
+        model_name=state.model.cfg.name if state.model is not None else None,
+        queued_requests=state.worker.queued if state.worker is not None else 0,
+        batches_run=state.worker.batches_run if state.worker is not None else 0,
+        requests_merged=state.worker.requests_merged if state.worker is not None else 0,
+    )
+
+
+def create_app(model: HookedTransformer | None, settings: Settings | None = None) -> FastAPI:
+    """An app serving `model` (None: a read-only server, inference endpoints answer 503)."""
+    settings = settings or Settings()
+    state = ServerState(settings=settings, model=model)
+    if model is not None:
+        state.engine = Engine(model, settings.max_prompt_tokens)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if state.engine is not None:
+            state.worker = ModelWorker(state.engine, settings.max_merged_rows)
+            state.worker.start()
+        yield
+        if state.worker is not None:
+            await state.worker.stop()
+
+    app = FastAPI(
+        title="Transformer debugger activation server",
+        version="0.1.0",
+        summary="Activations, ablations, upstream traces and derived scalars of a transformer.",
+        lifespan=lifespan,
+    )
+    app.state.tdb = state
+    install_error_handlers(app)
+    app.include_router(inference.router)
+    app.include_router(ops)
+    # Order matters: the last added middleware is the outermost. CORS wraps the request-id
+    # middleware, so the contract's 500 responses get CORS headers too.
+    app.add_middleware(RequestIdMiddleware)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["*"],
+            expose_headers=["x-request-id"],
+        )
+    _mount_ui(app, Path(settings.ui_dir) if settings.ui_dir else DEFAULT_UI_DIR)
+    return app
+
+
+def _mount_ui(app: FastAPI, ui_dir: Path) -> None:
+    if (ui_dir / "index.html").is_file():
+        app.mount("/", StaticFiles(directory=ui_dir, html=True), name="ui")
+        return
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def no_ui() -> str:
+        return (
+            "<!doctype html><title>Transformer debugger</title>"
+            "<p>The activation server is running, but the UI is not built "
+            f"(no {ui_dir}/index.html). Build it with <code>make ui</code>, "
+            "or use the API: <a href='/docs'>/docs</a>, <a href='/openapi.json'>/openapi.json</a>."
+        )

@@ -1,0 +1,181 @@
+"""The error contract (api.md): every error is JSON `{message, detail, requestId}`.
+
+- invalid input: 4xx with a message naming the field (422 for schema violations and malformed
+  JSON, 400 for values the engine rejects, 413 for prompts over the maximum);
+- inference without a model: 503 saying how to start one;
+- anything unexpected: 500 with a generic message; the traceback goes to the server log under the
+  request id the response carries, never to the client.
+
+The request-id middleware sits inside the CORS middleware, so error responses carry the same CORS
+headers as successful ones and the UI can show the server's message.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from neuron_explainer.activations import RequestError
+
+log = logging.getLogger("activation_server")
+REQUEST_ID_HEADER = "x-request-id"
+
+
+class NoModelError(Exception):
+    """An inference endpoint was called on a server started without a model."""
+
+
+class NotFoundError(LookupError):
+    """A dataset, component or record that does not exist (404)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+NO_MODEL_MESSAGE = (
+    "this server was started without a model (--no-model); inference endpoints need one: "
+    "start it with `tdb serve --model smollm2-135m` (or a Hugging Face folder / .gguf path)"
+)
+
+
+def error_response(
+    status: int,
+    message: str,
+    request_id: str,
+    detail: Any = None,
+    headers: dict[str, str] | None = None,
+) -> Response:
+    body = {"message": message, "detail": detail, "requestId": request_id}
+    return Response(
+        orjson.dumps(body), status_code=status, media_type="application/json", headers=headers
+    )
+
+
+def request_id(request: Request) -> str:
+    return str(getattr(request.state, "request_id", "") or "")
+
+
+def field_path(loc: Sequence[int | str]) -> str:
+    """("body", "subRequests", 0, "prompt") -> "subRequests[0].prompt"."""
+    out = ""
+    parts = list(loc)
+    if parts and parts[0] in ("body", "query", "path"):
+        parts = parts[1:]
+    for p in parts:
+        if isinstance(p, int):
+            out += f"[{p}]"
+        elif p.startswith(
+            ("function-", "list[", "str", "int", "union[", "literal[", "constrained-")
+        ):
+            continue  # pydantic's union-member tags say nothing to a user
+        else:
+            out += f".{p}" if out else p
+    return out
+
+
+def _validation_message(errors: Sequence[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
+    detail = [
+        {"field": field_path(e.get("loc", ())), "message": e.get("msg", ""), "type": e.get("type")}
+        for e in errors
+    ]
+    if any(e.get("type") == "json_invalid" for e in errors):
+        err = next(e for e in errors if e.get("type") == "json_invalid")
+        reason = (err.get("ctx") or {}).get("error", "")
+        loc = err.get("loc", ())
+        at = f" at character {loc[-1]}" if loc and isinstance(loc[-1], int) else ""
+        message = f"malformed JSON in the request body{at}: {reason}".rstrip(": ")
+        return message, [{"field": "body", "message": message, "type": "json_invalid"}]
+    first = detail[0] if detail else {"field": "", "message": "invalid request"}
+    more = f" (and {len(detail) - 1} more)" if len(detail) > 1 else ""
+    where = f"{first['field']}: " if first["field"] else "request body: "
+    return f"{where}{first['message']}{more}", detail
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def on_validation(request: Request, exc: RequestValidationError) -> Response:
+        message, detail = _validation_message(list(exc.errors()))
+        return error_response(422, message, request_id(request), detail)
+
+    @app.exception_handler(RequestError)
+    async def on_request_error(request: Request, exc: RequestError) -> Response:
+        return error_response(
+            exc.status_code,
+            f"{exc.field}: {exc.message}",
+            request_id(request),
+            {"field": exc.field},
+        )
+
+    @app.exception_handler(NotFoundError)
+    async def on_not_found(request: Request, exc: NotFoundError) -> Response:
+        return error_response(
+            404, f"{exc.field}: {exc.message}", request_id(request), {"field": exc.field}
+        )
+
+    @app.exception_handler(NoModelError)
+    async def on_no_model(request: Request, exc: NoModelError) -> Response:
+        return error_response(503, NO_MODEL_MESSAGE, request_id(request))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http(request: Request, exc: StarletteHTTPException) -> Response:
+        message = exc.detail if isinstance(exc.detail, str) else "error"
+        if exc.status_code == 404 and message == "Not Found":
+            message = f"no such endpoint: {request.method} {request.url.path}"
+        elif exc.status_code == 405:
+            message = f"{request.method} is not allowed on {request.url.path}"
+        return error_response(
+            exc.status_code, message, request_id(request), headers=getattr(exc, "headers", None)
+        )
+
+
+class RequestIdMiddleware:
+    """Gives every request an id (echoed in `x-request-id`) and turns any unhandled exception into
+    the contract's 500 body, logging the traceback under that id."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        rid = uuid.uuid4().hex[:12]
+        scope.setdefault("state", {})["request_id"] = rid
+        started = False
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                message.setdefault("headers", [])
+                message["headers"] = [
+                    *message["headers"],
+                    (REQUEST_ID_HEADER.encode(), rid.encode()),
+                ]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception:
+            log.exception(
+                "request %s %s failed (request id %s)", scope.get("method"), scope.get("path"), rid
+            )
+            if started:
+                raise
+            response = error_response(
+                500,
+                f"internal server error; the server log has the details under request id {rid}",
+                rid,
+            )
+            await response(scope, receive, send_with_id)

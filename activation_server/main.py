@@ -1,0 +1,99 @@
+"""Start-up: `python -m activation_server` and `tdb serve` (same flags)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Sequence
+
+from neuron_explainer.models.registry import DEFAULT_MODEL
+
+
+def add_serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="interface to bind (default 127.0.0.1: this machine only; 0.0.0.0 exposes it)",
+    )
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--model", default=DEFAULT_MODEL, help="registry name, Hugging Face folder or .gguf file"
+    )
+    p.add_argument(
+        "--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if present)"
+    )
+    p.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16")
+    p.add_argument(
+        "--no-model",
+        action="store_true",
+        help="serve without a model (read-only dataset viewer; inference endpoints answer 503)",
+    )
+    p.add_argument(
+        "--max-prompt-tokens",
+        type=int,
+        default=None,
+        help="longest prompt accepted (default: the model's context length)",
+    )
+    p.add_argument(
+        "--cors-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="allow browser pages from this origin (repeatable), e.g. http://localhost:5173",
+    )
+    p.add_argument(
+        "--max-merged-rows",
+        type=int,
+        default=16,
+        help="concurrent debugger requests waiting together are merged into one batch of at most "
+        "this many rows (1: no merging)",
+    )
+    p.add_argument("--ui-dir", default=None, help="built UI files (default neuron_viewer/dist)")
+    p.add_argument("--log-level", default="info")
+
+
+def serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from activation_server.app import create_app
+    from activation_server.state import Settings
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    model = None
+    if not args.no_model:
+        from neuron_explainer.models import load_model
+
+        start = time.perf_counter()
+        model = load_model(args.model, device=args.device, dtype=args.dtype)
+        print(
+            f"loaded {model.cfg.name} ({model.device}, {model.dtype}) in "
+            f"{time.perf_counter() - start:.1f}s",
+            file=sys.stderr,
+        )
+    settings = Settings(
+        max_prompt_tokens=args.max_prompt_tokens,
+        cors_origins=list(args.cors_origin),
+        max_merged_rows=args.max_merged_rows,
+        ui_dir=args.ui_dir,
+    )
+    app = create_app(model, settings)
+    print(f"serving on http://{args.host}:{args.port}", file=sys.stderr, flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower())
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m activation_server", description="The transformer debugger's HTTP API"
+    )
+    add_serve_args(parser)
+    args = parser.parse_args(argv)
+    from neuron_explainer.models import ModelNotFoundError, TokenizerError
+
+    try:
+        return serve(args)
+    except (ModelNotFoundError, TokenizerError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

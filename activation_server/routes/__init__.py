@@ -1,0 +1,1 @@
+"""Routers per domain: inference (needs a model), operations; reads and explanations later."""

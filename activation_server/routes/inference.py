@@ -1,0 +1,254 @@
+"""Endpoints that run the model. Thin: validate, convert, queue on the worker, convert back."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Request
+
+from activation_server import convert
+from activation_server import schemas as s
+from activation_server.state import model_worker, server_state
+from activation_server.worker import ModelWorker
+from neuron_explainer.activations import NodeAblation, NodeType, RequestError, SubRequest
+from neuron_explainer.activations.processing import (
+    BatchedRow,
+    component_values,
+    generate,
+    run_batched,
+)
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": s.ErrorResponse, "description": text}
+    for code, text in (
+        (400, "a value the model rejects (named in the message)"),
+        (413, "a prompt over the maximum length, or a request too large for memory"),
+        (422, "a field missing, of the wrong type or unknown; malformed JSON"),
+        (503, "no model loaded (a --no-model server)"),
+    )
+}
+router = APIRouter(tags=["inference"], responses=ERRORS)
+Worker = Annotated[ModelWorker, Depends(model_worker)]
+
+
+@router.post("/batched_tdb", response_model=s.BatchedTdbResponse)
+async def batched_tdb(body: s.BatchedTdbRequest, worker: Worker) -> s.BatchedTdbResponse:
+    """The debugger's main call: one forward and one backward over all sub-requests (for
+    example left prompt, right prompt and an unablated baseline)."""
+    subs = [convert.sub_request(r, f"subRequests[{i}]") for i, r in enumerate(body.sub_requests)]
+    results, timings = await worker.run_tdb(subs)
+    return s.BatchedTdbResponse(
+        sub_responses=[convert.tdb_response(r) for r in results], timings=timings
+    )
+
+
+@router.post("/batched", response_model=s.BatchedResponse)
+async def batched(body: s.BatchedRequest, worker: Worker) -> s.BatchedResponse:
+    """The general form: per sub-request an inference spec and named processing specs
+    (derived scalars, top-k, scored tokens, token-pair attribution) answered from one pass."""
+    rows = []
+    for i, sub in enumerate(body.sub_requests):
+        fld = f"subRequests[{i}]"
+        request = convert.sub_request(sub.inference_request_spec, f"{fld}.inferenceRequestSpec")
+        queries = {
+            name: convert.query(spec, f"{fld}.processingRequestSpecByName.{name}")
+            for name, spec in sub.processing_request_spec_by_name.items()
+        }
+        rows.append(BatchedRow(request, queries))
+    engine = worker.engine
+    answered = await worker.call(lambda: run_batched(engine, rows))
+    out = []
+    for sub, (result, answers) in zip(body.sub_requests, answered, strict=True):
+        out.append(
+            s.BatchedSubResponse(
+                token_ids=result.tokens,
+                token_strings=result.token_strings,
+                direction_value=result.direction_value,
+                processing_results_by_name={
+                    name: convert.query_result(spec, answers[name])
+                    for name, spec in sub.processing_request_spec_by_name.items()
+                },
+            )
+        )
+    return s.BatchedResponse(sub_responses=out)
+
+
+def _component_request(
+    prompt: str | list[int],
+    targets: list[str | int],
+    distractors: list[str | int],
+    prepend_bos: bool,
+) -> SubRequest:
+    return SubRequest(
+        prompt=prompt,
+        target_tokens=targets,
+        distractor_tokens=distractors,
+        prepend_bos=prepend_bos,
+        token_views=False,
+        top_and_bottom_k=0,
+    )
+
+
+def _dataset_max(
+    request: Request, body: s.DerivedScalarsRequest | s.DerivedAttentionScalarsRequest
+) -> float | None:
+    if not body.normalize_by_dataset_max:
+        return None
+    lookup = getattr(request.app.state, "dataset_max", None)
+    if lookup is None:
+        raise RequestError(
+            "normalizeByDatasetMax",
+            "this server has no collated datasets to normalize by; build one with `tdb collate`",
+        )
+    value: float = lookup(body)
+    return value
+
+
+@router.post("/derived_scalars", response_model=s.DerivedScalarsResponse)
+async def derived_scalars(
+    body: s.DerivedScalarsRequest, worker: Worker, request: Request
+) -> s.DerivedScalarsResponse:
+    """One component's metric at every token of a prompt, optionally normalized by the max
+    activation in its collated dataset (to colour a custom prompt like the dataset examples)."""
+    dataset_max = _dataset_max(request, body)
+    sub = _component_request(
+        body.prompt, list(body.target_tokens), list(body.distractor_tokens), body.prepend_bos
+    )
+    engine = worker.engine
+    result, values = await worker.call(
+        lambda: component_values(
+            engine,
+            sub,
+            NodeType(body.node_type),
+            body.layer_index,
+            body.component_index,
+            body.metric,
+        )
+    )
+    flat = [float(v) for v in values]  # type: ignore[arg-type]
+    return s.DerivedScalarsResponse(
+        token_ids=result.tokens,
+        token_strings=result.token_strings,
+        values=flat,
+        normalized_values=[v / dataset_max for v in flat] if dataset_max else None,
+        dataset_max=dataset_max,
+    )
+
+
+@router.post("/derived_attention_scalars", response_model=s.DerivedAttentionScalarsResponse)
+async def derived_attention_scalars(
+    body: s.DerivedAttentionScalarsRequest, worker: Worker, request: Request
+) -> s.DerivedAttentionScalarsResponse:
+    """One attention head's metric for every token pair (q, k <= q) of a prompt."""
+    dataset_max = _dataset_max(request, body)
+    sub = _component_request(
+        body.prompt, list(body.target_tokens), list(body.distractor_tokens), body.prepend_bos
+    )
+    engine = worker.engine
+    result, values = await worker.call(
+        lambda: component_values(
+            engine, sub, NodeType.ATTENTION_HEAD, body.layer_index, body.head_index, body.metric
+        )
+    )
+    rows: list[list[float]] = values  # type: ignore[assignment]
+    n = len(rows)
+    total_in = [sum(rows[q][k] for q in range(k, n)) for k in range(n)]
+    max_in = [max(rows[q][k] for q in range(k, n)) for k in range(n)]
+    return s.DerivedAttentionScalarsResponse(
+        token_ids=result.tokens,
+        token_strings=result.token_strings,
+        values=rows,
+        normalized_values=[[v / dataset_max for v in r] for r in rows] if dataset_max else None,
+        dataset_max=dataset_max,
+        total_in=total_in,
+        max_in=max_in,
+        total_out=[sum(r) for r in rows],
+        max_out=[max(r) for r in rows],
+    )
+
+
+@router.post("/tokenize", response_model=s.TokenizeResponse)
+async def tokenize(body: s.TokenizeRequest, request: Request) -> s.TokenizeResponse:
+    """Text to tokens with display strings (the prompt editor's live tokenization)."""
+    state = server_state(request)
+    if state.model is None:
+        model_worker(request)  # raises the 503
+    assert state.model is not None
+    tok = state.model.tokenizer
+    if tok is None:
+        raise RequestError("text", "this model has no tokenizer")
+    ids = tok.encode(body.text)
+    if body.prepend_bos:
+        if tok.bos_token_id is None:
+            raise RequestError("prependBos", "this tokenizer has no BOS token")
+        ids = [tok.bos_token_id, *ids]
+    return s.TokenizeResponse(token_ids=ids, token_strings=tok.display_tokens(ids))
+
+
+@router.post("/generate", response_model=s.GenerateResponse)
+async def generate_text(body: s.GenerateRequest, worker: Worker) -> s.GenerateResponse:
+    """Greedy or sampled continuation, optionally with node ablations held on every step."""
+    ablations = [
+        NodeAblation(convert.node_index(a.node, f"nodeAblations[{i}].node"), a.value)
+        for i, a in enumerate(body.node_ablations)
+    ]
+    engine = worker.engine
+    new = await worker.call(
+        lambda: generate(
+            engine,
+            body.prompt,
+            max_new_tokens=body.max_new_tokens,
+            temperature=body.temperature,
+            top_k=body.top_k,
+            top_p=body.top_p,
+            seed=body.seed,
+            node_ablations=ablations,
+            prepend_bos=body.prepend_bos,
+        )
+    )
+    tok = engine.model.tokenizer
+    return s.GenerateResponse(
+        completion=tok.decode(new) if tok else "",
+        token_ids=new,
+        token_strings=tok.display_tokens(new) if tok else [str(t) for t in new],
+    )
+
+
+def model_info(request: Request) -> s.ModelInfo:
+    state = server_state(request)
+    if state.model is None or state.engine is None:
+        model_worker(request)  # raises the 503
+    assert state.model is not None and state.engine is not None
+    cfg, tok = state.model.cfg, state.model.tokenizer
+    return s.ModelInfo(
+        name=cfg.name,
+        architecture=cfg.architecture,
+        n_layers=cfg.n_layers,
+        n_heads=cfg.n_heads,
+        n_kv_heads=cfg.n_kv_heads,
+        d_model=cfg.d_model,
+        d_head=cfg.d_head,
+        d_mlp=cfg.d_mlp,
+        vocab_size=cfg.vocab_size,
+        n_ctx=cfg.n_ctx,
+        max_prompt_tokens=state.engine.max_prompt_tokens,
+        device=str(state.model.device),
+        dtype=str(state.model.dtype).removeprefix("torch."),
+        node_types=[t.value for t in NodeType],
+        autoencoders=[],
+        bos_token=tok.token_display(tok.bos_token_id)
+        if tok is not None and tok.bos_token_id is not None
+        else None,
+    )
+
+
+@router.get("/model_info", response_model=s.ModelInfo)
+async def get_model_info(request: Request) -> s.ModelInfo:
+    """The loaded model: name, sizes, device and dtype, loaded autoencoders."""
+    return model_info(request)
+
+
+@router.post("/model_info", response_model=s.ModelInfo)
+async def post_model_info(request: Request) -> s.ModelInfo:
+    """The same as GET (TDB's clients POST it)."""
+    return model_info(request)

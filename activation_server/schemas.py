@@ -1,0 +1,358 @@
+"""Request and response schemas of the HTTP API (api.md), in one module.
+
+camelCase on the wire; requests also accept snake_case. Unknown fields are rejected (a typo in a
+field name is an error naming it, not a silently ignored option). The UI's TypeScript types are
+generated from the OpenAPI document these produce.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+NodeTypeName = Literal["embedding", "mlp_neuron", "attention_head", "autoencoder_latent"]
+MetricName = Literal["activation", "write_magnitude", "direct_effect", "estimated_total_effect"]
+LossFnName = Literal["logit_diff", "logit_minus_mean", "probs", "zero"]
+AttentionTraceTypeName = Literal["query", "key", "query_and_key", "value"]
+TokenList = list[Annotated[str, Field(min_length=1)] | Annotated[int, Field(ge=0)]]
+Prompt = (
+    Annotated[str, Field(min_length=1)]
+    | Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+)
+
+
+class Schema(BaseModel):
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        serialize_by_alias=True,
+    )
+
+
+class ResponseSchema(Schema):
+    """Responses ignore unknown fields when parsed (a client keeps working with a newer server)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+
+# ---- nodes -------------------------------------------------------------------------------------
+
+
+class NodeIndexModel(Schema):
+    """A node: (node type, layer, token, [attended-to token], component)."""
+
+    node_type: NodeTypeName
+    layer_index: int = Field(0, ge=0, description="0 for embeddings")
+    token_index: int = Field(ge=0)
+    component_index: int = Field(0, ge=0, description="neuron, head or latent index")
+    attended_token_index: int | None = Field(
+        None, ge=0, description="attention head pairs only: the key token"
+    )
+
+
+class NodeAblationModel(Schema):
+    node: NodeIndexModel
+    value: float = Field(0.0, description="the activation to set (0 removes the node's write)")
+
+
+class NodeToTraceModel(Schema):
+    node: NodeIndexModel
+    attention_trace_type: AttentionTraceTypeName | None = Field(
+        None, description="required for attention heads: through query, key, both, or value"
+    )
+
+
+class ScoredTokenModel(ResponseSchema):
+    token: int
+    text: str
+    score: float = Field(description="logit, or the node's contribution in token space")
+    probability: float | None = None
+
+
+class NodeTokenViewsModel(ResponseSchema):
+    upvoted_output_tokens: list[ScoredTokenModel]
+    downvoted_output_tokens: list[ScoredTokenModel]
+    upvoting_input_tokens: list[ScoredTokenModel] = Field(
+        description="neurons: input tokens that upvote the pre-activation; heads: query side"
+    )
+    downvoting_input_tokens: list[ScoredTokenModel]
+    upvoting_key_tokens: list[ScoredTokenModel] = Field(description="heads only: the key side")
+    downvoting_key_tokens: list[ScoredTokenModel]
+
+
+# ---- /batched_tdb ------------------------------------------------------------------------------
+
+
+class InferenceRequestSpec(Schema):
+    """What one forward/backward row computes: the prompt, `D`, ablations and the trace."""
+
+    prompt: Prompt = Field(description="text, or token ids")
+    target_tokens: TokenList = Field(default_factory=list)
+    distractor_tokens: TokenList = Field(default_factory=list)
+    loss_fn: LossFnName = "logit_diff"
+    node_ablations: list[NodeAblationModel] = Field(default_factory=list)
+    upstream_node_to_trace: NodeToTraceModel | None = None
+    downstream_node_to_trace: NodeToTraceModel | None = None
+    prepend_bos: bool = False
+
+
+class TdbSubRequest(InferenceRequestSpec):
+    component_type_for_mlp: Literal["neuron", "autoencoder_latent"] = "neuron"
+    component_type_for_attention: Literal["attention_head", "autoencoder_latent"] = "attention_head"
+    top_and_bottom_k_for_node_table: int = Field(10, ge=0, le=1000)
+    token_view_k: int = Field(10, ge=0, le=200)
+    token_views: bool = Field(True, description="compute token-space views of the table's nodes")
+
+
+class BatchedTdbRequest(Schema):
+    sub_requests: list[TdbSubRequest] = Field(min_length=1, max_length=64)
+
+
+class NodeRow(ResponseSchema):
+    """One node of the table, every metric (null where the node is not in this prompt)."""
+
+    node: NodeIndexModel
+    activation: float | None = None
+    write_magnitude: float | None = None
+    direct_effect: float | None = None
+    estimated_total_effect: float | None = None
+    token_views: NodeTokenViewsModel | None = None
+
+
+class TokenSums(ResponseSchema):
+    """Per-token sums of each metric for one node type (token-effect heat maps)."""
+
+    activation: list[float] | None = None
+    write_magnitude: list[float] | None = None
+    direct_effect: list[float] | None = None
+    estimated_total_effect: list[float] | None = None
+
+
+class TdbSubResponse(ResponseSchema):
+    token_ids: list[int]
+    token_strings: list[str]
+    read_position: int = Field(description="the token where D is read")
+    direction_value: float = Field(description="D: the loss, or the traced pre-activation")
+    bias_direct_effect: float = Field(description="the part of D written by layer biases")
+    trace_description: str | None = None
+    node_table: list[NodeRow]
+    token_sums: dict[str, TokenSums] = Field(
+        description="keys: embedding, mlp_neuron, attention_head_attended_from, "
+        "attention_head_attended_to"
+    )
+    top_output_tokens: list[ScoredTokenModel]
+    bottom_output_tokens: list[ScoredTokenModel]
+    target_tokens: list[ScoredTokenModel]
+    distractor_tokens: list[ScoredTokenModel]
+
+
+class BatchedTdbResponse(ResponseSchema):
+    sub_responses: list[TdbSubResponse]
+    timings: dict[str, float] = Field(default_factory=dict, description="seconds per phase")
+
+
+# ---- /batched ----------------------------------------------------------------------------------
+
+
+class DerivedScalarsSpec(Schema):
+    """Every value of one derived scalar in one layer: [token][component], or for attention
+    heads [component][query token][key token] (keys after the query are 0)."""
+
+    spec_type: Literal["derived_scalars"] = "derived_scalars"
+    node_type: Literal["embedding", "mlp_neuron", "attention_head"]
+    metric: MetricName = "activation"
+    layer_index: int = Field(0, ge=0)
+    component_indices: list[Annotated[int, Field(ge=0)]] | None = Field(
+        None, description="default: all components"
+    )
+
+
+class TopKSpec(Schema):
+    """The node table: top and bottom k per node type and metric, every metric per node."""
+
+    spec_type: Literal["top_k"] = "top_k"
+    node_types: list[Literal["embedding", "mlp_neuron", "attention_head"]] = [
+        "embedding",
+        "mlp_neuron",
+        "attention_head",
+    ]
+    metrics: list[MetricName] = [
+        "activation",
+        "write_magnitude",
+        "direct_effect",
+        "estimated_total_effect",
+    ]
+    k: int = Field(10, ge=0, le=1000)
+
+
+class ScoredTokensSpec(Schema):
+    """Token-space views (engine.md §6) of the given nodes."""
+
+    spec_type: Literal["scored_tokens"] = "scored_tokens"
+    nodes: list[NodeIndexModel] = Field(min_length=1, max_length=256)
+    k: int = Field(10, ge=1, le=200)
+
+
+class TokenPairAttributionSpec(Schema):
+    """Per key token: Σ_h A[q,k,h]·(v[k,h] W_O[h])·direction, for a residual-space direction."""
+
+    spec_type: Literal["token_pair_attribution"] = "token_pair_attribution"
+    layer_index: int = Field(ge=0)
+    query_token_index: int = Field(ge=0)
+    direction: list[float] = Field(description="a d_model vector, e.g. a latent's encoder row")
+
+
+ProcessingSpec = Annotated[
+    DerivedScalarsSpec | TopKSpec | ScoredTokensSpec | TokenPairAttributionSpec,
+    Field(discriminator="spec_type"),
+]
+
+
+class BatchedSubRequest(Schema):
+    inference_request_spec: InferenceRequestSpec
+    processing_request_spec_by_name: dict[str, ProcessingSpec] = Field(min_length=1)
+
+
+class BatchedRequest(Schema):
+    sub_requests: list[BatchedSubRequest] = Field(min_length=1, max_length=64)
+
+
+class ProcessingResult(ResponseSchema):
+    spec_type: str
+    values: list[float] | list[list[float]] | list[list[list[float]]] | None = None
+    node_table: list[NodeRow] | None = None
+    token_views: list[NodeTokenViewsModel] | None = None
+
+
+class BatchedSubResponse(ResponseSchema):
+    token_ids: list[int]
+    token_strings: list[str]
+    direction_value: float
+    processing_results_by_name: dict[str, ProcessingResult]
+
+
+class BatchedResponse(ResponseSchema):
+    sub_responses: list[BatchedSubResponse]
+
+
+# ---- single components -------------------------------------------------------------------------
+
+
+class DerivedScalarsRequest(Schema):
+    prompt: Prompt
+    node_type: Literal["mlp_neuron", "embedding"] = "mlp_neuron"
+    layer_index: int = Field(0, ge=0)
+    component_index: int = Field(0, ge=0)
+    metric: MetricName = "activation"
+    target_tokens: TokenList = Field(default_factory=list)
+    distractor_tokens: TokenList = Field(default_factory=list)
+    normalize_by_dataset_max: bool = False
+    dataset_name: str | None = None
+    prepend_bos: bool = False
+
+
+class DerivedScalarsResponse(ResponseSchema):
+    token_ids: list[int]
+    token_strings: list[str]
+    values: list[float] = Field(description="the metric at every token")
+    normalized_values: list[float] | None = Field(
+        None, description="values divided by the component's max activation in its dataset"
+    )
+    dataset_max: float | None = None
+
+
+class DerivedAttentionScalarsRequest(Schema):
+    prompt: Prompt
+    layer_index: int = Field(ge=0)
+    head_index: int = Field(ge=0)
+    metric: MetricName = "activation"
+    target_tokens: TokenList = Field(default_factory=list)
+    distractor_tokens: TokenList = Field(default_factory=list)
+    normalize_by_dataset_max: bool = False
+    dataset_name: str | None = None
+    prepend_bos: bool = False
+
+
+class DerivedAttentionScalarsResponse(ResponseSchema):
+    token_ids: list[int]
+    token_strings: list[str]
+    values: list[list[float]] = Field(
+        description="row q holds the pairs (q, k) for k = 0..q (the lower triangle)"
+    )
+    normalized_values: list[list[float]] | None = None
+    dataset_max: float | None = None
+    total_in: list[float] = Field(description="per key token: Σ over queries")
+    max_in: list[float]
+    total_out: list[float] = Field(description="per query token: Σ over keys")
+    max_out: list[float]
+
+
+# ---- model, tokens, generation, health ---------------------------------------------------------
+
+
+class ModelInfo(ResponseSchema):
+    name: str
+    architecture: str
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    d_model: int
+    d_head: int
+    d_mlp: int
+    vocab_size: int
+    n_ctx: int
+    max_prompt_tokens: int
+    device: str
+    dtype: str
+    node_types: list[str]
+    autoencoders: list[str] = Field(default_factory=list)
+    bos_token: str | None = None
+
+
+class TokenizeRequest(Schema):
+    text: str = Field(max_length=1_000_000)
+    prepend_bos: bool = False
+
+
+class TokenizeResponse(ResponseSchema):
+    token_ids: list[int]
+    token_strings: list[str]
+
+
+class GenerateRequest(Schema):
+    prompt: Prompt
+    max_new_tokens: int = Field(20, ge=1, le=512)
+    temperature: float = Field(0.0, ge=0.0, le=10.0, description="0 = greedy")
+    top_k: int | None = Field(None, ge=1)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    seed: int | None = None
+    node_ablations: list[NodeAblationModel] = Field(
+        default_factory=list, description="ablations at prompt positions, kept on every step"
+    )
+    prepend_bos: bool = False
+
+
+class GenerateResponse(ResponseSchema):
+    completion: str
+    token_ids: list[int] = Field(description="the new tokens")
+    token_strings: list[str]
+
+
+class HealthResponse(ResponseSchema):
+    status: Literal["ok"] = "ok"
+    model_loaded: bool
+    model_name: str | None
+    queued_requests: int
+    batches_run: int = Field(0, description="engine passes run so far")
+    requests_merged: int = Field(
+        0, description="debugger requests that shared an engine pass with others"
+    )
+
+
+class ErrorResponse(ResponseSchema):
+    message: str = Field(description="what went wrong, naming the field")
+    detail: object | None = None
+    request_id: str

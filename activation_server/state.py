@@ -1,0 +1,41 @@
+"""What the app holds: the model (or none), its engine and worker, the server settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from fastapi import Request
+
+from activation_server.errors import NoModelError
+from activation_server.worker import ModelWorker
+from neuron_explainer.activations import Engine
+from neuron_explainer.models import HookedTransformer
+
+
+@dataclass
+class Settings:
+    max_prompt_tokens: int | None = None
+    cors_origins: list[str] = field(default_factory=list)
+    max_merged_rows: int = 16  # 1 disables merging of concurrent debugger requests
+    ui_dir: str | None = None  # built UI files; default neuron_viewer/dist when present
+
+
+@dataclass
+class ServerState:
+    settings: Settings
+    model: HookedTransformer | None = None
+    engine: Engine | None = None
+    worker: ModelWorker | None = None
+
+
+def server_state(request: Request) -> ServerState:
+    state: ServerState = request.app.state.tdb
+    return state
+
+
+def model_worker(request: Request) -> ModelWorker:
+    """Dependency of inference endpoints: the worker, or 503 when no model is loaded."""
+    state = server_state(request)
+    if state.worker is None:
+        raise NoModelError()
+    return state.worker

@@ -1,0 +1,97 @@
+"""Real servers for the API tests: `python -m activation_server` subprocesses on free local ports."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+MAX_PROMPT_TOKENS = 1024
+
+
+@dataclass
+class Server:
+    url: str
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start_server(args: list[str], log: Path, timeout_s: float = 120.0) -> Server:
+    port = free_port()
+    out = log.open("wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "activation_server", "--port", str(port), *args],
+        cwd=ROOT,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}:\n{log.read_text()}")
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2) as resp:
+                if resp.status == 200:
+                    return Server(url, process, log)
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            time.sleep(0.25)
+    process.kill()
+    raise RuntimeError(f"server did not start in {timeout_s}s:\n{log.read_text()}")
+
+
+def stop_server(server: Server) -> None:
+    server.process.terminate()
+    try:
+        server.process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        server.process.kill()
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """The default model on the CPU, prompts limited to MAX_PROMPT_TOKENS, CORS for one origin."""
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    srv = start_server(
+        [
+            "--model",
+            "smollm2-135m",
+            "--device",
+            "cpu",
+            "--max-prompt-tokens",
+            str(MAX_PROMPT_TOKENS),
+            "--cors-origin",
+            "http://localhost:5173",
+        ],
+        log,
+    )
+    yield srv
+    stop_server(srv)
+
+
+@pytest.fixture(scope="session")
+def no_model_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    log = tmp_path_factory.mktemp("no_model") / "server.log"
+    srv = start_server(["--no-model"], log)
+    yield srv
+    stop_server(srv)
