@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP)
 
 demo: install
-	$(VENV)/bin/tdb demo
+	$(VENV)/bin/tdb serve --model smollm2-135m --port 8000
 
 test: install
 	$(PY) -m pytest -q
