@@ -3,6 +3,7 @@ runs against a real server and prints the output the README shows after it."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import shutil
@@ -22,7 +23,7 @@ def examples() -> list[tuple[str, str, str]]:
     section = text[text.index("## The activation server") : text.index("## Performance")]
     blocks = re.findall(r"```(\w*)\n(.*?)```", section, flags=re.S)
     out = []
-    for (lang, code), (next_lang, output) in zip(blocks, blocks[1:], strict=False):
+    for (lang, code), (next_lang, output) in itertools.pairwise(blocks):
         if lang in ("bash", "python") and next_lang == "":
             out.append((lang, code, output))
     return out
