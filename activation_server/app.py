@@ -11,6 +11,9 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+from starlette.types import Scope
 
 from activation_server import schemas as s
 from activation_server.errors import RequestIdMiddleware, install_error_handlers
@@ -80,9 +83,25 @@ def create_app(model: HookedTransformer | None, settings: Settings | None = None
     return app
 
 
+class SinglePageApp(StaticFiles):
+    """The built UI: files as they are; any other GET path gets index.html, so the UI's own
+    routes (/debugger?..., /<model>/<nodeType>/<layer>/<index>) load from a shared link."""
+
+    async def get_response(self, path: str, scope: Scope) -> Response:
+        try:
+            response = await super().get_response(path, scope)
+        except StarletteHTTPException as e:
+            if e.status_code != 404:
+                raise
+            response = await super().get_response("index.html", scope)
+        if response.status_code == 404:
+            response = await super().get_response("index.html", scope)
+        return response
+
+
 def _mount_ui(app: FastAPI, ui_dir: Path) -> None:
     if (ui_dir / "index.html").is_file():
-        app.mount("/", StaticFiles(directory=ui_dir, html=True), name="ui")
+        app.mount("/", SinglePageApp(directory=ui_dir, html=True), name="ui")
         return
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)

@@ -1,0 +1,134 @@
+// The node table's logic: line up left and right sub-responses by node, diff them, sort, filter,
+// keep the top k per column, export.
+import type { NodeIndex, NodeRow } from "../api/types";
+import { componentName, nodeKey } from "./nodes";
+
+export const METRICS = ["activation", "writeMagnitude", "directEffect", "estimatedTotalEffect"] as const;
+export type Metric = (typeof METRICS)[number];
+export const SIGNED: Record<Metric, boolean> = {
+  activation: true,
+  writeMagnitude: false,
+  directEffect: true,
+  estimatedTotalEffect: true,
+};
+export const METRIC_LABELS: Record<Metric, string> = {
+  activation: "Activation",
+  writeMagnitude: "Write magnitude",
+  directEffect: "Direct effect",
+  estimatedTotalEffect: "Est. total effect",
+};
+
+export type Side = "left" | "diff" | "right";
+
+export interface TableRow {
+  key: string;
+  node: NodeIndex;
+  left: NodeRow | null;
+  right: NodeRow | null;
+}
+
+/** Rows of both sides keyed by node, in the left side's order, then nodes only on the right. */
+export function alignRows(left: NodeRow[], right: NodeRow[] | null): TableRow[] {
+  const byKey = new Map<string, TableRow>();
+  for (const r of left) byKey.set(nodeKey(r.node), { key: nodeKey(r.node), node: r.node, left: r, right: null });
+  for (const r of right ?? []) {
+    const key = nodeKey(r.node);
+    const row = byKey.get(key);
+    if (row) row.right = r;
+    else byKey.set(key, { key, node: r.node, left: null, right: r });
+  }
+  return [...byKey.values()];
+}
+
+export function metricValue(row: TableRow, metric: Metric, side: Side): number | null {
+  const l = row.left?.[metric] ?? null;
+  const r = row.right?.[metric] ?? null;
+  if (side === "left") return l;
+  if (side === "right") return r;
+  return l != null && r != null ? l - r : null;
+}
+
+export interface SortSpec {
+  metric: Metric;
+  side: Side;
+  descending: boolean;
+}
+
+/** Sorted copy; missing values last whatever the direction. */
+export function sortRows(rows: TableRow[], sort: SortSpec): TableRow[] {
+  return [...rows].sort((a, b) => {
+    const va = metricValue(a, sort.metric, sort.side);
+    const vb = metricValue(b, sort.metric, sort.side);
+    if (va == null && vb == null) return a.key.localeCompare(b.key);
+    if (va == null) return 1;
+    if (vb == null) return -1;
+    return sort.descending ? vb - va : va - vb;
+  });
+}
+
+export interface Filter {
+  nodeTypes: Set<string>; // empty: all
+  layer: number | null;
+}
+
+export function filterRows(rows: TableRow[], f: Filter): TableRow[] {
+  return rows.filter(
+    (r) =>
+      (f.nodeTypes.size === 0 || f.nodeTypes.has(r.node.nodeType)) &&
+      (f.layer == null || (r.node.layerIndex ?? 0) === f.layer),
+  );
+}
+
+/** The union over columns of the top k (and bottom k for signed metrics) rows of that column. */
+export function topKPerColumn(rows: TableRow[], k: number, side: Side): TableRow[] {
+  const keep = new Set<string>();
+  for (const metric of METRICS) {
+    const valued = rows.filter((r) => metricValue(r, metric, side) != null);
+    const sorted = sortRows(valued, { metric, side, descending: true });
+    sorted.slice(0, k).forEach((r) => keep.add(r.key));
+    if (SIGNED[metric]) sorted.slice(Math.max(k, sorted.length - k)).forEach((r) => keep.add(r.key));
+  }
+  return rows.filter((r) => keep.has(r.key));
+}
+
+function csvCell(v: string | number | null): string {
+  if (v == null) return "";
+  const s = String(v);
+  return /[",\n]/.test(s) ? `"${s.replace(/"/g, '""')}"` : s;
+}
+
+/** CSV of the table: node fields, then every metric for each side present. */
+export function toCsv(rows: TableRow[], tokens: string[], twoSides: boolean): string {
+  const sides: Side[] = twoSides ? ["left", "diff", "right"] : ["left"];
+  const header = [
+    "node",
+    "node_type",
+    "layer",
+    "token_index",
+    "token",
+    "component",
+    "attended_token_index",
+    "attended_token",
+    ...sides.flatMap((s) => METRICS.map((m) => (twoSides ? `${m}_${s}` : m))),
+  ];
+  const lines = [header.join(",")];
+  for (const r of rows) {
+    const n = r.node;
+    lines.push(
+      [
+        componentName(n),
+        n.nodeType,
+        n.layerIndex ?? 0,
+        n.tokenIndex,
+        tokens[n.tokenIndex] ?? null,
+        n.componentIndex ?? 0,
+        n.attendedTokenIndex ?? null,
+        n.attendedTokenIndex != null ? (tokens[n.attendedTokenIndex] ?? null) : null,
+        ...sides.flatMap((s) => METRICS.map((m) => metricValue(r, m, s))),
+      ]
+        .map(csvCell)
+        .join(","),
+    );
+  }
+  return lines.join("\n") + "\n";
+}

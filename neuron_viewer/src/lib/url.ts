@@ -1,0 +1,86 @@
+// The debugger's whole state lives in the URL, so an investigation can be shared or reloaded.
+// Every field round-trips through URLSearchParams (which percent-encodes prompts safely).
+import type { AttentionTraceType, NodeAblation, NodeIndex } from "../api/types";
+import { nodeKey, parseNodeKey, TRACE_TYPES } from "./nodes";
+
+export interface Trace {
+  node: NodeIndex;
+  attentionTraceType: AttentionTraceType | null;
+  downstream: NodeIndex | null; // only with attentionTraceType "value"
+}
+
+export interface DebuggerState {
+  prompt: string;
+  targets: string[];
+  distractors: string[];
+  secondPrompt: string | null; // a second prompt shown side by side
+  ablations: NodeAblation[];
+  trace: Trace | null;
+  topK: number;
+}
+
+export const DEFAULT_STATE: DebuggerState = {
+  prompt: "",
+  targets: [],
+  distractors: [],
+  secondPrompt: null,
+  ablations: [],
+  trace: null,
+  topK: 10,
+};
+
+export function stateToParams(s: DebuggerState): URLSearchParams {
+  const p = new URLSearchParams();
+  if (s.prompt) p.set("prompt", s.prompt);
+  for (const t of s.targets) p.append("target", t);
+  for (const d of s.distractors) p.append("distractor", d);
+  if (s.secondPrompt != null) p.set("prompt2", s.secondPrompt);
+  for (const a of s.ablations) {
+    p.append("ablate", a.value ? `${nodeKey(a.node)}=${a.value}` : nodeKey(a.node));
+  }
+  if (s.trace) {
+    let v = nodeKey(s.trace.node);
+    if (s.trace.attentionTraceType) v += `@${s.trace.attentionTraceType}`;
+    if (s.trace.downstream) v += `>${nodeKey(s.trace.downstream)}`;
+    p.set("trace", v);
+  }
+  if (s.topK !== DEFAULT_STATE.topK) p.set("k", String(s.topK));
+  return p;
+}
+
+function parseAblation(v: string): NodeAblation | null {
+  const [key, value] = v.split("=");
+  const node = parseNodeKey(key);
+  if (!node) return null;
+  const num = value === undefined ? 0 : Number(value);
+  return Number.isFinite(num) ? { node, value: num } : null;
+}
+
+function parseTrace(v: string): Trace | null {
+  const [head, down] = v.split(">");
+  const [key, type] = head.split("@");
+  const node = parseNodeKey(key);
+  if (!node) return null;
+  const attentionTraceType = TRACE_TYPES.includes(type as AttentionTraceType)
+    ? (type as AttentionTraceType)
+    : null;
+  const downstream = down ? parseNodeKey(down) : null;
+  return { node, attentionTraceType, downstream };
+}
+
+/** Parse a URL query; malformed parts are dropped, never thrown. */
+export function paramsToState(p: URLSearchParams): DebuggerState {
+  const k = Number(p.get("k") ?? DEFAULT_STATE.topK);
+  return {
+    prompt: p.get("prompt") ?? "",
+    targets: p.getAll("target"),
+    distractors: p.getAll("distractor"),
+    secondPrompt: p.has("prompt2") ? (p.get("prompt2") ?? "") : null,
+    ablations: p
+      .getAll("ablate")
+      .map(parseAblation)
+      .filter((a): a is NodeAblation => a !== null),
+    trace: p.has("trace") ? parseTrace(p.get("trace") ?? "") : null,
+    topK: Number.isInteger(k) && k >= 1 && k <= 1000 ? k : DEFAULT_STATE.topK,
+  };
+}

@@ -1,0 +1,25 @@
+import react from "@vitejs/plugin-react";
+import { defineConfig } from "vite";
+
+// The UI talks to the server it is served from; `npm run dev` proxies the API to a local server.
+const api = process.env.TDB_API ?? "http://127.0.0.1:8000";
+const apiPaths = [
+  "/batched_tdb",
+  "/batched",
+  "/derived_scalars",
+  "/derived_attention_scalars",
+  "/model_info",
+  "/tokenize",
+  "/generate",
+  "/health",
+  "/neuron_datasets_metadata",
+  "/neuron_record",
+  "/attention_head_record",
+];
+
+export default defineConfig({
+  plugins: [react()],
+  build: { outDir: "dist", sourcemap: false, reportCompressedSize: true },
+  server: { proxy: Object.fromEntries(apiPaths.map((p) => [p, api])) },
+  test: { include: ["src/**/*.test.ts"] },
+});
