@@ -1,0 +1,554 @@
+"""Collation: stream a corpus through the model and keep, per component, what makes it fire.
+
+    collate(model, corpus, "smollm2.tdb.sqlite", n_tokens=100_000, layers=[0, 5])
+
+The corpus is cut into fixed windows (corpus.py); windows go through the model in batches with
+hooks on the values the requested families read (families.py). Each (family, layer)'s activations
+are folded into its `LayerAccumulator` (accumulators.py: exact top-k, hash-keyed random samples,
+quantile-binned samples, moments) as soon as its hooks fire, then dropped; the forward stops after
+the last hook needed, so the layers above and the unembedding are never computed.
+
+Every `commit_every_batches` batches (or `commit_every_seconds`), the whole running state and the
+next window index are written to the SQLite store in one transaction (store.py). Started again with
+the same arguments, `collate` loads that state and goes on from the next window; the finished
+store is identical to an uninterrupted run's (keys are hashes of window indices, not RNG draws, and
+batches keep their composition because they are aligned to the range start).
+
+Shards: `shard=(i, n)` processes the i-th of n contiguous window ranges (aligned to whole batches,
+so each batch has the same windows as in a single run), and `merge_stores` folds complete shard
+stores into one, exactly (top-k and samples by their keys, moments pairwise). Quantile boundaries
+come from the first `calibration_windows` windows of the corpus; a shard that does not start there
+first runs those windows to compute the same boundaries.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import importlib.metadata
+import itertools
+import math
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from neuron_explainer.datasets.accumulators import QUANTILES, AccumulatorConfig, LayerAccumulator
+from neuron_explainer.datasets.corpus import DEFAULT_WINDOW_LENGTH, Corpus, TokenWindows, tokenize
+from neuron_explainer.datasets.families import ComponentFamily, get_family
+from neuron_explainer.datasets.store import (
+    FORMAT_VERSION,
+    DatasetError,
+    DatasetMetadata,
+    StoreWriter,
+    connect,
+    load_accumulator,
+    read_metadata,
+)
+from neuron_explainer.models.hooks import HookPoint
+from neuron_explainer.models.transformer import HookedTransformer
+
+DEFAULT_FAMILIES = ("mlp_neuron", "attention_head")
+# Metadata fields that must agree for a run to resume a store, or for shards to merge.
+_SAME_RUN_FIELDS = (
+    "model",
+    "corpus",
+    "windowLength",
+    "nWindowsTotal",
+    "families",
+    "layers",
+    "k",
+    "randomSampleSize",
+    "quantileSampleSize",
+    "quantiles",
+    "calibrationWindows",
+    "seed",
+    "activeThreshold",
+    "dtype",
+)
+_RESUME_FIELDS = (*_SAME_RUN_FIELDS, "windowRanges", "batchSize", "shard")
+
+
+class _StopForward(Exception):
+    """Raised by the last hook needed, to skip the rest of the forward pass."""
+
+
+def tool_version() -> str:
+    try:
+        return importlib.metadata.version("transformer-debugger")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+
+
+def parse_layers(spec: str, n_layers: int) -> list[int]:
+    """'0,1,5-7' -> [0, 1, 5, 6, 7]; 'all' or '' -> every layer. Raises ValueError when out of range."""
+    if spec.strip() in ("", "all"):
+        return list(range(n_layers))
+    layers: set[int] = set()
+    for part in spec.split(","):
+        part = part.strip()
+        try:
+            if "-" in part:
+                lo, hi = (int(x) for x in part.split("-", 1))
+                layers.update(range(lo, hi + 1))
+            else:
+                layers.add(int(part))
+        except ValueError:
+            raise ValueError(f"bad layer list {spec!r}: use e.g. 0,1,5-7") from None
+    bad = sorted(x for x in layers if not 0 <= x < n_layers)
+    if bad:
+        raise ValueError(f"layers {bad} are out of range: the model has layers 0-{n_layers - 1}")
+    return sorted(layers)
+
+
+def parse_shard(spec: str) -> tuple[int, int]:
+    """'2/8' -> (2, 8): the third of eight shards."""
+    try:
+        i, n = (int(x) for x in spec.split("/"))
+    except ValueError:
+        raise ValueError(f"bad shard {spec!r}: use I/N, e.g. 0/4") from None
+    if not 0 <= i < n:
+        raise ValueError(f"bad shard {spec!r}: need 0 <= I < N")
+    return i, n
+
+
+def shard_range(n_windows: int, batch_size: int, shard: tuple[int, int] | None) -> tuple[int, int]:
+    """[start, end) windows of a shard: contiguous, aligned to whole batches."""
+    if shard is None:
+        return 0, n_windows
+    i, n = shard
+    n_batches = math.ceil(n_windows / batch_size)
+    return (
+        min(n_windows, i * n_batches // n * batch_size),
+        min(n_windows, (i + 1) * n_batches // n * batch_size),
+    )
+
+
+class ActivationRunner:
+    """Runs the model on a batch and calls `on_activations(family, layer, acts [b, C, P])` for
+    each requested (family, layer) as soon as its hooks have fired; stops the forward after the
+    last hook needed."""
+
+    def __init__(self, model: HookedTransformer, targets: Sequence[tuple[ComponentFamily, int]]):
+        self.model = model
+        order = {name: i for i, name in enumerate(model.hook_names())}
+        self.finishing: dict[str, list[tuple[ComponentFamily, int]]] = {}
+        names: set[str] = set()
+        for family, layer in targets:
+            hooks = family.hook_names(layer)
+            unknown = [h for h in hooks if h not in order]
+            if unknown:
+                raise ValueError(f"{family.name} needs hook points {unknown} this model lacks")
+            names.update(hooks)
+            self.finishing.setdefault(max(hooks, key=order.__getitem__), []).append((family, layer))
+        self.names = sorted(names, key=order.__getitem__)
+        self.last = self.names[-1] if self.names else None
+
+    def run(
+        self,
+        tokens: torch.Tensor,
+        on_activations: Callable[[ComponentFamily, int, torch.Tensor], None],
+    ) -> None:
+        cache: dict[str, torch.Tensor] = {}
+
+        def hook(x: torch.Tensor, hp: HookPoint) -> None:
+            cache[hp.name] = x
+            for family, layer in self.finishing.get(hp.name, []):
+                acts = family.activations(
+                    self.model, {h: cache[h] for h in family.hook_names(layer)}, layer
+                )
+                on_activations(family, layer, acts)
+            if hp.name == self.last:
+                raise _StopForward
+
+        hooks = [(name, hook) for name in self.names]
+        with torch.no_grad(), self.model.hooks(fwd=hooks), contextlib.suppress(_StopForward):
+            self.model(tokens.to(self.model.device))
+
+
+@dataclass
+class _Progress:
+    """A one-line progress report on stderr: tokens, tokens/s, ETA."""
+
+    total: int
+    done: int
+    enabled: bool = True
+    interval: float = 10.0
+
+    def __post_init__(self) -> None:
+        self.start_done, self.start = self.done, time.monotonic()
+        self.last_print = 0.0
+        self.tty = sys.stderr.isatty()
+
+    def update(self, done: int, note: str = "", force: bool = False) -> None:
+        self.done = done
+        now = time.monotonic()
+        if not self.enabled or not (force or self.tty or now - self.last_print >= self.interval):
+            return
+        self.last_print = now
+        elapsed = max(now - self.start, 1e-9)
+        rate = (done - self.start_done) / elapsed
+        eta = (self.total - done) / rate if rate > 0 else float("inf")
+        line = (
+            f"collate: {done:,}/{self.total:,} tokens ({100 * done / max(self.total, 1):.1f}%) "
+            f"{rate:,.0f} tok/s ETA {_duration(eta)}{note}"
+        )
+        print(
+            ("\r" + line + "\033[K") if self.tty else line,
+            end="" if self.tty else "\n",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def finish(self) -> None:
+        if self.enabled and self.tty:
+            print(file=sys.stderr)
+
+
+def _duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    s = int(seconds)
+    return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def collate(
+    model: HookedTransformer,
+    corpus: Corpus | TokenWindows,
+    out_path: str | Path,
+    n_tokens: int | None = None,
+    layers: Sequence[int] | None = None,
+    families: Sequence[str] | None = None,
+    batch_size: int = 32,
+    k: int = 20,
+    random_sample_size: int = 20,
+    quantile_sample_size: int = 5,
+    quantiles: Sequence[float] = QUANTILES,
+    window_length: int = DEFAULT_WINDOW_LENGTH,
+    calibration_windows: int = 256,
+    seed: int = 0,
+    active_threshold: float = 0.0,
+    shard: tuple[int, int] | None = None,
+    commit_every_batches: int | None = None,
+    commit_every_seconds: float = 60.0,
+    progress: bool = True,
+) -> DatasetMetadata:
+    """Collate `corpus` (or pre-tokenized windows) into the store at `out_path`, resuming it when
+    it holds an unfinished run with the same arguments. Returns the store's metadata.
+
+    n_tokens: budget (rounded down to whole windows; default the whole corpus). layers: default
+    all. families: default mlp_neuron and attention_head. The calibration windows for quantile
+    boundaries are min(calibration_windows, n_windows // 4) (at least 1). See the module doc.
+    """
+    if model.tokenizer is None:
+        raise ValueError("collation needs a model with a tokenizer")
+    for name, value in (("batch_size", batch_size), ("k", k), ("window_length", window_length)):
+        if value < 1:
+            raise ValueError(f"{name} must be at least 1, got {value}")
+    if window_length > model.cfg.n_ctx:
+        raise ValueError(
+            f"window_length {window_length} exceeds the model's context {model.cfg.n_ctx}"
+        )
+    layers = list(range(model.cfg.n_layers)) if layers is None else sorted(set(layers))
+    bad = [x for x in layers if not 0 <= x < model.cfg.n_layers]
+    if bad or not layers:
+        raise ValueError(f"layers {bad or layers} are out of range 0-{model.cfg.n_layers - 1}")
+    family_list = [get_family(f) for f in (families or DEFAULT_FAMILIES)]
+
+    windows = (
+        corpus
+        if isinstance(corpus, TokenWindows)
+        else tokenize(corpus, model.tokenizer, window_length)
+    )
+    if windows.window_length != window_length:
+        raise ValueError(f"the windows have length {windows.window_length}, not {window_length}")
+    n_windows = len(windows)
+    if n_tokens is not None:
+        if n_tokens < window_length:
+            raise ValueError(f"n_tokens={n_tokens} is less than one window of {window_length}")
+        n_windows = min(n_windows, n_tokens // window_length)
+    start, end = shard_range(n_windows, batch_size, shard)
+    if start >= end:
+        raise ValueError(
+            f"shard {shard} of {n_windows} windows in batches of {batch_size} is empty"
+        )
+    config = AccumulatorConfig(
+        k=k,
+        random_sample_size=random_sample_size,
+        quantile_sample_size=quantile_sample_size,
+        quantiles=tuple(float(q) for q in quantiles),
+        calibration_windows=max(1, min(calibration_windows, n_windows // 4)),
+        seed=seed,
+        active_threshold=active_threshold,
+    )
+    cfg = model.cfg
+    metadata = DatasetMetadata(
+        formatVersion=FORMAT_VERSION,
+        toolVersion=tool_version(),
+        model={
+            "name": cfg.name,
+            "nLayers": cfg.n_layers,
+            "dModel": cfg.d_model,
+            "dMlp": cfg.d_mlp,
+            "nHeads": cfg.n_heads,
+            "vocabSize": cfg.vocab_size,
+        },
+        corpus={"name": windows.corpus_name, "hash": windows.corpus_hash},
+        windowLength=window_length,
+        nWindowsTotal=n_windows,
+        windowRanges=[[start, end]],
+        nTokens=0,
+        families=[f.name for f in family_list],
+        layers=layers,
+        k=config.k,
+        randomSampleSize=config.random_sample_size,
+        quantileSampleSize=config.quantile_sample_size,
+        quantiles=list(config.quantiles),
+        calibrationWindows=config.calibration_windows,
+        seed=seed,
+        activeThreshold=float(active_threshold),
+        batchSize=batch_size,
+        dtype=str(model.dtype).removeprefix("torch."),
+        status="in_progress",
+        nextWindow=start,
+        createdAt=_now(),
+        updatedAt=_now(),
+        shard=None if shard is None else f"{shard[0]}/{shard[1]}",
+        tokenDtype="uint16" if model.tokenizer.vocab_size <= 2**16 else "int32",
+    )
+
+    out_path = Path(out_path)
+    writer = _open_writer(out_path)
+    try:
+        existing = writer.existing_metadata()
+        targets = [(f, layer) for layer in layers for f in family_list]
+        if existing is not None:
+            _check_same(existing, metadata, _RESUME_FIELDS, f"{out_path} was started with")
+            metadata = existing
+            if existing.status == "complete":
+                if progress:
+                    print(f"collate: {out_path} is already complete", file=sys.stderr)
+                return existing
+            accumulators = {
+                (f.name, layer): load_accumulator(
+                    writer.conn, existing, f.name, layer, f.n_components(model), model.device
+                )
+                for f, layer in targets
+            }
+        else:
+            accumulators = {
+                (f.name, layer): LayerAccumulator(
+                    f.name,
+                    layer,
+                    f.n_components(model),
+                    f.positions(window_length),
+                    config,
+                    model.device,
+                )
+                for f, layer in targets
+            }
+        _run(
+            model,
+            windows,
+            metadata,
+            accumulators,
+            targets,
+            writer,
+            commit_every_batches,
+            commit_every_seconds,
+            progress,
+        )
+        return metadata
+    finally:
+        writer.close()
+
+
+def _open_writer(out_path: Path) -> StoreWriter:
+    if out_path.exists():
+        conn = connect(out_path)
+        try:
+            tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
+        except Exception as e:
+            raise DatasetError(f"{out_path} exists and is not a collated dataset ({e})") from e
+        finally:
+            conn.close()
+        if "metadata" not in tables:
+            raise DatasetError(f"{out_path} exists and is not a collated dataset")
+    else:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+    return StoreWriter(out_path)
+
+
+def _check_same(a: DatasetMetadata, b: DatasetMetadata, fields: Sequence[str], what: str) -> None:
+    ja, jb = a.to_json(), b.to_json()
+    differ = [f for f in fields if ja[f] != jb[f]]
+    if differ:
+        detail = "; ".join(f"{f}: {ja[f]!r} vs {jb[f]!r}" for f in differ)
+        raise DatasetError(
+            f"{what} different settings ({detail}); pass the same arguments, or write to a new file"
+        )
+
+
+def _run(
+    model: HookedTransformer,
+    windows: TokenWindows,
+    metadata: DatasetMetadata,
+    accumulators: dict[tuple[str, int], LayerAccumulator],
+    targets: Sequence[tuple[ComponentFamily, int]],
+    writer: StoreWriter,
+    commit_every_batches: int | None,
+    commit_every_seconds: float,
+    show_progress: bool,
+) -> None:
+    tokenizer = model.tokenizer
+    assert tokenizer is not None
+    [[start, end]] = metadata.windowRanges
+    bs, length = metadata.batchSize, metadata.windowLength
+    runner = ActivationRunner(model, targets)
+    first_acc = next(iter(accumulators.values()))
+    n_cal = metadata.calibrationWindows
+
+    if first_acc.boundaries is None and not (start == 0 and end >= n_cal):
+        # This shard does not see all calibration windows: run them first (scores only), in the
+        # same batches a single run would use.
+        def calibrate(first: int) -> Callable[[ComponentFamily, int, torch.Tensor], None]:
+            def on_acts(family: ComponentFamily, layer: int, acts: torch.Tensor) -> None:
+                scores = acts.amax(dim=2).T.float()[:, : max(0, n_cal - first)]
+                accumulators[(family.name, layer)].calibrate(scores, first)
+
+            return on_acts
+
+        for first, tokens in windows.batches(bs, 0, math.ceil(n_cal / bs) * bs):
+            runner.run(tokens, calibrate(first))
+
+    def update(first: int) -> Callable[[ComponentFamily, int, torch.Tensor], None]:
+        def on_acts(family: ComponentFamily, layer: int, acts: torch.Tensor) -> None:
+            accumulators[(family.name, layer)].update(acts, first)
+
+        return on_acts
+
+    progress = _Progress(
+        total=(end - start) * length,
+        done=(metadata.nextWindow - start) * length,
+        enabled=show_progress,
+    )
+    pending: dict[int, np.ndarray] = {}
+    last_commit, batches_since = time.monotonic(), 0
+
+    def commit(next_window: int, status: str) -> None:
+        nonlocal last_commit, batches_since
+        metadata.nextWindow = next_window
+        metadata.nTokens = (next_window - start) * length
+        metadata.status = status
+        metadata.updatedAt = _now()
+        writer.commit(metadata, accumulators.values(), pending, tokenizer.token_display)
+        pending.clear()
+        last_commit, batches_since = time.monotonic(), 0
+
+    for first, tokens in windows.batches(bs, metadata.nextWindow, end):
+        runner.run(tokens, update(first))
+        for i, row in enumerate(windows.tokens[first : first + len(tokens)]):
+            pending[first + i] = row
+        next_window = first + len(tokens)
+        batches_since += 1
+        due = (
+            batches_since >= commit_every_batches
+            if commit_every_batches
+            else time.monotonic() - last_commit >= commit_every_seconds
+        )
+        if due and next_window < end and first_acc.boundaries is not None:
+            commit(next_window, "in_progress")
+            progress.update((next_window - start) * length, " (committed)", force=True)
+        else:
+            progress.update((next_window - start) * length)
+    commit(end, "complete")
+    progress.update((end - start) * length, force=True)
+    progress.finish()
+    writer.finish()
+
+
+def merge_stores(inputs: Sequence[str | Path], out_path: str | Path) -> DatasetMetadata:
+    """Fold complete shard stores (same settings, disjoint window ranges) into a new store.
+
+    The result equals a single run over the union of their windows: top-k and samples are
+    re-selected from the union by the same keys, moments merged pairwise, in input order.
+    """
+    if len(inputs) < 1:
+        raise ValueError("merge_stores needs at least one input store")
+    out_path = Path(out_path)
+    if out_path.exists():
+        raise DatasetError(f"{out_path} already exists; merge into a new file")
+    metas: list[DatasetMetadata] = []
+    conns = [connect(p, readonly=True) for p in inputs]
+    try:
+        for path, conn in zip(inputs, conns, strict=True):
+            meta = read_metadata(conn, str(path))
+            if meta.status != "complete":
+                raise DatasetError(
+                    f"{path} is not complete (status {meta.status}); finish it first"
+                )
+            if metas:
+                _check_same(metas[0], meta, _SAME_RUN_FIELDS, f"{inputs[0]} and {path} have")
+            metas.append(meta)
+        ranges = sorted(r for m in metas for r in m.windowRanges)
+        for (_, a_end), (b_start, _) in itertools.pairwise(ranges):
+            if b_start < a_end:
+                raise DatasetError(f"the inputs' window ranges overlap: {ranges}")
+        merged_ranges: list[list[int]] = []
+        for a, b in ranges:
+            if merged_ranges and merged_ranges[-1][1] == a:
+                merged_ranges[-1][1] = b
+            else:
+                merged_ranges.append([a, b])
+
+        window_tokens: dict[int, np.ndarray] = {}
+        vocabulary: dict[int, str] = {}
+        for meta, conn in zip(metas, conns, strict=True):
+            for w, blob in conn.execute("SELECT window_index, tokens FROM windows"):
+                window_tokens[int(w)] = np.frombuffer(
+                    blob, dtype=np.dtype(meta.tokenDtype).newbyteorder("<")
+                )
+            vocabulary.update(conn.execute("SELECT token_id, token FROM vocabulary"))
+        out = replace(
+            metas[0],
+            windowRanges=merged_ranges,
+            nTokens=sum(m.nTokens for m in metas),
+            shard=None,
+            status="complete",
+            nextWindow=merged_ranges[-1][1],
+            mergedFrom=[str(p) for p in inputs],
+            createdAt=_now(),
+            updatedAt=_now(),
+        )
+        writer = StoreWriter(out_path)
+        try:
+            for family in out.families:
+                for layer in out.layers:
+                    n = (
+                        conns[0]
+                        .execute(
+                            "SELECT count(*) FROM components WHERE family = ? AND layer = ?",
+                            (family, layer),
+                        )
+                        .fetchone()[0]
+                    )
+                    merged = load_accumulator(conns[0], metas[0], family, layer, n)
+                    for meta, conn in zip(metas[1:], conns[1:], strict=True):
+                        merged.merge(load_accumulator(conn, meta, family, layer, n))
+                    merged.dirty.fill_(True)
+                    writer.commit(out, [merged], window_tokens, vocabulary.__getitem__)
+            writer.finish()
+        finally:
+            writer.close()
+        return out
+    finally:
+        for conn in conns:
+            conn.close()
