@@ -403,7 +403,7 @@ class LayerAccumulator:
         safe = torch.where(constant, 1.0, variance)
         return {
             "max_activation": torch.where(
-                self.top.windows[:, 0] >= 0, -self.top.order[:, 0].double(), nan
+                self.top.windows[:, 0] >= 0, self.top.values[:, 0].double(), nan
             ),
             "mean": self.mean,
             "variance": variance,

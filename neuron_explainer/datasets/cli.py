@@ -1,0 +1,202 @@
+"""Command-line entry points for collated datasets.
+
+The `tdb` command registers these with `add_parser(subparsers)`; they also run on their own:
+
+    python -m neuron_explainer.datasets.cli collate --out smollm2.tdb.sqlite --tokens 100000
+    python -m neuron_explainer.datasets.cli export-tdb smollm2.tdb.sqlite tdb-json/
+    python -m neuron_explainer.datasets.cli merge-datasets all.sqlite shard-*.sqlite
+    python -m neuron_explainer.datasets.cli dataset-info smollm2.tdb.sqlite
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from neuron_explainer.models.registry import DEFAULT_MODEL
+
+CommandFn = Callable[[argparse.Namespace], int]
+
+
+def _reports_errors(fn: CommandFn) -> CommandFn:
+    """Print expected errors (bad input, missing files) as one line and return 2."""
+
+    @functools.wraps(fn)
+    def run(args: argparse.Namespace) -> int:
+        from neuron_explainer.datasets.store import DatasetError
+        from neuron_explainer.models import ModelNotFoundError, TokenizerError
+
+        try:
+            return fn(args)
+        except (DatasetError, ModelNotFoundError, TokenizerError, ValueError) as e:
+            print(f"tdb: error: {e}", file=sys.stderr)
+            return 2
+
+    return run
+
+
+def _csv(text: str | None) -> list[str] | None:
+    return None if not text else [part.strip() for part in text.split(",") if part.strip()]
+
+
+@_reports_errors
+def cmd_collate(args: argparse.Namespace) -> int:
+    import torch
+
+    from neuron_explainer.datasets.collate import collate, parse_layers, parse_shard
+    from neuron_explainer.datasets.corpus import load_corpus
+    from neuron_explainer.models import load_model
+
+    corpus = load_corpus(args.corpus, text_field=args.text_field)  # fail fast, before the model
+    start = time.perf_counter()
+    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(
+        f"loaded {model.cfg.name} ({model.device}, {model.dtype}) in "
+        f"{time.perf_counter() - start:.1f}s",
+        file=sys.stderr,
+    )
+    meta = collate(
+        model,
+        corpus,
+        args.out,
+        n_tokens=args.tokens,
+        layers=parse_layers(args.layers, model.cfg.n_layers) if args.layers else None,
+        families=_csv(args.families),
+        batch_size=args.batch_size,
+        k=args.k,
+        random_sample_size=args.random_sample_size,
+        quantile_sample_size=args.quantile_sample_size,
+        window_length=args.window_length,
+        calibration_windows=args.calibration_windows,
+        seed=args.seed,
+        shard=parse_shard(args.shard) if args.shard else None,
+        commit_every_batches=args.commit_every,
+        commit_every_seconds=args.commit_seconds,
+        progress=not args.quiet,
+    )
+    print(
+        f"{args.out}: {meta.nTokens:,} tokens, families {', '.join(meta.families)}, "
+        f"layers {_layer_ranges(meta.layers)}, status {meta.status}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _layer_ranges(layers: Sequence[int]) -> str:
+    parts: list[str] = []
+    for layer in layers:
+        if parts and parts[-1].split("-")[-1] == str(layer - 1):
+            parts[-1] = f"{parts[-1].split('-')[0]}-{layer}"
+        else:
+            parts.append(str(layer))
+    return ",".join(parts)
+
+
+@_reports_errors
+def cmd_export_tdb(args: argparse.Namespace) -> int:
+    from neuron_explainer.datasets.tdb_format import export_tdb
+
+    layers = [int(x) for x in _csv(args.layers) or []] or None
+    n = export_tdb(args.store, args.out_dir, families=_csv(args.families), layers=layers)
+    print(f"wrote {n} records under {args.out_dir}", file=sys.stderr)
+    return 0
+
+
+@_reports_errors
+def cmd_merge(args: argparse.Namespace) -> int:
+    from neuron_explainer.datasets.collate import merge_stores
+
+    meta = merge_stores(args.inputs, args.out)
+    print(f"{args.out}: {meta.nTokens:,} tokens, windows {meta.windowRanges}", file=sys.stderr)
+    return 0
+
+
+@_reports_errors
+def cmd_info(args: argparse.Namespace) -> int:
+    from neuron_explainer.datasets.store import DatasetStore
+
+    with DatasetStore(args.store) as store:
+        info: dict[str, Any] = store.metadata().to_json()
+        info["components"] = len(store.components())
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def add_parser(subparsers: Any) -> None:
+    """Register `collate`, `export-tdb`, `merge-datasets` and `dataset-info` on an argparse
+    subparsers object (each sets `fn`, a function (args) -> exit code)."""
+    p = subparsers.add_parser(
+        "collate",
+        help="build a collated activation dataset (top-activating excerpts per component)",
+        description="Stream a corpus through a model and keep, per component, the top-k "
+        "excerpts, random samples and statistics in a SQLite store. Rerun the same command to "
+        "resume an interrupted run. See datasets.md.",
+    )
+    p.add_argument("--model", default=DEFAULT_MODEL, help="registry name, HF folder or .gguf file")
+    p.add_argument(
+        "--corpus",
+        default="default",
+        help="'default' (Jane Austen, from Debian), a .txt file, a folder of .txt, or .jsonl",
+    )
+    p.add_argument("--text-field", default="text", help="JSONL field holding the text")
+    p.add_argument("--out", required=True, help="the SQLite store to write (or resume)")
+    p.add_argument("--tokens", type=int, default=None, help="token budget (default: all)")
+    p.add_argument("--layers", default=None, help="e.g. 0,1,5-7 (default: all)")
+    p.add_argument(
+        "--families", default=None, help="comma-separated (default: mlp_neuron,attention_head)"
+    )
+    p.add_argument("--batch-size", type=int, default=32, help="windows per forward pass")
+    p.add_argument("--k", type=int, default=20, help="top-activating excerpts per component")
+    p.add_argument("--random-sample-size", type=int, default=20)
+    p.add_argument("--quantile-sample-size", type=int, default=5, help="excerpts per bin")
+    p.add_argument("--window-length", type=int, default=64, help="tokens per excerpt")
+    p.add_argument("--calibration-windows", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random samples")
+    p.add_argument("--shard", default=None, help="I/N: process the I-th of N window ranges")
+    p.add_argument("--commit-every", type=int, default=None, help="commit every N batches")
+    p.add_argument(
+        "--commit-seconds", type=float, default=60.0, help="commit every S seconds (default)"
+    )
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if any)")
+    p.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--quiet", action="store_true", help="no progress line")
+    p.set_defaults(fn=cmd_collate)
+
+    p = subparsers.add_parser(
+        "export-tdb", help="write a store as TDB JSON files (<family>/<layer>/<index>.json)"
+    )
+    p.add_argument("store")
+    p.add_argument("out_dir")
+    p.add_argument("--families", default=None)
+    p.add_argument("--layers", default=None, help="comma-separated layer indices")
+    p.set_defaults(fn=cmd_export_tdb)
+
+    p = subparsers.add_parser("merge-datasets", help="merge complete shard stores into one")
+    p.add_argument("out")
+    p.add_argument("inputs", nargs="+")
+    p.set_defaults(fn=cmd_merge)
+
+    p = subparsers.add_parser("dataset-info", help="print a store's metadata as JSON")
+    p.add_argument("store")
+    p.set_defaults(fn=cmd_info)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m neuron_explainer.datasets.cli", description="Collated activation datasets"
+    )
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return int(args.fn(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
