@@ -1,0 +1,98 @@
+"""Fixtures for the collated-dataset tests: a prose corpus that exists on any machine (the
+docstrings and essays of Python standard-library modules), and a tiny random Llama with SmolLM2's
+tokenizer, saved as a Hugging Face folder so subprocesses load it in a fraction of a second."""
+
+from __future__ import annotations
+
+import importlib
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from neuron_explainer.models import HookedTransformer, ModelConfig, export_hf, load_model
+
+# Modules whose documentation is long, plain English prose.
+PROSE_MODULES = (
+    "argparse",
+    "cmd",
+    "configparser",
+    "copy",
+    "csv",
+    "difflib",
+    "heapq",
+    "json",
+    "random",
+    "sched",
+    "smtplib",
+    "statistics",
+    "timeit",
+    "unittest",
+)
+
+
+def stdlib_prose() -> dict[str, str]:
+    """{module name: its docstring (and heapq's essay)}, each one document."""
+    docs = {}
+    for name in PROSE_MODULES:
+        module = importlib.import_module(name)
+        text = (module.__doc__ or "") + "\n\n" + str(getattr(module, "__about__", ""))
+        docs[name] = text.strip()
+    return docs
+
+
+@pytest.fixture(scope="session")
+def prose_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder of .txt files, a few thousand tokens of varied English."""
+    folder = tmp_path_factory.mktemp("prose")
+    for name, text in stdlib_prose().items():
+        (folder / f"{name}.txt").write_text(text, encoding="utf-8")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(
+    default_model: HookedTransformer, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """A 2-layer random Llama (GQA, 4 heads) with SmolLM2's tokenizer, as a HF folder."""
+    cfg = ModelConfig(
+        n_layers=2,
+        d_model=64,
+        n_heads=4,
+        n_kv_heads=2,
+        d_mlp=96,
+        vocab_size=default_model.cfg.vocab_size,
+        n_ctx=128,
+        name="tiny",
+    )
+    torch.manual_seed(0)
+    model = HookedTransformer(cfg)
+    model.tokenizer = default_model.tokenizer
+    return export_hf(model.requires_grad_(False).eval(), tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_model_dir: Path) -> HookedTransformer:
+    return load_model(tiny_model_dir, device="cpu")
+
+
+def table_rows(path: Path) -> dict[str, list[tuple[Any, ...]]]:
+    """Every row of the store's data tables, in key order (metadata minus timestamps)."""
+    conn = sqlite3.connect(path)
+    try:
+        out = {
+            "components": conn.execute("SELECT * FROM components ORDER BY 1, 2, 3").fetchall(),
+            "samples": conn.execute("SELECT * FROM samples ORDER BY 1, 2, 3").fetchall(),
+            "windows": conn.execute("SELECT * FROM windows ORDER BY 1").fetchall(),
+            "vocabulary": conn.execute("SELECT * FROM vocabulary ORDER BY 1").fetchall(),
+        }
+        out["metadata"] = [
+            row
+            for row in conn.execute("SELECT * FROM metadata ORDER BY 1").fetchall()
+            if row[0] not in ("createdAt", "updatedAt")
+        ]
+        return out
+    finally:
+        conn.close()
