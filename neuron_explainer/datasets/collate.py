@@ -466,7 +466,7 @@ def _run(
         )
         if due and next_window < end and first_acc.boundaries is not None:
             commit(next_window, "in_progress")
-            progress.update((next_window - start) * length, " (committed)", force=True)
+            progress.update((next_window - start) * length, " (committed)")
         else:
             progress.update((next_window - start) * length)
     commit(end, "complete")

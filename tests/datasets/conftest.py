@@ -5,9 +5,8 @@ tokenizer, saved as a Hugging Face folder so subprocesses load it in a fraction 
 from __future__ import annotations
 
 import importlib
-import sqlite3
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -78,21 +77,12 @@ def tiny_model(tiny_model_dir: Path) -> HookedTransformer:
     return load_model(tiny_model_dir, device="cpu")
 
 
-def table_rows(path: Path) -> dict[str, list[tuple[Any, ...]]]:
-    """Every row of the store's data tables, in key order (metadata minus timestamps)."""
-    conn = sqlite3.connect(path)
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Tiny-model work runs on one torch thread: two threads only wait on each other there."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     try:
-        out = {
-            "components": conn.execute("SELECT * FROM components ORDER BY 1, 2, 3").fetchall(),
-            "samples": conn.execute("SELECT * FROM samples ORDER BY 1, 2, 3").fetchall(),
-            "windows": conn.execute("SELECT * FROM windows ORDER BY 1").fetchall(),
-            "vocabulary": conn.execute("SELECT * FROM vocabulary ORDER BY 1").fetchall(),
-        }
-        out["metadata"] = [
-            row
-            for row in conn.execute("SELECT * FROM metadata ORDER BY 1").fetchall()
-            if row[0] not in ("createdAt", "updatedAt")
-        ]
-        return out
+        yield
     finally:
-        conn.close()
+        torch.set_num_threads(threads)

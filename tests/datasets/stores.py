@@ -1,0 +1,27 @@
+"""Helpers for comparing stores."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+
+def table_rows(path: Path) -> dict[str, list[tuple[Any, ...]]]:
+    """Every row of the store's data tables, in key order (metadata minus timestamps)."""
+    conn = sqlite3.connect(path)
+    try:
+        out = {
+            "components": conn.execute("SELECT * FROM components ORDER BY 1, 2, 3").fetchall(),
+            "samples": conn.execute("SELECT * FROM samples ORDER BY 1, 2, 3").fetchall(),
+            "windows": conn.execute("SELECT * FROM windows ORDER BY 1").fetchall(),
+            "vocabulary": conn.execute("SELECT * FROM vocabulary ORDER BY 1").fetchall(),
+        }
+        out["metadata"] = [
+            row
+            for row in conn.execute("SELECT * FROM metadata ORDER BY 1").fetchall()
+            if row[0] not in ("createdAt", "updatedAt")
+        ]
+        return out
+    finally:
+        conn.close()
