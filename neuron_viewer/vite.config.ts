@@ -1,6 +1,8 @@
 import react from "@vitejs/plugin-react";
 import { defineConfig } from "vite";
 
+declare const process: { env: Record<string, string | undefined> };
+
 // The UI talks to the server it is served from; `npm run dev` proxies the API to a local server.
 const api = process.env.TDB_API ?? "http://127.0.0.1:8000";
 const apiPaths = [
@@ -21,5 +23,4 @@ export default defineConfig({
   plugins: [react()],
   build: { outDir: "dist", sourcemap: false, reportCompressedSize: true },
   server: { proxy: Object.fromEntries(apiPaths.map((p) => [p, api])) },
-  test: { include: ["src/**/*.test.ts"] },
 });

@@ -1,4 +1,5 @@
-"""Real servers for the API tests: `python -m activation_server` subprocesses on free local ports."""
+"""Real servers for the API and browser tests: `python -m activation_server` subprocesses on free
+local ports (the fixtures are in tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -9,13 +10,10 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
-
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 MAX_PROMPT_TOKENS = 1024
 
 
@@ -66,32 +64,3 @@ def stop_server(server: Server) -> None:
         server.process.wait(timeout=20)
     except subprocess.TimeoutExpired:
         server.process.kill()
-
-
-@pytest.fixture(scope="session")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """The default model on the CPU, prompts limited to MAX_PROMPT_TOKENS, CORS for one origin."""
-    log = tmp_path_factory.mktemp("server") / "server.log"
-    srv = start_server(
-        [
-            "--model",
-            "smollm2-135m",
-            "--device",
-            "cpu",
-            "--max-prompt-tokens",
-            str(MAX_PROMPT_TOKENS),
-            "--cors-origin",
-            "http://localhost:5173",
-        ],
-        log,
-    )
-    yield srv
-    stop_server(srv)
-
-
-@pytest.fixture(scope="session")
-def no_model_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    log = tmp_path_factory.mktemp("no_model") / "server.log"
-    srv = start_server(["--no-model"], log)
-    yield srv
-    stop_server(srv)

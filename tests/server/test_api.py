@@ -21,7 +21,7 @@ from neuron_explainer.activations import (
     SubResult,
 )
 from neuron_explainer.models import HookedTransformer
-from tests.server.conftest import MAX_PROMPT_TOKENS, Server
+from tests.servers import MAX_PROMPT_TOKENS, Server
 
 IOI = "When Mary and John went to the store, John gave a drink to"
 IOI_SWAPPED = "When John and Mary went to the store, Mary gave a drink to"

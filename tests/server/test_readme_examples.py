@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from tests.server.conftest import ROOT, Server
+from tests.servers import ROOT, Server
 
 README_URL = "http://127.0.0.1:8000"
 

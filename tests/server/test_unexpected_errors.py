@@ -16,7 +16,7 @@ import uvicorn
 
 from activation_server.app import create_app
 from activation_server.state import Settings
-from tests.server.conftest import free_port
+from tests.servers import free_port
 
 
 class Boom(Exception):

@@ -232,7 +232,7 @@ export interface components {
              * @default activation
              * @enum {string}
              */
-            metric: "activation" | "write_magnitude" | "direct_effect" | "estimated_total_effect";
+            metric?: "activation" | "write_magnitude" | "direct_effect" | "estimated_total_effect";
             /** Targettokens */
             targetTokens?: (string | number)[];
             /** Distractortokens */
@@ -241,14 +241,14 @@ export interface components {
              * Normalizebydatasetmax
              * @default false
              */
-            normalizeByDatasetMax: boolean;
+            normalizeByDatasetMax?: boolean;
             /** Datasetname */
             datasetName?: string | null;
             /**
              * Prependbos
              * @default false
              */
-            prependBos: boolean;
+            prependBos?: boolean;
         };
         /** DerivedAttentionScalarsResponse */
         DerivedAttentionScalarsResponse: {
@@ -289,23 +289,23 @@ export interface components {
              * @default mlp_neuron
              * @enum {string}
              */
-            nodeType: "mlp_neuron" | "embedding";
+            nodeType?: "mlp_neuron" | "embedding";
             /**
              * Layerindex
              * @default 0
              */
-            layerIndex: number;
+            layerIndex?: number;
             /**
              * Componentindex
              * @default 0
              */
-            componentIndex: number;
+            componentIndex?: number;
             /**
              * Metric
              * @default activation
              * @enum {string}
              */
-            metric: "activation" | "write_magnitude" | "direct_effect" | "estimated_total_effect";
+            metric?: "activation" | "write_magnitude" | "direct_effect" | "estimated_total_effect";
             /** Targettokens */
             targetTokens?: (string | number)[];
             /** Distractortokens */
@@ -314,14 +314,14 @@ export interface components {
              * Normalizebydatasetmax
              * @default false
              */
-            normalizeByDatasetMax: boolean;
+            normalizeByDatasetMax?: boolean;
             /** Datasetname */
             datasetName?: string | null;
             /**
              * Prependbos
              * @default false
              */
-            prependBos: boolean;
+            prependBos?: boolean;
         };
         /** DerivedScalarsResponse */
         DerivedScalarsResponse: {
@@ -363,12 +363,12 @@ export interface components {
              * @default activation
              * @enum {string}
              */
-            metric: "activation" | "write_magnitude" | "direct_effect" | "estimated_total_effect";
+            metric?: "activation" | "write_magnitude" | "direct_effect" | "estimated_total_effect";
             /**
              * Layerindex
              * @default 0
              */
-            layerIndex: number;
+            layerIndex?: number;
             /**
              * Componentindices
              * @description default: all components
@@ -395,13 +395,13 @@ export interface components {
              * Maxnewtokens
              * @default 20
              */
-            maxNewTokens: number;
+            maxNewTokens?: number;
             /**
              * Temperature
              * @description 0 = greedy
              * @default 0
              */
-            temperature: number;
+            temperature?: number;
             /** Topk */
             topK?: number | null;
             /** Topp */
@@ -417,7 +417,7 @@ export interface components {
              * Prependbos
              * @default false
              */
-            prependBos: boolean;
+            prependBos?: boolean;
         };
         /** GenerateResponse */
         GenerateResponse: {
@@ -438,7 +438,7 @@ export interface components {
              * @default ok
              * @constant
              */
-            status: "ok";
+            status?: "ok";
             /** Modelloaded */
             modelLoaded: boolean;
             /** Modelname */
@@ -450,13 +450,13 @@ export interface components {
              * @description engine passes run so far
              * @default 0
              */
-            batchesRun: number;
+            batchesRun?: number;
             /**
              * Requestsmerged
              * @description debugger requests that shared an engine pass with others
              * @default 0
              */
-            requestsMerged: number;
+            requestsMerged?: number;
         };
         /**
          * InferenceRequestSpec
@@ -477,7 +477,7 @@ export interface components {
              * @default logit_diff
              * @enum {string}
              */
-            lossFn: "logit_diff" | "logit_minus_mean" | "probs" | "zero";
+            lossFn?: "logit_diff" | "logit_minus_mean" | "probs" | "zero";
             /** Nodeablations */
             nodeAblations?: components["schemas"]["NodeAblationModel"][];
             upstreamNodeToTrace?: components["schemas"]["NodeToTraceModel"] | null;
@@ -486,7 +486,7 @@ export interface components {
              * Prependbos
              * @default false
              */
-            prependBos: boolean;
+            prependBos?: boolean;
         };
         /** ModelInfo */
         ModelInfo: {
@@ -531,7 +531,7 @@ export interface components {
              * @description the activation to set (0 removes the node's write)
              * @default 0
              */
-            value: number;
+            value?: number;
         };
         /**
          * NodeIndexModel
@@ -548,7 +548,7 @@ export interface components {
              * @description 0 for embeddings
              * @default 0
              */
-            layerIndex: number;
+            layerIndex?: number;
             /** Tokenindex */
             tokenIndex: number;
             /**
@@ -556,7 +556,7 @@ export interface components {
              * @description neuron, head or latent index
              * @default 0
              */
-            componentIndex: number;
+            componentIndex?: number;
             /**
              * Attendedtokenindex
              * @description attention head pairs only: the key token
@@ -650,7 +650,7 @@ export interface components {
              * K
              * @default 10
              */
-            k: number;
+            k?: number;
         };
         /** TdbSubRequest */
         TdbSubRequest: {
@@ -668,7 +668,7 @@ export interface components {
              * @default logit_diff
              * @enum {string}
              */
-            lossFn: "logit_diff" | "logit_minus_mean" | "probs" | "zero";
+            lossFn?: "logit_diff" | "logit_minus_mean" | "probs" | "zero";
             /** Nodeablations */
             nodeAblations?: components["schemas"]["NodeAblationModel"][];
             upstreamNodeToTrace?: components["schemas"]["NodeToTraceModel"] | null;
@@ -677,35 +677,35 @@ export interface components {
              * Prependbos
              * @default false
              */
-            prependBos: boolean;
+            prependBos?: boolean;
             /**
              * Componenttypeformlp
              * @default neuron
              * @enum {string}
              */
-            componentTypeForMlp: "neuron" | "autoencoder_latent";
+            componentTypeForMlp?: "neuron" | "autoencoder_latent";
             /**
              * Componenttypeforattention
              * @default attention_head
              * @enum {string}
              */
-            componentTypeForAttention: "attention_head" | "autoencoder_latent";
+            componentTypeForAttention?: "attention_head" | "autoencoder_latent";
             /**
              * Topandbottomkfornodetable
              * @default 10
              */
-            topAndBottomKForNodeTable: number;
+            topAndBottomKForNodeTable?: number;
             /**
              * Tokenviewk
              * @default 10
              */
-            tokenViewK: number;
+            tokenViewK?: number;
             /**
              * Tokenviews
              * @description compute token-space views of the table's nodes
              * @default true
              */
-            tokenViews: boolean;
+            tokenViews?: boolean;
         };
         /** TdbSubResponse */
         TdbSubResponse: {
@@ -790,7 +790,7 @@ export interface components {
              * Prependbos
              * @default false
              */
-            prependBos: boolean;
+            prependBos?: boolean;
         };
         /** TokenizeResponse */
         TokenizeResponse: {
@@ -817,7 +817,7 @@ export interface components {
              *       "attention_head"
              *     ]
              */
-            nodeTypes: ("embedding" | "mlp_neuron" | "attention_head")[];
+            nodeTypes?: ("embedding" | "mlp_neuron" | "attention_head")[];
             /**
              * Metrics
              * @default [
@@ -827,12 +827,12 @@ export interface components {
              *       "estimated_total_effect"
              *     ]
              */
-            metrics: ("activation" | "write_magnitude" | "direct_effect" | "estimated_total_effect")[];
+            metrics?: ("activation" | "write_magnitude" | "direct_effect" | "estimated_total_effect")[];
             /**
              * K
              * @default 10
              */
-            k: number;
+            k?: number;
         };
     };
     responses: never;

@@ -48,19 +48,31 @@ describe("node table diffing", () => {
 
   it("filters by node type and layer", () => {
     const rows = alignRows(left, null);
-    expect(filterRows(rows, { nodeTypes: new Set(["attention_head"]), layer: null })).toHaveLength(1);
-    expect(filterRows(rows, { nodeTypes: new Set(), layer: 2 }).map((r) => r.key)).toEqual(["mlp:2:1:9"]);
+    expect(filterRows(rows, { nodeTypes: new Set(["attention_head"]), layer: null })).toHaveLength(
+      1,
+    );
+    expect(filterRows(rows, { nodeTypes: new Set(), layer: 2 }).map((r) => r.key)).toEqual([
+      "mlp:2:1:9",
+    ]);
   });
 
   it("keeps the top and bottom k of every column", () => {
     const many = Array.from({ length: 20 }, (_, i) => row(neuron(0, i), i - 10, 1));
-    const kept = topKPerColumn(alignRows(many, null), 2, "left");
+    const kept = topKPerColumn(alignRows(many, null), 2, ["left"]);
     const des = kept.map((r) => r.left?.directEffect);
     expect(des).toContain(9);
     expect(des).toContain(8);
     expect(des).toContain(-10);
     expect(des).toContain(-9);
     expect(des).not.toContain(0);
+  });
+
+  it("keeps a row that is top on the right side only (an ablated node is 0 on the left)", () => {
+    const l = Array.from({ length: 5 }, (_, i) => row(neuron(0, i), i, i === 0 ? 0 : 1));
+    const r = Array.from({ length: 5 }, (_, i) => row(neuron(0, i), i, i === 0 ? 10 : 1));
+    const keys = (sides: ("left" | "right" | "diff")[]) =>
+      topKPerColumn(alignRows(l, r), 1, sides).map((x) => x.key);
+    expect(keys(["left", "diff", "right"])).toContain("mlp:0:1:0");
   });
 
   it("exports CSV with quoted tokens and one column per metric and side", () => {

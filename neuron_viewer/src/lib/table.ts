@@ -3,7 +3,12 @@
 import type { NodeIndex, NodeRow } from "../api/types";
 import { componentName, nodeKey } from "./nodes";
 
-export const METRICS = ["activation", "writeMagnitude", "directEffect", "estimatedTotalEffect"] as const;
+export const METRICS = [
+  "activation",
+  "writeMagnitude",
+  "directEffect",
+  "estimatedTotalEffect",
+] as const;
 export type Metric = (typeof METRICS)[number];
 export const SIGNED: Record<Metric, boolean> = {
   activation: true,
@@ -30,7 +35,8 @@ export interface TableRow {
 /** Rows of both sides keyed by node, in the left side's order, then nodes only on the right. */
 export function alignRows(left: NodeRow[], right: NodeRow[] | null): TableRow[] {
   const byKey = new Map<string, TableRow>();
-  for (const r of left) byKey.set(nodeKey(r.node), { key: nodeKey(r.node), node: r.node, left: r, right: null });
+  for (const r of left)
+    byKey.set(nodeKey(r.node), { key: nodeKey(r.node), node: r.node, left: r, right: null });
   for (const r of right ?? []) {
     const key = nodeKey(r.node);
     const row = byKey.get(key);
@@ -79,14 +85,19 @@ export function filterRows(rows: TableRow[], f: Filter): TableRow[] {
   );
 }
 
-/** The union over columns of the top k (and bottom k for signed metrics) rows of that column. */
-export function topKPerColumn(rows: TableRow[], k: number, side: Side): TableRow[] {
+/** The union over columns (every metric on every side given) of the top k rows of that column,
+ * and the bottom k for signed metrics. */
+export function topKPerColumn(rows: TableRow[], k: number, sides: Side[]): TableRow[] {
   const keep = new Set<string>();
-  for (const metric of METRICS) {
-    const valued = rows.filter((r) => metricValue(r, metric, side) != null);
-    const sorted = sortRows(valued, { metric, side, descending: true });
-    sorted.slice(0, k).forEach((r) => keep.add(r.key));
-    if (SIGNED[metric]) sorted.slice(Math.max(k, sorted.length - k)).forEach((r) => keep.add(r.key));
+  for (const side of sides) {
+    for (const metric of METRICS) {
+      const valued = rows.filter((r) => metricValue(r, metric, side) != null);
+      const sorted = sortRows(valued, { metric, side, descending: true });
+      sorted.slice(0, k).forEach((r) => keep.add(r.key));
+      if (SIGNED[metric] || side === "diff") {
+        sorted.slice(Math.max(k, sorted.length - k)).forEach((r) => keep.add(r.key));
+      }
+    }
   }
   return rows.filter((r) => keep.has(r.key));
 }

@@ -1,11 +1,7 @@
 // How tokens are shown: whitespace made visible so " Paris" and "Paris" differ at a glance.
 
 export function displayToken(text: string): string {
-  return text
-    .replace(/ /g, "·")
-    .replace(/\n/g, "↵")
-    .replace(/\t/g, "⇥")
-    .replace(/\r/g, "␍");
+  return text.replace(/ /g, "·").replace(/\n/g, "↵").replace(/\t/g, "⇥").replace(/\r/g, "␍");
 }
 
 /** Warnings for a target/distractor token typed by the user, before the server is asked. */

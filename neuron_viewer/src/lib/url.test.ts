@@ -8,18 +8,42 @@ const full: DebuggerState = {
   secondPrompt: "When John and Mary went to the store, Mary gave a drink to",
   ablations: [
     {
-      node: { nodeType: "attention_head", layerIndex: 23, tokenIndex: 13, componentIndex: 4, attendedTokenIndex: 1 },
+      node: {
+        nodeType: "attention_head",
+        layerIndex: 23,
+        tokenIndex: 13,
+        componentIndex: 4,
+        attendedTokenIndex: 1,
+      },
       value: 0,
     },
     {
-      node: { nodeType: "mlp_neuron", layerIndex: 5, tokenIndex: 2, componentIndex: 123, attendedTokenIndex: null },
+      node: {
+        nodeType: "mlp_neuron",
+        layerIndex: 5,
+        tokenIndex: 2,
+        componentIndex: 123,
+        attendedTokenIndex: null,
+      },
       value: -1.5,
     },
   ],
   trace: {
-    node: { nodeType: "attention_head", layerIndex: 20, tokenIndex: 13, componentIndex: 1, attendedTokenIndex: 3 },
+    node: {
+      nodeType: "attention_head",
+      layerIndex: 20,
+      tokenIndex: 13,
+      componentIndex: 1,
+      attendedTokenIndex: 3,
+    },
     attentionTraceType: "value",
-    downstream: { nodeType: "mlp_neuron", layerIndex: 25, tokenIndex: 13, componentIndex: 7, attendedTokenIndex: null },
+    downstream: {
+      nodeType: "mlp_neuron",
+      layerIndex: 25,
+      tokenIndex: 13,
+      componentIndex: 7,
+      attendedTokenIndex: null,
+    },
   },
   topK: 25,
 };

@@ -1,0 +1,61 @@
+import { lazy, Suspense, useEffect, useState } from "react";
+import { api } from "./api/client";
+import type { ModelInfo } from "./api/types";
+import Home from "./pages/Home";
+import { linkClick, useLocation } from "./router";
+
+// The debugger and node pages load on demand, keeping the initial bundle small.
+const Debugger = lazy(() => import("./pages/Debugger"));
+const NodePage = lazy(() => import("./pages/NodePage"));
+
+export type ModelState = { info: ModelInfo | null; error: string | null };
+
+export default function App() {
+  const { pathname } = useLocation();
+  const [model, setModel] = useState<ModelState>({ info: null, error: null });
+  useEffect(() => {
+    api
+      .modelInfo()
+      .then((info) => setModel({ info, error: null }))
+      .catch((e: Error) => setModel({ info: null, error: e.message }));
+  }, []);
+
+  const parts = pathname.split("/").filter(Boolean).map(decodeURIComponent);
+  let page;
+  if (pathname === "/" || pathname === "") page = <Home model={model} />;
+  else if (parts[0] === "debugger") page = <Debugger model={model} />;
+  else if (parts.length === 4) {
+    page = (
+      <NodePage
+        model={model}
+        modelName={parts[0]}
+        nodeType={parts[1]}
+        layer={parts[2]}
+        index={parts[3]}
+      />
+    );
+  } else page = <p className="error">No page at {pathname}.</p>;
+
+  return (
+    <div className="app">
+      <header className="topbar">
+        <a href="/" onClick={linkClick} className="brand">
+          Transformer debugger
+        </a>
+        <nav>
+          <a href="/debugger" onClick={linkClick}>
+            Debugger
+          </a>
+        </nav>
+        <span className="model-name" data-testid="model-name">
+          {model.info
+            ? `${model.info.name} · ${model.info.device}`
+            : (model.error ?? "connecting…")}
+        </span>
+      </header>
+      <main>
+        <Suspense fallback={<p className="loading">Loading…</p>}>{page}</Suspense>
+      </main>
+    </div>
+  );
+}

@@ -1,0 +1,94 @@
+// Calls to the activation server. The base URL is the page's own origin unless set at runtime
+// (`?api=http://host:port` once, remembered in localStorage): nothing is baked in at build time.
+import type {
+  BatchedRequest,
+  BatchedResponse,
+  BatchedTdbRequest,
+  BatchedTdbResponse,
+  DerivedAttentionScalarsResponse,
+  DerivedScalarsResponse,
+  ErrorResponse,
+  HealthResponse,
+  ModelInfo,
+  TokenizeResponse,
+} from "./types";
+
+const STORAGE_KEY = "tdb.apiBase";
+
+export function apiBase(): string {
+  const fromUrl = new URLSearchParams(window.location.search).get("api");
+  if (fromUrl) {
+    window.localStorage.setItem(STORAGE_KEY, fromUrl);
+    return fromUrl.replace(/\/$/, "");
+  }
+  return (window.localStorage.getItem(STORAGE_KEY) ?? window.location.origin).replace(/\/$/, "");
+}
+
+/** An error answer from the server (or no answer), with the server's own message. */
+export class ApiError extends Error {
+  status: number;
+  requestId: string | null;
+  detail: unknown;
+  constructor(
+    status: number,
+    message: string,
+    requestId: string | null = null,
+    detail: unknown = null,
+  ) {
+    super(message);
+    this.status = status;
+    this.requestId = requestId;
+    this.detail = detail;
+  }
+}
+
+async function call<T>(
+  method: "GET" | "POST",
+  path: string,
+  body?: unknown,
+  signal?: AbortSignal,
+): Promise<T> {
+  let resp: Response;
+  try {
+    resp = await fetch(apiBase() + path, {
+      method,
+      headers: body === undefined ? {} : { "content-type": "application/json" },
+      body: body === undefined ? undefined : JSON.stringify(body),
+      signal,
+    });
+  } catch (e) {
+    if ((e as Error).name === "AbortError") throw e;
+    throw new ApiError(0, `cannot reach the server at ${apiBase()}: ${(e as Error).message}`);
+  }
+  const text = await resp.text();
+  if (!resp.ok) {
+    let err: Partial<ErrorResponse>;
+    try {
+      err = JSON.parse(text) as ErrorResponse;
+    } catch {
+      err = { message: text || resp.statusText };
+    }
+    throw new ApiError(
+      resp.status,
+      err.message ?? `HTTP ${resp.status}`,
+      err.requestId ?? null,
+      err.detail,
+    );
+  }
+  return JSON.parse(text) as T;
+}
+
+export const api = {
+  health: (signal?: AbortSignal) => call<HealthResponse>("GET", "/health", undefined, signal),
+  modelInfo: (signal?: AbortSignal) => call<ModelInfo>("GET", "/model_info", undefined, signal),
+  tokenize: (text: string, signal?: AbortSignal) =>
+    call<TokenizeResponse>("POST", "/tokenize", { text }, signal),
+  batchedTdb: (body: BatchedTdbRequest, signal?: AbortSignal) =>
+    call<BatchedTdbResponse>("POST", "/batched_tdb", body, signal),
+  batched: (body: BatchedRequest, signal?: AbortSignal) =>
+    call<BatchedResponse>("POST", "/batched", body, signal),
+  derivedScalars: (body: unknown, signal?: AbortSignal) =>
+    call<DerivedScalarsResponse>("POST", "/derived_scalars", body, signal),
+  derivedAttentionScalars: (body: unknown, signal?: AbortSignal) =>
+    call<DerivedAttentionScalarsResponse>("POST", "/derived_attention_scalars", body, signal),
+};

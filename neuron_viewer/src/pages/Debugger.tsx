@@ -1,0 +1,548 @@
+import { useEffect, useMemo, useRef, useState } from "react";
+import type { ModelState } from "../App";
+import { api, ApiError } from "../api/client";
+import type {
+  AttentionTraceType,
+  BatchedTdbResponse,
+  NodeIndex,
+  TdbSubRequest,
+  TdbSubResponse,
+} from "../api/types";
+import { Card } from "../components/Card";
+import { download, JsonInspector } from "../components/JsonInspector";
+import { NodeTable } from "../components/NodeTable";
+import { TokenHeatmap, TokenTable } from "../components/Tokens";
+import { LatestOnly } from "../lib/latest";
+import { describeNode, nodeKey, sameNode } from "../lib/nodes";
+import { alignRows, toCsv } from "../lib/table";
+import { differingPositions, displayToken, tokenWarnings } from "../lib/tokens";
+import { paramsToState, stateToParams, type DebuggerState, type Trace } from "../lib/url";
+import { navigate, useLocation } from "../router";
+
+interface Sides {
+  requests: TdbSubRequest[];
+  right: "prompt2" | "baseline" | null;
+}
+
+/** The sub-requests for a state: left; right = second prompt, or the unablated baseline. */
+export function buildRequest(s: DebuggerState): Sides {
+  const trace = s.trace;
+  const base = (prompt: string, withAblations: boolean): TdbSubRequest => ({
+    prompt,
+    targetTokens: s.targets,
+    distractorTokens: s.distractors,
+    lossFn: s.targets.length ? "logit_diff" : "zero",
+    topAndBottomKForNodeTable: s.topK,
+    nodeAblations: withAblations ? s.ablations : [],
+    upstreamNodeToTrace: trace
+      ? { node: trace.node, attentionTraceType: trace.attentionTraceType }
+      : null,
+    downstreamNodeToTrace: trace?.downstream
+      ? { node: trace.downstream, attentionTraceType: null }
+      : null,
+  });
+  const requests = [base(s.prompt, true)];
+  if (s.secondPrompt != null && s.secondPrompt !== "") {
+    requests.push(base(s.secondPrompt, true));
+    return { requests, right: "prompt2" };
+  }
+  if (s.ablations.length) {
+    requests.push(base(s.prompt, false));
+    return { requests, right: "baseline" };
+  }
+  return { requests, right: null };
+}
+
+/** Which side a server error belongs to, from the field it names ("subRequests[1]...."). */
+export function errorSide(message: string): "left" | "right" | "both" {
+  const m = /^subRequests\[(\d+)\]/.exec(message);
+  if (!m) return "both";
+  return m[1] === "0" ? "left" : "right";
+}
+
+function useTokenize(text: string): { tokens: string[]; ids: number[] } | null {
+  const [out, setOut] = useState<{ tokens: string[]; ids: number[] } | null>(null);
+  const latest = useRef(new LatestOnly());
+  useEffect(() => {
+    if (!text) {
+      latest.current.run(async () => null); // cancel any pending tokenization
+      return;
+    }
+    const timer = setTimeout(async () => {
+      const r = await latest.current.run((signal) => api.tokenize(text, signal));
+      if (!r.stale && r.value) setOut({ tokens: r.value.tokenStrings, ids: r.value.tokenIds });
+    }, 200);
+    return () => clearTimeout(timer);
+  }, [text]);
+  return text ? out : null;
+}
+
+function TokenInput(props: {
+  label: string;
+  tokens: string[];
+  onChange: (t: string[]) => void;
+  testId: string;
+}) {
+  const [draft, setDraft] = useState("");
+  const add = () => {
+    if (!draft) return;
+    props.onChange([...props.tokens, draft]);
+    setDraft("");
+  };
+  return (
+    <div className="token-input" data-testid={props.testId}>
+      <span className="label">{props.label}</span>
+      {props.tokens.map((t, i) => (
+        <TokenChip
+          key={`${t}:${i}`}
+          token={t}
+          onRemove={() => props.onChange(props.tokens.filter((_, j) => j !== i))}
+        />
+      ))}
+      <input
+        value={draft}
+        placeholder="add a token, e.g. ␣Paris"
+        aria-label={`add ${props.label}`}
+        onChange={(e) => setDraft(e.target.value)}
+        onKeyDown={(e) => {
+          if (e.key === "Enter" && !(e.ctrlKey || e.metaKey)) {
+            e.preventDefault();
+            add();
+          }
+        }}
+        onBlur={add}
+      />
+    </div>
+  );
+}
+
+function TokenChip({ token, onRemove }: { token: string; onRemove: () => void }) {
+  const tok = useTokenize(token);
+  const warnings = tokenWarnings(token, tok ? tok.ids : null);
+  return (
+    <span className={"chip" + (warnings.length ? " warn" : "")} title={warnings.join("; ")}>
+      <code>{displayToken(token)}</code>
+      {warnings.length > 0 && <span className="warning-text"> ⚠ {warnings.join("; ")}</span>}
+      <button aria-label={`remove ${token}`} onClick={onRemove}>
+        ×
+      </button>
+    </span>
+  );
+}
+
+function same(a: DebuggerState, b: DebuggerState): boolean {
+  return stateToParams(a).toString() === stateToParams(b).toString();
+}
+
+export default function Debugger({ model }: { model: ModelState }) {
+  const { search } = useLocation();
+  const state = useMemo(() => paramsToState(new URLSearchParams(search)), [search]);
+  const [draft, setDraft] = useState<DebuggerState>(state);
+  const [result, setResult] = useState<{
+    request: Sides;
+    response: BatchedTdbResponse;
+    query: string;
+  } | null>(null);
+  const [loading, setLoading] = useState(false);
+  const [error, setError] = useState<{ message: string; side: "left" | "right" | "both" } | null>(
+    null,
+  );
+  const latest = useRef(new LatestOnly());
+  const promptTokens = useTokenize(draft.prompt);
+  const prompt2Tokens = useTokenize(draft.secondPrompt ?? "");
+
+  // The URL is the source of truth: when it changes (submit, back/forward, reload), adopt it.
+  useEffect(() => setDraft(state), [state]);
+
+  useEffect(() => {
+    if (!state.prompt) {
+      setResult(null);
+      return;
+    }
+    const request = buildRequest(state);
+    setLoading(true);
+    latest.current
+      .run((signal) => api.batchedTdb({ subRequests: request.requests }, signal))
+      .then((r) => {
+        if (r.stale) return;
+        setLoading(false);
+        if (r.value) {
+          setResult({ request, response: r.value, query: stateToParams(state).toString() });
+          setError(null);
+        } else {
+          const message =
+            r.error instanceof ApiError || r.error instanceof Error
+              ? r.error.message
+              : String(r.error);
+          setError({ message, side: errorSide(message) });
+        }
+      });
+  }, [state]);
+
+  const commit = (next: DebuggerState) => {
+    if (!same(next, state)) navigate(`/debugger?${stateToParams(next)}`);
+  };
+  const submit = () => commit(draft);
+
+  const left = result?.response.subResponses[0] ?? null;
+  const right = result?.response.subResponses[1] ?? null;
+  const rightLabel = result?.request.right === "baseline" ? "Baseline (no ablations)" : "Right";
+  const rows = useMemo(
+    () => (left ? alignRows(left.nodeTable, right?.nodeTable ?? null) : []),
+    [left, right],
+  );
+  const tokens = left?.tokenStrings ?? [];
+  const modelName = model.info?.name ?? "model";
+
+  const actions = {
+    ablate: (node: NodeIndex) => {
+      if (state.ablations.some((a) => sameNode(a.node, node))) return;
+      commit({ ...state, ablations: [...state.ablations, { node, value: 0 }] });
+    },
+    trace: (node: NodeIndex, type: AttentionTraceType | null) =>
+      commit({ ...state, trace: { node, attentionTraceType: type, downstream: null } }),
+    setDownstream:
+      state.trace?.attentionTraceType === "value"
+        ? (node: NodeIndex) =>
+            commit({ ...state, trace: { ...(state.trace as Trace), downstream: node } })
+        : undefined,
+  };
+
+  return (
+    <div className="debugger">
+      <Card title="Prompt" testId="prompt-card">
+        <div className={draft.secondPrompt != null ? "two-col" : ""}>
+          <div>
+            <textarea
+              value={draft.prompt}
+              rows={3}
+              placeholder="Type a prompt, then Submit (Ctrl/Cmd+Enter)"
+              aria-label="prompt"
+              onChange={(e) => setDraft({ ...draft, prompt: e.target.value })}
+              onKeyDown={(e) => {
+                if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) submit();
+              }}
+            />
+            {promptTokens && (
+              <div className="live-tokens" data-testid="live-tokens">
+                <TokenHeatmap tokens={promptTokens.tokens} values={[]} />
+                <span className="muted">{promptTokens.tokens.length} tokens</span>
+              </div>
+            )}
+          </div>
+          {draft.secondPrompt != null && (
+            <div>
+              <textarea
+                value={draft.secondPrompt}
+                rows={3}
+                placeholder="Second prompt (shown as Right)"
+                aria-label="second prompt"
+                onChange={(e) => setDraft({ ...draft, secondPrompt: e.target.value })}
+                onKeyDown={(e) => {
+                  if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) submit();
+                }}
+              />
+              {prompt2Tokens && <TokenHeatmap tokens={prompt2Tokens.tokens} values={[]} />}
+            </div>
+          )}
+        </div>
+        <TokenInput
+          label="Targets"
+          tokens={draft.targets}
+          onChange={(t) => setDraft({ ...draft, targets: t })}
+          testId="targets"
+        />
+        <TokenInput
+          label="Distractors"
+          tokens={draft.distractors}
+          onChange={(t) => setDraft({ ...draft, distractors: t })}
+          testId="distractors"
+        />
+        <div className="row">
+          <button className="primary" onClick={submit} disabled={!draft.prompt}>
+            Submit
+          </button>
+          <button
+            onClick={() =>
+              setDraft({ ...draft, targets: draft.distractors, distractors: draft.targets })
+            }
+          >
+            Swap targets and distractors
+          </button>
+          {draft.secondPrompt == null ? (
+            <button onClick={() => setDraft({ ...draft, secondPrompt: draft.prompt })}>
+              Add second prompt
+            </button>
+          ) : (
+            <button onClick={() => setDraft({ ...draft, secondPrompt: null })}>
+              Remove second prompt
+            </button>
+          )}
+          <label>
+            top k
+            <input
+              className="narrow"
+              type="number"
+              min={1}
+              max={1000}
+              value={draft.topK}
+              aria-label="top k"
+              onChange={(e) =>
+                setDraft({
+                  ...draft,
+                  topK: Math.max(1, Math.min(1000, Number(e.target.value) || 1)),
+                })
+              }
+            />
+          </label>
+        </div>
+      </Card>
+
+      {(state.ablations.length > 0 || state.trace) && (
+        <div className="two-col">
+          {state.ablations.length > 0 && (
+            <Card title="Ablations" testId="ablations">
+              <table className="small">
+                <thead>
+                  <tr>
+                    <th>node</th>
+                    <th>value</th>
+                    <th />
+                  </tr>
+                </thead>
+                <tbody>
+                  {state.ablations.map((a, i) => (
+                    <tr key={nodeKey(a.node)}>
+                      <td>{describeNode(a.node, tokens)}</td>
+                      <td className="num">{a.value ?? 0}</td>
+                      <td>
+                        <button
+                          onClick={() =>
+                            commit({
+                              ...state,
+                              ablations: state.ablations.filter((_, j) => j !== i),
+                            })
+                          }
+                        >
+                          remove
+                        </button>
+                      </td>
+                    </tr>
+                  ))}
+                </tbody>
+              </table>
+              <button onClick={() => commit({ ...state, ablations: [] })}>clear all</button>
+            </Card>
+          )}
+          {state.trace && (
+            <Card title="Trace" testId="trace">
+              <p className="trace-sentence" data-testid="trace-sentence">
+                {left?.traceDescription ?? `What caused ${describeNode(state.trace.node, tokens)}?`}
+              </p>
+              {state.trace.attentionTraceType === "value" && (
+                <p className="muted">
+                  {state.trace.downstream
+                    ? `Downstream node: ${describeNode(state.trace.downstream, tokens)}`
+                    : "Through the value to the loss; pick a downstream node from a row's actions menu."}
+                </p>
+              )}
+              <button onClick={() => commit({ ...state, trace: null })}>clear trace</button>
+            </Card>
+          )}
+        </div>
+      )}
+
+      {error && (
+        <p className="error" role="alert" data-testid={`error-${error.side}`}>
+          {error.side === "both" ? "" : error.side === "left" ? "Left: " : `${rightLabel}: `}
+          {error.message}
+        </p>
+      )}
+
+      {left && result && (
+        <div
+          data-testid="results"
+          data-query={result.query}
+          data-loading={loading ? "true" : "false"}
+        >
+          <div className="two-col">
+            <Card
+              title="Direction of interest"
+              loading={loading}
+              testId="summary"
+              actions={
+                <JsonInspector
+                  request={{ subRequests: result.request.requests }}
+                  response={result.response}
+                />
+              }
+            >
+              <Summary left={left} right={right} rightLabel={rightLabel} state={state} />
+            </Card>
+            <Card title="Next-token candidates" loading={loading} testId="candidates">
+              <Candidates side={left} label={right ? "Left" : ""} />
+              {right && <Candidates side={right} label={rightLabel} />}
+            </Card>
+          </div>
+          <Card title="Tokens" loading={loading}>
+            <TokenTable
+              sides={[
+                { label: right ? "Left" : "", tokens: left.tokenStrings, ids: left.tokenIds },
+                ...(right && result.request.right === "prompt2"
+                  ? [{ label: "Right", tokens: right.tokenStrings, ids: right.tokenIds }]
+                  : []),
+              ]}
+              differ={
+                right && result.request.right === "prompt2"
+                  ? differingPositions(left.tokenStrings, right.tokenStrings)
+                  : new Set()
+              }
+            />
+          </Card>
+          <Card
+            title="Token effects (estimated total effect per token)"
+            loading={loading}
+            testId="heatmaps"
+          >
+            <Heatmaps side={left} />
+          </Card>
+          <Card
+            title="Nodes"
+            loading={loading}
+            testId="nodes-card"
+            actions={
+              <>
+                <button
+                  onClick={() =>
+                    download("nodes.csv", toCsv(rows, tokens, right != null), "text/csv")
+                  }
+                >
+                  CSV
+                </button>
+                <button onClick={() => download("nodes.json", JSON.stringify(rows, null, 2))}>
+                  JSON
+                </button>
+              </>
+            }
+          >
+            <NodeTable
+              rows={rows}
+              tokens={tokens}
+              twoSides={right != null}
+              modelName={modelName}
+              prompt={state.prompt}
+              actions={actions}
+            />
+          </Card>
+        </div>
+      )}
+      {loading && !left && <p className="loading">Running the model…</p>}
+    </div>
+  );
+}
+
+function Summary(props: {
+  left: TdbSubResponse;
+  right: TdbSubResponse | null;
+  rightLabel: string;
+  state: DebuggerState;
+}) {
+  const { left, right } = props;
+  const what = props.state.trace
+    ? "the traced node's pre-activation"
+    : props.state.targets.length
+      ? `logit(${props.state.targets.join(", ")})` +
+        (props.state.distractors.length ? ` − logit(${props.state.distractors.join(", ")})` : "")
+      : "none (no targets)";
+  return (
+    <div data-testid="direction-values">
+      <p className="muted">D = {what}</p>
+      <table className="small">
+        <tbody>
+          <tr>
+            <th>{right ? "Left" : "D"}</th>
+            <td className="num" data-testid="d-left">
+              {left.directionValue.toFixed(4)}
+            </td>
+          </tr>
+          {right && (
+            <>
+              <tr>
+                <th>{props.rightLabel}</th>
+                <td className="num" data-testid="d-right">
+                  {right.directionValue.toFixed(4)}
+                </td>
+              </tr>
+              <tr>
+                <th>Diff</th>
+                <td className="num" data-testid="d-diff">
+                  {(left.directionValue - right.directionValue).toFixed(4)}
+                </td>
+              </tr>
+            </>
+          )}
+        </tbody>
+      </table>
+    </div>
+  );
+}
+
+function Candidates({ side, label }: { side: TdbSubResponse; label: string }) {
+  const ref = side.targetTokens[0]?.score ?? null;
+  const pinned = [
+    ...side.targetTokens.map((t) => ({ ...t, kind: "target" })),
+    ...side.distractorTokens.map((t) => ({ ...t, kind: "distractor" })),
+  ];
+  const rows = [...pinned, ...side.topOutputTokens.slice(0, 10).map((t) => ({ ...t, kind: "" }))];
+  return (
+    <div className="candidates">
+      {label && <h3>{label}</h3>}
+      <table className="small">
+        <thead>
+          <tr>
+            <th>token</th>
+            <th>p</th>
+            <th>logit</th>
+            {ref != null && <th>vs first target</th>}
+          </tr>
+        </thead>
+        <tbody>
+          {rows.map((t, i) => (
+            <tr key={i} className={t.kind}>
+              <td>
+                <code>{displayToken(t.text)}</code>{" "}
+                {t.kind && <span className="muted">{t.kind}</span>}
+              </td>
+              <td className="num">{t.probability != null ? t.probability.toFixed(3) : ""}</td>
+              <td className="num">{t.score.toFixed(2)}</td>
+              {ref != null && <td className="num">{(t.score - ref).toFixed(2)}</td>}
+            </tr>
+          ))}
+        </tbody>
+      </table>
+    </div>
+  );
+}
+
+function Heatmaps({ side }: { side: TdbSubResponse }) {
+  const maps: [string, string][] = [
+    ["embedding", "Embeddings"],
+    ["mlp_neuron", "MLP neurons"],
+    ["attention_head_attended_from", "Attention (attended from)"],
+    ["attention_head_attended_to", "Attention (attended to)"],
+  ];
+  return (
+    <div className="heatmaps">
+      {maps.map(([key, label]) => {
+        const values = side.tokenSums[key]?.estimatedTotalEffect;
+        if (!values) return null;
+        return (
+          <div key={key} className="heatmap-row">
+            <span className="label">{label}</span>
+            <TokenHeatmap tokens={side.tokenStrings} values={values} />
+          </div>
+        );
+      })}
+    </div>
+  );
+}

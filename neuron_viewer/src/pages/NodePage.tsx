@@ -1,0 +1,315 @@
+import { useEffect, useRef, useState } from "react";
+import type { ModelState } from "../App";
+import { api } from "../api/client";
+import type {
+  BatchedResponse,
+  DerivedAttentionScalarsResponse,
+  DerivedScalarsResponse,
+  NodeIndex,
+} from "../api/types";
+import { Card } from "../components/Card";
+import { TokenHeatmap } from "../components/Tokens";
+import { maxAbs } from "../lib/colors";
+import { LatestOnly } from "../lib/latest";
+import { componentName } from "../lib/nodes";
+import { displayToken } from "../lib/tokens";
+import { navigate, useLocation } from "../router";
+
+type Kind = "mlp_neuron" | "attention_head";
+type Activations =
+  | { kind: "mlp_neuron"; data: DerivedScalarsResponse }
+  | { kind: "attention_head"; data: DerivedAttentionScalarsResponse };
+
+async function activations(
+  kind: Kind,
+  layer: number,
+  index: number,
+  prompt: string,
+  signal: AbortSignal,
+): Promise<Activations> {
+  if (kind === "mlp_neuron") {
+    const data = await api.derivedScalars(
+      { prompt, nodeType: "mlp_neuron", layerIndex: layer, componentIndex: index },
+      signal,
+    );
+    return { kind, data };
+  }
+  const data = await api.derivedAttentionScalars(
+    { prompt, layerIndex: layer, headIndex: index },
+    signal,
+  );
+  return { kind, data };
+}
+
+/** A prompt's activations: per token for neurons; for heads, hover a token to see its attention. */
+function ActivationView({ acts }: { acts: Activations }) {
+  const [hover, setHover] = useState<number | null>(null);
+  if (acts.kind === "mlp_neuron") {
+    const v = acts.data.values;
+    const top = v.reduce((b, x, i) => (x > v[b] ? i : b), 0);
+    return (
+      <div data-testid="activations">
+        <TokenHeatmap tokens={acts.data.tokenStrings} values={v} onHover={setHover} />
+        <p className="muted">
+          max {v[top]?.toFixed(3)} at {displayToken(acts.data.tokenStrings[top] ?? "")} ({top})
+          {hover != null && ` · token ${hover}: ${v[hover]?.toFixed(4)}`}
+        </p>
+      </div>
+    );
+  }
+  const rows = acts.data.values;
+  const n = rows.length;
+  // Hovering token q shows what it attends to (its row); otherwise each token's strongest pair.
+  const values =
+    hover == null
+      ? acts.data.maxOut
+      : Array.from({ length: n }, (_, k) => (k <= hover ? rows[hover][k] : k === hover ? 0 : null));
+  return (
+    <div data-testid="activations">
+      <TokenHeatmap
+        tokens={acts.data.tokenStrings}
+        values={values}
+        scale={maxAbs(rows.flat())}
+        onHover={setHover}
+        highlight={hover != null ? new Set([hover]) : undefined}
+      />
+      <p className="muted">
+        {hover == null
+          ? "colour: each query token's strongest attention; hover a token to see what it attends to"
+          : `token ${hover} attends to (colour)`}
+      </p>
+    </div>
+  );
+}
+
+function useActivations(kind: Kind, layer: number, index: number, prompt: string) {
+  const [state, setState] = useState<{
+    acts: Activations | null;
+    error: string | null;
+    loading: boolean;
+  }>({ acts: null, error: null, loading: false });
+  const latest = useRef(new LatestOnly());
+  useEffect(() => {
+    if (!prompt) return;
+    setState((s) => ({ ...s, loading: true }));
+    latest.current
+      .run((signal) => activations(kind, layer, index, prompt, signal))
+      .then((r) => {
+        if (r.stale) return;
+        setState({
+          acts: r.value ?? null,
+          error: r.value ? null : (r.error as Error).message,
+          loading: false,
+        });
+      });
+  }, [kind, layer, index, prompt]);
+  return state;
+}
+
+export default function NodePage(props: {
+  model: ModelState;
+  modelName: string;
+  nodeType: string;
+  layer: string;
+  index: string;
+}) {
+  const { search } = useLocation();
+  const params = new URLSearchParams(search);
+  const prompt = params.get("prompt") ?? "";
+  const token = Number(params.get("token") ?? 0);
+  const attended = params.get("attended");
+  const info = props.model.info;
+  const layer = Number(props.layer);
+  const index = Number(props.index);
+  const kind = props.nodeType as Kind;
+  const valid =
+    (kind === "mlp_neuron" || kind === "attention_head") &&
+    Number.isInteger(layer) &&
+    Number.isInteger(index) &&
+    layer >= 0 &&
+    index >= 0;
+  const nLayers = info?.nLayers ?? 0;
+  const width = kind === "mlp_neuron" ? (info?.dMlp ?? 0) : (info?.nHeads ?? 0);
+  const inRange = info == null || (layer < nLayers && index < width);
+
+  const go = (l: number, i: number) => {
+    if (!info || l < 0 || l >= nLayers || i < 0 || i >= width) return;
+    navigate(`/${encodeURIComponent(props.modelName)}/${kind}/${l}/${i}${search}`, {
+      replace: true,
+    });
+  };
+  useEffect(() => {
+    const onKey = (e: KeyboardEvent) => {
+      const t = e.target as HTMLElement;
+      if (t.tagName === "INPUT" || t.tagName === "TEXTAREA" || t.isContentEditable) return; // typing
+      if (e.key === "ArrowLeft") go(layer, index - 1);
+      else if (e.key === "ArrowRight") go(layer, index + 1);
+      else if (e.key === "ArrowUp") go(layer - 1, index);
+      else if (e.key === "ArrowDown") go(layer + 1, index);
+    };
+    window.addEventListener("keydown", onKey);
+    return () => window.removeEventListener("keydown", onKey);
+  });
+
+  const [ownText, setOwnText] = useState("");
+  const [ownSubmitted, setOwnSubmitted] = useState("");
+  const interest = useActivations(kind, layer, index, valid && inRange ? prompt : "");
+  const own = useActivations(kind, layer, index, valid && inRange ? ownSubmitted : "");
+
+  const [lens, setLens] = useState<{ data: BatchedResponse | null; error: string | null }>({
+    data: null,
+    error: null,
+  });
+  useEffect(() => {
+    if (!valid || !inRange || !info) return;
+    const node: NodeIndex = {
+      nodeType: kind,
+      layerIndex: layer,
+      tokenIndex: prompt ? token : 0,
+      componentIndex: index,
+      attendedTokenIndex:
+        kind === "attention_head" ? (attended != null ? Number(attended) : 0) : null,
+    };
+    const controller = new AbortController();
+    api
+      .batched(
+        {
+          subRequests: [
+            {
+              inferenceRequestSpec: { prompt: prompt || (info.bosToken ?? " the"), lossFn: "zero" },
+              processingRequestSpecByName: {
+                views: { specType: "scored_tokens", nodes: [node], k: 15 },
+              },
+            },
+          ],
+        },
+        controller.signal,
+      )
+      .then((data) => setLens({ data, error: null }))
+      .catch((e: Error) => e.name !== "AbortError" && setLens({ data: null, error: e.message }));
+    return () => controller.abort();
+  }, [valid, inRange, info, kind, layer, index, prompt, token, attended]);
+
+  if (!valid)
+    return (
+      <p className="error">
+        Not a component: {props.nodeType}/{props.layer}/{props.index}
+      </p>
+    );
+  if (!inRange) {
+    return (
+      <p className="error">
+        {componentName({ nodeType: kind, layerIndex: layer, tokenIndex: 0, componentIndex: index })}{" "}
+        is out of range for {info?.name} ({nLayers} layers, {width} per layer).
+      </p>
+    );
+  }
+  const views = lens.data?.subResponses[0]?.processingResultsByName.views?.tokenViews?.[0];
+  const name = componentName({
+    nodeType: kind,
+    layerIndex: layer,
+    tokenIndex: 0,
+    componentIndex: index,
+  });
+
+  return (
+    <div className="node-page">
+      <div className="row node-nav">
+        <h1 data-testid="node-title">{name}</h1>
+        <button
+          onClick={() => go(layer, index - 1)}
+          disabled={index === 0}
+          aria-label="previous component"
+        >
+          ← prev
+        </button>
+        <button
+          onClick={() => go(layer, index + 1)}
+          disabled={index >= width - 1}
+          aria-label="next component"
+        >
+          next →
+        </button>
+        <button
+          onClick={() => go(layer - 1, index)}
+          disabled={layer === 0}
+          aria-label="previous layer"
+        >
+          ↑ layer
+        </button>
+        <button
+          onClick={() => go(layer + 1, index)}
+          disabled={layer >= nLayers - 1}
+          aria-label="next layer"
+        >
+          ↓ layer
+        </button>
+        <span className="muted">arrow keys move too</span>
+      </div>
+      {prompt && (
+        <Card
+          title="Prompt of interest"
+          loading={interest.loading}
+          error={interest.error}
+          testId="prompt-of-interest"
+        >
+          {interest.acts && <ActivationView acts={interest.acts} />}
+        </Card>
+      )}
+      <Card title="Token space" error={lens.error} testId="logit-lens">
+        {views && (
+          <div className="details">
+            {[
+              ["Upvoted output tokens", views.upvotedOutputTokens],
+              ["Downvoted output tokens", views.downvotedOutputTokens],
+              [
+                kind === "attention_head"
+                  ? "Input tokens that upvote the query side"
+                  : "Input tokens that upvote it",
+                views.upvotingInputTokens,
+              ],
+              ...(kind === "attention_head"
+                ? [["Input tokens that upvote the key side", views.upvotingKeyTokens] as const]
+                : []),
+            ].map(([title, list]) => (
+              <div className="token-list" key={title as string}>
+                <h4>{title as string}</h4>
+                <ol>
+                  {(list as { text: string; score: number }[]).map((t, i) => (
+                    <li key={i}>
+                      <code>{displayToken(t.text)}</code>{" "}
+                      <span className="num">{t.score.toFixed(2)}</span>
+                    </li>
+                  ))}
+                </ol>
+              </div>
+            ))}
+          </div>
+        )}
+      </Card>
+      <Card
+        title="Activations on your own text"
+        loading={own.loading}
+        error={own.error}
+        testId="own-text"
+      >
+        <textarea
+          value={ownText}
+          rows={3}
+          aria-label="your text"
+          placeholder="Type text, then Run (Ctrl/Cmd+Enter)"
+          onChange={(e) => setOwnText(e.target.value)}
+          onKeyDown={(e) =>
+            e.key === "Enter" && (e.ctrlKey || e.metaKey) && setOwnSubmitted(ownText)
+          }
+        />
+        <div className="row">
+          <button className="primary" onClick={() => setOwnSubmitted(ownText)} disabled={!ownText}>
+            Run
+          </button>
+        </div>
+        {own.acts && ownSubmitted && <ActivationView acts={own.acts} />}
+      </Card>
+    </div>
+  );
+}
