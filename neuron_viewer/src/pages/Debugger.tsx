@@ -378,6 +378,10 @@ export default function Debugger({ model }: { model: ModelState }) {
               }
             >
               <Summary left={left} right={right} rightLabel={rightLabel} state={state} />
+              <h3 className="subhead">Token effects (estimated total effect per token)</h3>
+              <div data-testid="heatmaps">
+                <Heatmaps side={left} />
+              </div>
             </Card>
             <Card title="Next-token candidates" loading={loading} testId="candidates">
               <Candidates side={left} label={right ? "Left" : ""} />
@@ -399,13 +403,7 @@ export default function Debugger({ model }: { model: ModelState }) {
               }
             />
           </Card>
-          <Card
-            title="Token effects (estimated total effect per token)"
-            loading={loading}
-            testId="heatmaps"
-          >
-            <Heatmaps side={left} />
-          </Card>
+
           <Card
             title="Nodes"
             loading={loading}
