@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from neuron_explainer.models import HookedTransformer, ModelConfig, export_hf, load_model
+from tests.datasets.helpers import torch_threads
 
 # Modules whose documentation is long, plain English prose.
 PROSE_MODULES = (
@@ -79,10 +80,5 @@ def tiny_model(tiny_model_dir: Path) -> HookedTransformer:
 
 @pytest.fixture
 def one_thread() -> Iterator[None]:
-    """Tiny-model work runs on one torch thread: two threads only wait on each other there."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         yield
-    finally:
-        torch.set_num_threads(threads)

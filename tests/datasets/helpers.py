@@ -1,10 +1,14 @@
-"""Helpers for comparing stores."""
+"""Test helpers: comparing stores, torch thread counts."""
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import torch
 
 
 def table_rows(path: Path) -> dict[str, list[tuple[Any, ...]]]:
@@ -25,3 +29,14 @@ def table_rows(path: Path) -> dict[str, list[tuple[Any, ...]]]:
         return out
     finally:
         conn.close()
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Tiny-model work runs on one torch thread: two threads only wait on each other there."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

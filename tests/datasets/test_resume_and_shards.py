@@ -20,7 +20,7 @@ import pytest
 from neuron_explainer.datasets import DatasetError, DatasetStore, collate, merge_stores
 from neuron_explainer.datasets.corpus import folder_corpus
 from neuron_explainer.models import HookedTransformer
-from tests.datasets.stores import table_rows
+from tests.datasets.helpers import table_rows
 
 N_TOKENS = 120 * 16
 

@@ -1,0 +1,196 @@
+"""TDB JSON datasets: export a store, read it back from the folder and over a real HTTP server,
+and the errors a server maps to 404."""
+
+from __future__ import annotations
+
+import json
+import math
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from neuron_explainer.datasets import (
+    ComponentNotFoundError,
+    ComponentRecord,
+    DatasetNotFoundError,
+    DatasetStore,
+    collate,
+    export_tdb,
+    read_tdb_record,
+)
+from neuron_explainer.datasets.corpus import folder_corpus
+from neuron_explainer.datasets.tdb_format import list_tdb_components
+from neuron_explainer.models import HookedTransformer
+from tests.datasets.helpers import torch_threads
+
+
+@pytest.fixture(scope="module")
+def tiny_store(
+    tiny_model: HookedTransformer, prose_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    path = tmp_path_factory.mktemp("tdb") / "store.sqlite"
+    with torch_threads(1):
+        collate(
+            tiny_model,
+            folder_corpus(prose_dir),
+            path,
+            n_tokens=64 * 16,
+            window_length=16,
+            batch_size=16,
+            k=5,
+            random_sample_size=4,
+            quantile_sample_size=2,
+            progress=False,
+        )
+    return path
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("tdb-json")
+    with DatasetStore(tiny_store) as store:
+        n = export_tdb(store, out)
+        assert n == len(store.components())
+    return out
+
+
+@pytest.fixture(scope="module")
+def http_root(exported: Path) -> Iterator[str]:
+    """`python -m http.server` serving the exported folder on a free local port."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"],
+        cwd=exported,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    root = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(f"{root}/metadata.json", timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "http.server did not start"
+                time.sleep(0.05)
+        yield root
+    finally:
+        server.terminate()
+        server.wait()
+
+
+def same_record(a: ComponentRecord, b: ComponentRecord) -> None:
+    """Equal in every field TDB's format carries (activations exactly: JSON keeps floats)."""
+
+    def pairs(r: ComponentRecord) -> list[tuple[list[str], list[float]]]:
+        groups = [r.mostPositiveActivationRecords, r.randomSample]
+        groups += r.randomSampleByQuantile or []
+        return [(x.tokens, x.activations) for g in groups for x in g]
+
+    assert (a.family, a.layer, a.index) == (b.family, b.layer, b.index)
+    assert pairs(a) == pairs(b)
+    assert a.quantileBoundaries == b.quantileBoundaries
+    for field in ("mean", "variance", "skewness", "kurtosis"):
+        x, y = getattr(a, field), getattr(b, field)
+        assert x == y or (math.isnan(x) and math.isnan(y)), field
+    # TDB has no stored max: it is the largest activation in the top records (float16-rounded).
+    assert b.maxActivation == pytest.approx(a.maxActivation, rel=1e-3)
+
+
+@pytest.mark.parametrize("family", ["mlp_neuron", "attention_head"])
+def test_export_round_trips_from_folder_and_http(
+    tiny_store: Path, exported: Path, http_root: str, family: str
+):
+    with DatasetStore(tiny_store) as store:
+        components = store.components(family=family)
+        assert list_tdb_components(exported / family) == [(lay, i) for _, lay, i in components]
+        for _, layer, index in components[:: max(1, len(components) // 6)]:
+            original = store.record(family, layer, index)
+            local = read_tdb_record(exported / family, layer, index, family)
+            remote = read_tdb_record(f"{http_root}/{family}", layer, index, family)
+            same_record(original, local)
+            same_record(original, remote)
+            if family == "attention_head":
+                n = len(local.mostPositiveActivationRecords[0].tokens)
+                assert len(local.mostPositiveActivationRecords[0].activations) == n * (n + 1) // 2
+
+
+def test_exported_json_is_tdb_neuron_record(exported: Path):
+    data = json.loads((exported / "mlp_neuron" / "1" / "3.json").read_text())
+    assert data["dataclass_name"] == "NeuronRecord"
+    assert data["neuron_id"] == {"dataclass_name": "NeuronId", "layer_index": 1, "neuron_index": 3}
+    assert set(data) == {
+        "dataclass_name",
+        "neuron_id",
+        "random_sample",
+        "random_sample_by_quantile",
+        "quantile_boundaries",
+        "mean",
+        "variance",
+        "skewness",
+        "kurtosis",
+        "most_positive_activation_records",
+    }
+    first = data["most_positive_activation_records"][0]
+    assert first["dataclass_name"] == "ActivationRecord"
+    assert len(first["tokens"]) == len(first["activations"]) == 16
+    assert len(data["random_sample_by_quantile"]) == 5
+    assert json.loads((exported / "metadata.json").read_text())["datasets"]["mlp_neuron"]
+
+
+def test_missing_records_and_datasets_raise_lookup_errors(
+    tiny_store: Path, exported: Path, http_root: str, tmp_path: Path
+):
+    with pytest.raises(ComponentNotFoundError):
+        read_tdb_record(f"{http_root}/mlp_neuron", 1, 10_000)
+    with pytest.raises(ComponentNotFoundError):
+        read_tdb_record(exported / "mlp_neuron", 7, 0)
+    with pytest.raises(DatasetNotFoundError):
+        read_tdb_record(tmp_path / "no-such-dataset", 0, 0)
+
+    with pytest.raises(DatasetNotFoundError):
+        DatasetStore(tmp_path / "missing.sqlite")
+    (tmp_path / "not-a-store.sqlite").write_text("hello")
+    with pytest.raises(DatasetNotFoundError):
+        DatasetStore(tmp_path / "not-a-store.sqlite")
+    with DatasetStore(tiny_store) as store:
+        for family, layer, index in (
+            ("mlp_neuron", 0, 96),  # index past the layer's width
+            ("mlp_neuron", 5, 0),  # layer not collated
+            ("autoencoder_latent", 0, 0),  # family not collated
+        ):
+            with pytest.raises(ComponentNotFoundError) as info:
+                store.record(family, layer, index)
+            assert isinstance(info.value, LookupError)
+            assert str(layer) in str(info.value) or family in str(info.value)
+
+
+def test_band_limited_head_records_expand_to_the_full_triangle(tmp_path: Path):
+    """Some TDB head datasets keep each query's last m keys only: zeros elsewhere."""
+    n, m = 4, 2
+    tokens = ["a", "b", "c", "d"]
+    band = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]  # rows keep 1, 2, 2, 2 keys
+    record = {
+        "dataclass_name": "NeuronRecord",
+        "neuron_id": {"layer_index": 0, "neuron_index": 0},
+        "most_positive_activation_records": [{"tokens": tokens, "activations": band}],
+        "random_sample": [],
+    }
+    (tmp_path / "0").mkdir()
+    (tmp_path / "0" / "0.json").write_text(json.dumps(record))
+    got = read_tdb_record(tmp_path, 0, 0, "attention_head")
+    full = got.mostPositiveActivationRecords[0].activations
+    assert len(full) == n * (n + 1) // 2 and m == 2
+    # row 0: (0,0); row 1: (1,0) (1,1); row 2: (2,1) (2,2); row 3: (3,2) (3,3)
+    assert full == [1.0, 2.0, 3.0, 0.0, 4.0, 5.0, 0.0, 0.0, 6.0, 7.0]
+    assert got.randomSampleByQuantile is None and math.isnan(got.mean)
+    assert got.maxActivation == 7.0
