@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -85,23 +85,39 @@ def create_app(model: HookedTransformer | None, settings: Settings | None = None
 
 class SinglePageApp(StaticFiles):
     """The built UI: files as they are; any other GET path gets index.html, so the UI's own
-    routes (/debugger?..., /<model>/<nodeType>/<layer>/<index>) load from a shared link."""
+    routes (/debugger?..., /<model>/<nodeType>/<layer>/<index>) load from a shared link.
+
+    Mounted at "/", it sees every request no API route took: a wrong method on an API path is a
+    405 and any non-GET request a 404, both in the error contract, never the UI's HTML."""
+
+    def __init__(self, directory: Path, api_paths: Callable[[], set[str]]) -> None:
+        super().__init__(directory=directory, html=True)
+        self._api_paths = api_paths
 
     async def get_response(self, path: str, scope: Scope) -> Response:
+        url_path = scope["path"]
+        if url_path in self._api_paths():
+            raise StarletteHTTPException(405, f"{scope['method']} is not allowed on {url_path}")
+        if scope["method"] not in ("GET", "HEAD"):
+            raise StarletteHTTPException(404, f"no endpoint {scope['method']} {url_path}")
         try:
             response = await super().get_response(path, scope)
         except StarletteHTTPException as e:
-            if e.status_code != 404:
-                raise
+            if e.status_code != 404 or path.startswith("assets/"):
+                raise  # a missing script or style is a 404, not the page
             response = await super().get_response("index.html", scope)
-        if response.status_code == 404:
+        if response.status_code == 404 and not path.startswith("assets/"):
             response = await super().get_response("index.html", scope)
         return response
 
 
 def _mount_ui(app: FastAPI, ui_dir: Path) -> None:
     if (ui_dir / "index.html").is_file():
-        app.mount("/", SinglePageApp(directory=ui_dir, html=True), name="ui")
+
+        def api_paths() -> set[str]:
+            return set(app.openapi()["paths"])  # built once, then cached by FastAPI
+
+        app.mount("/", SinglePageApp(ui_dir, api_paths), name="ui")
         return
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)

@@ -136,6 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None)
     p.set_defaults(fn=cmd_export_hf)
+
+    from neuron_explainer.datasets.cli import add_parser as add_dataset_commands
+
+    add_dataset_commands(sub)  # collate, export-tdb, merge-datasets, dataset-info
     return parser
 
 

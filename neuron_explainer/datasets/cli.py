@@ -79,7 +79,8 @@ def cmd_collate(args: argparse.Namespace) -> int:
         shard=parse_shard(args.shard) if args.shard else None,
         commit_every_batches=args.commit_every,
         commit_every_seconds=args.commit_seconds,
-        progress=not args.quiet,
+        progress=not (args.quiet or args.progress_json),
+        on_progress=_json_progress() if args.progress_json else None,
     )
     print(
         f"{args.out}: {meta.nTokens:,} tokens, families {', '.join(meta.families)}, "
@@ -87,6 +88,23 @@ def cmd_collate(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return 0
+
+
+def _json_progress() -> Callable[[int, int, float], None]:
+    """Progress as one JSON object per line on stdout, for a supervising process (the server's
+    background collation job reads these)."""
+    last = 0.0
+
+    def report(done: int, total: int, rate: float) -> None:
+        nonlocal last
+        now = time.monotonic()
+        if done < total and now - last < 1.0:
+            return
+        last = now
+        line = {"tokens": done, "totalTokens": total, "tokensPerSecond": round(rate, 1)}
+        print(json.dumps(line), flush=True)
+
+    return report
 
 
 def _layer_ranges(layers: Sequence[int]) -> str:
@@ -168,6 +186,11 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--quiet", action="store_true", help="no progress line")
+    p.add_argument(
+        "--progress-json",
+        action="store_true",
+        help="progress as JSON lines on stdout ({tokens, totalTokens, tokensPerSecond})",
+    )
     p.set_defaults(fn=cmd_collate)
 
     p = subparsers.add_parser(

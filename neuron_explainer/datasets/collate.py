@@ -174,6 +174,10 @@ class ActivationRunner:
             self.model(tokens.to(self.model.device))
 
 
+# (tokens done, tokens in total, tokens/s since this run started), after every batch.
+ProgressCallback = Callable[[int, int, float], None]
+
+
 @dataclass
 class _Progress:
     """A one-line progress report on stderr: tokens, tokens/s, ETA."""
@@ -182,6 +186,7 @@ class _Progress:
     done: int
     enabled: bool = True
     interval: float = 10.0
+    callback: ProgressCallback | None = None
 
     def __post_init__(self) -> None:
         self.start_done, self.start = self.done, time.monotonic()
@@ -191,6 +196,9 @@ class _Progress:
     def update(self, done: int, note: str = "", force: bool = False) -> None:
         self.done = done
         now = time.monotonic()
+        if self.callback is not None:
+            rate = (done - self.start_done) / max(now - self.start, 1e-9)
+            self.callback(done, self.total, rate)
         if not self.enabled or not (force or self.tty or now - self.last_print >= self.interval):
             return
         self.last_print = now
@@ -240,13 +248,16 @@ def collate(
     commit_every_batches: int | None = None,
     commit_every_seconds: float = 60.0,
     progress: bool = True,
+    on_progress: ProgressCallback | None = None,
 ) -> DatasetMetadata:
     """Collate `corpus` (or pre-tokenized windows) into the store at `out_path`, resuming it when
     it holds an unfinished run with the same arguments. Returns the store's metadata.
 
     n_tokens: budget (rounded down to whole windows; default the whole corpus). layers: default
     all. families: default mlp_neuron and attention_head. The calibration windows for quantile
-    boundaries are min(calibration_windows, n_windows // 4) (at least 1). See the module doc.
+    boundaries are min(calibration_windows, n_windows // 4) (at least 1). progress: a line on
+    stderr every 10 s (every batch on a terminal); on_progress: called after every batch. See the
+    module doc.
     """
     if model.tokenizer is None:
         raise ValueError("collation needs a model with a tokenizer")
@@ -365,6 +376,7 @@ def collate(
             commit_every_batches,
             commit_every_seconds,
             progress,
+            on_progress,
         )
         return metadata
     finally:
@@ -407,6 +419,7 @@ def _run(
     commit_every_batches: int | None,
     commit_every_seconds: float,
     show_progress: bool,
+    on_progress: ProgressCallback | None,
 ) -> None:
     tokenizer = model.tokenizer
     assert tokenizer is not None
@@ -439,6 +452,7 @@ def _run(
         total=(end - start) * length,
         done=(metadata.nextWindow - start) * length,
         enabled=show_progress,
+        callback=on_progress,
     )
     pending: dict[int, np.ndarray] = {}
     last_commit, batches_since = time.monotonic(), 0

@@ -7,6 +7,7 @@ head write magnitudes independently, from the explicit per-pair write vectors v[
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ from neuron_explainer.datasets.accumulators import (
 )
 from neuron_explainer.datasets.corpus import folder_corpus
 from neuron_explainer.datasets.families import lower_triangle, pair_of_position
-from neuron_explainer.models import HookedTransformer
+from neuron_explainer.models import HookedTransformer, HookPoint
 
 LAYERS = (1, 3)
 WINDOW = 32
@@ -42,6 +43,27 @@ class Collated:
     tokens: list[list[str]]  # display strings of each window's tokens
 
 
+class _Stop(Exception):
+    pass
+
+
+def cache_until(
+    model: HookedTransformer, tokens: torch.Tensor, names: list[str]
+) -> dict[str, torch.Tensor]:
+    """The values at `names`, skipping the layers after the last of them (like run_with_cache
+    with an early exit)."""
+    cache: dict[str, torch.Tensor] = {}
+
+    def save(x: torch.Tensor, hook: HookPoint) -> None:
+        cache[hook.name] = x
+        if len(cache) == len(names):
+            raise _Stop
+
+    with torch.no_grad(), model.hooks(fwd=[(n, save) for n in names]), contextlib.suppress(_Stop):
+        model(tokens)
+    return cache
+
+
 def brute_force(
     model: HookedTransformer, windows: TokenWindows
 ) -> dict[tuple[str, int], np.ndarray]:
@@ -53,7 +75,7 @@ def brute_force(
     out: dict[tuple[str, int], list[np.ndarray]] = {}
     cfg = model.cfg
     for first, tokens in windows.batches(BATCH, 0, N_WINDOWS):
-        _, cache = model.run_with_cache(tokens, names=names)
+        cache = cache_until(model, tokens, names)
         for layer in LAYERS:
             post = cache[f"blocks.{layer}.mlp.hook_post"]  # [b, n, m]
             out.setdefault(("mlp_neuron", layer), []).append(post.transpose(1, 2).numpy())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import math
 import urllib.error
@@ -308,7 +309,9 @@ def test_concurrent_requests_equal_solo_results(server: Server) -> None:
             return await asyncio.gather(*(client.batched_tdb([p]) for p in prompts))
 
     _, _, before = http(server, "/health", None, method="GET")
-    together = asyncio.run(all_at_once())
+    # A fresh thread has no running event loop whatever other tests left in this one.
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        together = pool.submit(asyncio.run, all_at_once()).result()
     _, _, after = http(server, "/health", None, method="GET")
     with Client(server.url) as client:
         for p, got in zip(prompts, together, strict=True):

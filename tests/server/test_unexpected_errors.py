@@ -24,8 +24,10 @@ class Boom(Exception):
 
 
 @pytest.fixture(scope="module")
-def broken_server() -> Iterator[str]:
-    app = create_app(None, Settings(cors_origins=["http://localhost:5173"]))
+def broken_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    # No UI (an empty folder): the catch-all UI mount would otherwise shadow the route added here.
+    no_ui = tmp_path_factory.mktemp("no_ui")
+    app = create_app(None, Settings(cors_origins=["http://localhost:5173"], ui_dir=str(no_ui)))
 
     @app.get("/explode")
     async def explode() -> dict[str, str]:
