@@ -17,10 +17,12 @@ from starlette.types import Scope
 
 from activation_server import schemas as s
 from activation_server.errors import RequestIdMiddleware, install_error_handlers
-from activation_server.routes import inference
+from activation_server.routes import inference, read
 from activation_server.state import ServerState, Settings, server_state
 from activation_server.worker import ModelWorker
 from neuron_explainer.activations import Engine
+from neuron_explainer.datasets import DatasetError, DatasetStore
+from neuron_explainer.datasets.jobs import CollationJob, default_store_path
 from neuron_explainer.models import HookedTransformer
 
 log = logging.getLogger("activation_server")
@@ -49,14 +51,26 @@ def create_app(model: HookedTransformer | None, settings: Settings | None = None
     if model is not None:
         state.engine = Engine(model, settings.max_prompt_tokens)
 
+    for spec in settings.datasets:
+        if not spec.startswith(("http://", "https://")):
+            state.datasets.add(spec)  # a missing folder fails here, before the server starts
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        for spec in settings.datasets:
+            if spec.startswith(("http://", "https://")):
+                await state.datasets.add_url_root(spec)
         if state.engine is not None:
             state.worker = ModelWorker(state.engine, settings.max_merged_rows)
             state.worker.start()
+        if settings.auto_dataset_model is not None:
+            await _start_default_collation(state, settings.auto_dataset_model)
         yield
+        for job in state.jobs.values():
+            await job.stop()
         if state.worker is not None:
             await state.worker.stop()
+        await state.datasets.close()
 
     app = FastAPI(
         title="Transformer debugger activation server",
@@ -67,6 +81,7 @@ def create_app(model: HookedTransformer | None, settings: Settings | None = None
     app.state.tdb = state
     install_error_handlers(app)
     app.include_router(inference.router)
+    app.include_router(read.router)
     app.include_router(ops)
     # Order matters: the last added middleware is the outermost. CORS wraps the request-id
     # middleware, so the contract's 500 responses get CORS headers too.
@@ -81,6 +96,27 @@ def create_app(model: HookedTransformer | None, settings: Settings | None = None
         )
     _mount_ui(app, Path(settings.ui_dir) if settings.ui_dir else DEFAULT_UI_DIR)
     return app
+
+
+async def _start_default_collation(state: ServerState, model: str) -> None:
+    """Serve the model's default store, building it in the background unless it is complete."""
+    tokens = state.settings.auto_dataset_tokens
+    path = default_store_path(model, tokens)
+    state.datasets.add(str(path))
+    if path.is_file():
+        try:
+            with DatasetStore(path) as store:
+                if store.metadata().status == "complete":
+                    return
+        except DatasetError:
+            pass  # created but never committed: collate starts it afresh
+    device = str(state.model.device) if state.model is not None else None
+    job = CollationJob.for_default_store(model, tokens, path, device=device)
+    state.jobs[job.state.id] = job
+    await job.start()
+    log.info(
+        "building %s in the background (%s); progress at GET /jobs", path, job.state.description
+    )
 
 
 class SinglePageApp(StaticFiles):

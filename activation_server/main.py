@@ -8,6 +8,7 @@ import sys
 import time
 from collections.abc import Sequence
 
+from neuron_explainer.datasets.jobs import DEFAULT_BUDGET_TOKENS, datasets_dir
 from neuron_explainer.models.registry import DEFAULT_MODEL
 
 
@@ -50,6 +51,26 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         help="concurrent debugger requests waiting together are merged into one batch of at most "
         "this many rows (1: no merging)",
     )
+    p.add_argument(
+        "--dataset",
+        action="append",
+        default=[],
+        metavar="[FAMILY=]PATH|URL",
+        help="a collated dataset to serve (repeatable): a store file (tdb collate), or a TDB JSON "
+        "layout in a folder or at an http(s) URL, e.g. attention_head=https://host/heads/",
+    )
+    p.add_argument(
+        "--auto-dataset",
+        action="store_true",
+        help="serve the model's default store, building it in the background when it is not "
+        f"complete (the default corpus, in {datasets_dir()}; progress at GET /jobs)",
+    )
+    p.add_argument(
+        "--auto-dataset-tokens",
+        type=int,
+        default=DEFAULT_BUDGET_TOKENS,
+        help=f"token budget of --auto-dataset (default {DEFAULT_BUDGET_TOKENS:,})",
+    )
     p.add_argument("--ui-dir", default=None, help="built UI files (default neuron_viewer/dist)")
     p.add_argument("--log-level", default="info")
 
@@ -77,6 +98,9 @@ def serve(args: argparse.Namespace) -> int:
         cors_origins=list(args.cors_origin),
         max_merged_rows=args.max_merged_rows,
         ui_dir=args.ui_dir,
+        datasets=list(args.dataset),
+        auto_dataset_model=args.model if args.auto_dataset and not args.no_model else None,
+        auto_dataset_tokens=args.auto_dataset_tokens,
     )
     app = create_app(model, settings)
     print(f"serving on http://{args.host}:{args.port}", file=sys.stderr, flush=True)
@@ -90,10 +114,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     add_serve_args(parser)
     args = parser.parse_args(argv)
+    from neuron_explainer.datasets import DatasetError
     from neuron_explainer.models import ModelNotFoundError, TokenizerError
 
     try:
         return serve(args)
-    except (ModelNotFoundError, TokenizerError, ValueError) as e:
+    except (ModelNotFoundError, TokenizerError, DatasetError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

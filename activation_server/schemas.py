@@ -352,6 +352,120 @@ class HealthResponse(ResponseSchema):
     )
 
 
+# ---- collated datasets (read endpoints) and background jobs ----------------------------------------
+
+RecordNodeType = Literal["mlp_neuron", "autoencoder_latent"]
+
+
+class DatasetInfoModel(ResponseSchema):
+    name: str = Field(description="what `datasetName` in record requests refers to")
+    kind: Literal["store", "tdb"] = Field(description="a native SQLite store or a TDB JSON layout")
+    location: str = Field(description="file path, folder or URL")
+    families: list[str] = Field(description="component families it holds records for")
+    available: bool = Field(description="false while a store is still to be written")
+    model_name: str | None = None
+    n_tokens: int | None = Field(None, description="tokens collated so far")
+    status: Literal["in_progress", "complete"] | None = None
+    layers: list[int] | None = None
+    window_length: int | None = None
+    corpus: str | None = None
+    updated_at: str | None = None
+
+
+class DatasetsMetadataResponse(ResponseSchema):
+    datasets: list[DatasetInfoModel]
+
+
+class NeuronRecordRequest(Schema):
+    dataset_name: str | None = Field(
+        None, description="name or location (default: the first dataset holding the family)"
+    )
+    node_type: RecordNodeType = "mlp_neuron"
+    layer_index: int = Field(ge=0)
+    component_index: int = Field(ge=0, description="neuron (or latent) index")
+
+
+class AttentionHeadRecordRequest(Schema):
+    dataset_name: str | None = None
+    layer_index: int = Field(ge=0)
+    head_index: int = Field(ge=0)
+
+
+class ActivationRecordModel(ResponseSchema):
+    tokens: list[str]
+    activations: list[float]
+    normalized_activations: list[float] = Field(
+        description="activations / the dataset max, clipped to [-1, 1]"
+    )
+    window_index: int | None = Field(None, description="the excerpt's window in the corpus")
+
+
+class TokenSummariesModel(ResponseSchema):
+    total_in: list[float] = Field(description="per token as the key: Σ over the queries reading it")
+    max_in: list[float]
+    total_out: list[float] = Field(description="per token as the query: Σ over the keys it reads")
+    max_out: list[float]
+
+
+class PairActivationRecordModel(ActivationRecordModel):
+    """A head's excerpt: activations per pair (q, k <= q), row by row over the lower triangle."""
+
+    summaries: TokenSummariesModel
+    normalized_summaries: TokenSummariesModel = Field(
+        description="max summaries / the dataset max; totals / the largest total in this response"
+    )
+
+
+class RecordStatistics(ResponseSchema):
+    max_activation: float | None
+    mean: float | None
+    variance: float | None
+    skewness: float | None
+    kurtosis: float | None
+    fraction_active: float | None = None
+    dead: bool | None = None
+    quantile_boundaries: list[float] | None = None
+
+
+class NeuronRecordResponse(RecordStatistics):
+    dataset: DatasetInfoModel
+    node_type: str
+    layer_index: int
+    component_index: int
+    most_positive_activation_records: list[ActivationRecordModel]
+    random_sample: list[ActivationRecordModel]
+    random_sample_by_quantile: list[list[ActivationRecordModel]] | None = None
+
+
+class AttentionHeadRecordResponse(RecordStatistics):
+    dataset: DatasetInfoModel
+    layer_index: int
+    head_index: int
+    most_positive_activation_records: list[PairActivationRecordModel]
+    random_sample: list[PairActivationRecordModel]
+    random_sample_by_quantile: list[list[PairActivationRecordModel]] | None = None
+
+
+class JobModel(ResponseSchema):
+    id: str
+    kind: Literal["collate"]
+    description: str
+    status: Literal["queued", "running", "done", "failed", "stopped"]
+    output: str = Field(description="what the job writes (a store path)")
+    tokens: int = Field(description="tokens processed so far")
+    total_tokens: int | None = None
+    tokens_per_second: float | None = None
+    eta_seconds: float | None = None
+    started_at: str | None = None
+    finished_at: str | None = None
+    message: str | None = Field(None, description="why it failed or stopped")
+    log: list[str] = Field(description="the last lines of its log")
+
+
+class JobsResponse(ResponseSchema):
+    jobs: list[JobModel]
+
+
 class ErrorResponse(ResponseSchema):
     message: str = Field(description="what went wrong, naming the field")
     detail: object | None = None

@@ -9,6 +9,8 @@ from fastapi import Request
 from activation_server.errors import NoModelError
 from activation_server.worker import ModelWorker
 from neuron_explainer.activations import Engine
+from neuron_explainer.datasets.jobs import DEFAULT_BUDGET_TOKENS, CollationJob
+from neuron_explainer.datasets.sources import DatasetRegistry
 from neuron_explainer.models import HookedTransformer
 
 
@@ -18,6 +20,11 @@ class Settings:
     cors_origins: list[str] = field(default_factory=list)
     max_merged_rows: int = 16  # 1 disables merging of concurrent debugger requests
     ui_dir: str | None = None  # built UI files; default neuron_viewer/dist when present
+    datasets: list[str] = field(default_factory=list)  # [FAMILY=]PATH|URL specs (sources.py)
+    # Build a store of the default corpus for the model in the background when none is complete:
+    # the model spec to collate (None: never), and the token budget.
+    auto_dataset_model: str | None = None
+    auto_dataset_tokens: int = DEFAULT_BUDGET_TOKENS
 
 
 @dataclass
@@ -26,6 +33,8 @@ class ServerState:
     model: HookedTransformer | None = None
     engine: Engine | None = None
     worker: ModelWorker | None = None
+    datasets: DatasetRegistry = field(default_factory=DatasetRegistry)
+    jobs: dict[str, CollationJob] = field(default_factory=dict)
 
 
 def server_state(request: Request) -> ServerState:

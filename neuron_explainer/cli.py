@@ -145,11 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from neuron_explainer.datasets import DatasetError
     from neuron_explainer.models import ModelNotFoundError, TokenizerError
 
     try:
         return int(args.fn(args))
-    except (ModelNotFoundError, TokenizerError, ValueError) as e:
+    except (ModelNotFoundError, TokenizerError, DatasetError, ValueError) as e:
         print(f"tdb: error: {e}", file=sys.stderr)
         return 2
 

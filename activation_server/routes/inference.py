@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
 
 from activation_server import convert
 from activation_server import schemas as s
+from activation_server.routes import read
 from activation_server.state import model_worker, server_state
 from activation_server.worker import ModelWorker
 from neuron_explainer.activations import NodeAblation, NodeType, RequestError, SubRequest
@@ -89,19 +91,28 @@ def _component_request(
     )
 
 
-def _dataset_max(
+async def _dataset_max(
     request: Request, body: s.DerivedScalarsRequest | s.DerivedAttentionScalarsRequest
 ) -> float | None:
+    """The component's max activation in its collated dataset, when normalization is asked."""
     if not body.normalize_by_dataset_max:
         return None
-    lookup = getattr(request.app.state, "dataset_max", None)
-    if lookup is None:
+    if isinstance(body, s.DerivedAttentionScalarsRequest):
+        family, index, field = "attention_head", body.head_index, "headIndex"
+    elif body.node_type == "mlp_neuron":
+        family, index, field = "mlp_neuron", body.component_index, "componentIndex"
+    else:
+        raise RequestError("normalizeByDatasetMax", f"no collated datasets of {body.node_type}")
+    _, record = await read.lookup(
+        request, family, body.layer_index, index, body.dataset_name, field
+    )
+    scale = record.maxActivation
+    if not (math.isfinite(scale) and scale > 0):
         raise RequestError(
             "normalizeByDatasetMax",
-            "this server has no collated datasets to normalize by; build one with `tdb collate`",
+            f"the dataset max of this component is {scale}: nothing to normalize by",
         )
-    value: float = lookup(body)
-    return value
+    return float(scale)
 
 
 @router.post("/derived_scalars", response_model=s.DerivedScalarsResponse)
@@ -110,7 +121,7 @@ async def derived_scalars(
 ) -> s.DerivedScalarsResponse:
     """One component's metric at every token of a prompt, optionally normalized by the max
     activation in its collated dataset (to colour a custom prompt like the dataset examples)."""
-    dataset_max = _dataset_max(request, body)
+    dataset_max = await _dataset_max(request, body)
     sub = _component_request(
         body.prompt, list(body.target_tokens), list(body.distractor_tokens), body.prepend_bos
     )
@@ -140,7 +151,7 @@ async def derived_attention_scalars(
     body: s.DerivedAttentionScalarsRequest, worker: Worker, request: Request
 ) -> s.DerivedAttentionScalarsResponse:
     """One attention head's metric for every token pair (q, k <= q) of a prompt."""
-    dataset_max = _dataset_max(request, body)
+    dataset_max = await _dataset_max(request, body)
     sub = _component_request(
         body.prompt, list(body.target_tokens), list(body.distractor_tokens), body.prepend_bos
     )

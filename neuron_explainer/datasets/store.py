@@ -526,6 +526,12 @@ class DatasetStore:
     def metadata(self) -> DatasetMetadata:
         return self._metadata
 
+    def refresh_metadata(self) -> DatasetMetadata:
+        """Re-read the metadata (a store still being written changes its progress fields)."""
+        with self._lock:
+            self._metadata = read_metadata(self._conn, str(self.path))
+        return self._metadata
+
     def components(
         self, family: str | None = None, layer: int | None = None
     ) -> list[tuple[str, int, int]]:
@@ -545,7 +551,8 @@ class DatasetStore:
         return [(str(f), int(lay), int(i)) for f, lay, i in rows]
 
     def _tokens(self, ids: np.ndarray) -> list[str]:
-        if self._vocabulary is None:
+        # A store still being written gains vocabulary rows: reload when an id is missing.
+        if self._vocabulary is None or any(int(i) not in self._vocabulary for i in ids):
             self._vocabulary = dict(self._conn.execute("SELECT token_id, token FROM vocabulary"))
         vocab = self._vocabulary
         return [vocab.get(int(i), f"<{int(i)}>") for i in ids]

@@ -147,6 +147,93 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/neuron_datasets_metadata": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /**
+         * Neuron Datasets Metadata
+         * @description The collated datasets this server reads: stores (with their progress while being built)
+         *     and TDB JSON layouts.
+         */
+        get: operations["neuron_datasets_metadata_neuron_datasets_metadata_get"];
+        put?: never;
+        /**
+         * Post Neuron Datasets Metadata
+         * @description The same as GET (TDB's clients POST it).
+         */
+        post: operations["post_neuron_datasets_metadata_neuron_datasets_metadata_post"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/neuron_record": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * Neuron Record
+         * @description Top-activating and random excerpts of an MLP neuron (or latent) with raw activations and
+         *     activations normalized by the dataset max, and its statistics.
+         */
+        post: operations["neuron_record_neuron_record_post"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/attention_head_record": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * Attention Head Record
+         * @description Top-activating and random excerpts of an attention head, per token pair (its write
+         *     magnitude), with per-token summaries (total/max in and out), raw and normalized.
+         */
+        post: operations["attention_head_record_attention_head_record_post"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/jobs": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /**
+         * Jobs
+         * @description Background jobs (the default dataset's collation) and their progress.
+         */
+        get: operations["jobs_jobs_get"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/health": {
         parameters: {
             query?: never;
@@ -171,6 +258,62 @@ export interface paths {
 export type webhooks = Record<string, never>;
 export interface components {
     schemas: {
+        /** ActivationRecordModel */
+        ActivationRecordModel: {
+            /** Tokens */
+            tokens: string[];
+            /** Activations */
+            activations: number[];
+            /**
+             * Normalizedactivations
+             * @description activations / the dataset max, clipped to [-1, 1]
+             */
+            normalizedActivations: number[];
+            /**
+             * Windowindex
+             * @description the excerpt's window in the corpus
+             */
+            windowIndex?: number | null;
+        };
+        /** AttentionHeadRecordRequest */
+        AttentionHeadRecordRequest: {
+            /** Datasetname */
+            datasetName?: string | null;
+            /** Layerindex */
+            layerIndex: number;
+            /** Headindex */
+            headIndex: number;
+        };
+        /** AttentionHeadRecordResponse */
+        AttentionHeadRecordResponse: {
+            /** Maxactivation */
+            maxActivation: number | null;
+            /** Mean */
+            mean: number | null;
+            /** Variance */
+            variance: number | null;
+            /** Skewness */
+            skewness: number | null;
+            /** Kurtosis */
+            kurtosis: number | null;
+            /** Fractionactive */
+            fractionActive?: number | null;
+            /** Dead */
+            dead?: boolean | null;
+            /** Quantileboundaries */
+            quantileBoundaries?: number[] | null;
+            dataset: components["schemas"]["DatasetInfoModel"];
+            /** Layerindex */
+            layerIndex: number;
+            /** Headindex */
+            headIndex: number;
+            /** Mostpositiveactivationrecords */
+            mostPositiveActivationRecords: components["schemas"]["PairActivationRecordModel"][];
+            /** Randomsample */
+            randomSample: components["schemas"]["PairActivationRecordModel"][];
+            /** Randomsamplebyquantile */
+            randomSampleByQuantile?: components["schemas"]["PairActivationRecordModel"][][] | null;
+        };
         /** BatchedRequest */
         BatchedRequest: {
             /** Subrequests */
@@ -218,6 +361,57 @@ export interface components {
             timings?: {
                 [key: string]: number;
             };
+        };
+        /** DatasetInfoModel */
+        DatasetInfoModel: {
+            /**
+             * Name
+             * @description what `datasetName` in record requests refers to
+             */
+            name: string;
+            /**
+             * Kind
+             * @description a native SQLite store or a TDB JSON layout
+             * @enum {string}
+             */
+            kind: "store" | "tdb";
+            /**
+             * Location
+             * @description file path, folder or URL
+             */
+            location: string;
+            /**
+             * Families
+             * @description component families it holds records for
+             */
+            families: string[];
+            /**
+             * Available
+             * @description false while a store is still to be written
+             */
+            available: boolean;
+            /** Modelname */
+            modelName?: string | null;
+            /**
+             * Ntokens
+             * @description tokens collated so far
+             */
+            nTokens?: number | null;
+            /** Status */
+            status?: ("in_progress" | "complete") | null;
+            /** Layers */
+            layers?: number[] | null;
+            /** Windowlength */
+            windowLength?: number | null;
+            /** Corpus */
+            corpus?: string | null;
+            /** Updatedat */
+            updatedAt?: string | null;
+        };
+        /** DatasetsMetadataResponse */
+        DatasetsMetadataResponse: {
+            /** Datasets */
+            datasets: components["schemas"]["DatasetInfoModel"][];
         };
         /** DerivedAttentionScalarsRequest */
         DerivedAttentionScalarsRequest: {
@@ -431,6 +625,11 @@ export interface components {
             /** Tokenstrings */
             tokenStrings: string[];
         };
+        /** HTTPValidationError */
+        HTTPValidationError: {
+            /** Detail */
+            detail?: components["schemas"]["ValidationError"][];
+        };
         /** HealthResponse */
         HealthResponse: {
             /**
@@ -488,6 +687,58 @@ export interface components {
              */
             prependBos?: boolean;
         };
+        /** JobModel */
+        JobModel: {
+            /** Id */
+            id: string;
+            /**
+             * Kind
+             * @constant
+             */
+            kind: "collate";
+            /** Description */
+            description: string;
+            /**
+             * Status
+             * @enum {string}
+             */
+            status: "queued" | "running" | "done" | "failed" | "stopped";
+            /**
+             * Output
+             * @description what the job writes (a store path)
+             */
+            output: string;
+            /**
+             * Tokens
+             * @description tokens processed so far
+             */
+            tokens: number;
+            /** Totaltokens */
+            totalTokens?: number | null;
+            /** Tokenspersecond */
+            tokensPerSecond?: number | null;
+            /** Etaseconds */
+            etaSeconds?: number | null;
+            /** Startedat */
+            startedAt?: string | null;
+            /** Finishedat */
+            finishedAt?: string | null;
+            /**
+             * Message
+             * @description why it failed or stopped
+             */
+            message?: string | null;
+            /**
+             * Log
+             * @description the last lines of its log
+             */
+            log: string[];
+        };
+        /** JobsResponse */
+        JobsResponse: {
+            /** Jobs */
+            jobs: components["schemas"]["JobModel"][];
+        };
         /** ModelInfo */
         ModelInfo: {
             /** Name */
@@ -522,6 +773,59 @@ export interface components {
             autoencoders?: string[];
             /** Bostoken */
             bosToken?: string | null;
+        };
+        /** NeuronRecordRequest */
+        NeuronRecordRequest: {
+            /**
+             * Datasetname
+             * @description name or location (default: the first dataset holding the family)
+             */
+            datasetName?: string | null;
+            /**
+             * Nodetype
+             * @default mlp_neuron
+             * @enum {string}
+             */
+            nodeType?: "mlp_neuron" | "autoencoder_latent";
+            /** Layerindex */
+            layerIndex: number;
+            /**
+             * Componentindex
+             * @description neuron (or latent) index
+             */
+            componentIndex: number;
+        };
+        /** NeuronRecordResponse */
+        NeuronRecordResponse: {
+            /** Maxactivation */
+            maxActivation: number | null;
+            /** Mean */
+            mean: number | null;
+            /** Variance */
+            variance: number | null;
+            /** Skewness */
+            skewness: number | null;
+            /** Kurtosis */
+            kurtosis: number | null;
+            /** Fractionactive */
+            fractionActive?: number | null;
+            /** Dead */
+            dead?: boolean | null;
+            /** Quantileboundaries */
+            quantileBoundaries?: number[] | null;
+            dataset: components["schemas"]["DatasetInfoModel"];
+            /** Nodetype */
+            nodeType: string;
+            /** Layerindex */
+            layerIndex: number;
+            /** Componentindex */
+            componentIndex: number;
+            /** Mostpositiveactivationrecords */
+            mostPositiveActivationRecords: components["schemas"]["ActivationRecordModel"][];
+            /** Randomsample */
+            randomSample: components["schemas"]["ActivationRecordModel"][];
+            /** Randomsamplebyquantile */
+            randomSampleByQuantile?: components["schemas"]["ActivationRecordModel"][][] | null;
         };
         /** NodeAblationModel */
         NodeAblationModel: {
@@ -608,6 +912,29 @@ export interface components {
             upvotingKeyTokens: components["schemas"]["ScoredTokenModel"][];
             /** Downvotingkeytokens */
             downvotingKeyTokens: components["schemas"]["ScoredTokenModel"][];
+        };
+        /**
+         * PairActivationRecordModel
+         * @description A head's excerpt: activations per pair (q, k <= q), row by row over the lower triangle.
+         */
+        PairActivationRecordModel: {
+            /** Tokens */
+            tokens: string[];
+            /** Activations */
+            activations: number[];
+            /**
+             * Normalizedactivations
+             * @description activations / the dataset max, clipped to [-1, 1]
+             */
+            normalizedActivations: number[];
+            /**
+             * Windowindex
+             * @description the excerpt's window in the corpus
+             */
+            windowIndex?: number | null;
+            summaries: components["schemas"]["TokenSummariesModel"];
+            /** @description max summaries / the dataset max; totals / the largest total in this response */
+            normalizedSummaries: components["schemas"]["TokenSummariesModel"];
         };
         /** ProcessingResult */
         ProcessingResult: {
@@ -768,6 +1095,23 @@ export interface components {
              */
             direction: number[];
         };
+        /** TokenSummariesModel */
+        TokenSummariesModel: {
+            /**
+             * Totalin
+             * @description per token as the key: Σ over the queries reading it
+             */
+            totalIn: number[];
+            /** Maxin */
+            maxIn: number[];
+            /**
+             * Totalout
+             * @description per token as the query: Σ over the keys it reads
+             */
+            totalOut: number[];
+            /** Maxout */
+            maxOut: number[];
+        };
         /**
          * TokenSums
          * @description Per-token sums of each metric for one node type (token-effect heat maps).
@@ -833,6 +1177,19 @@ export interface components {
              * @default 10
              */
             k?: number;
+        };
+        /** ValidationError */
+        ValidationError: {
+            /** Location */
+            loc: (string | number)[];
+            /** Message */
+            msg: string;
+            /** Error Type */
+            type: string;
+            /** Input */
+            input?: unknown;
+            /** Context */
+            ctx?: Record<string, never>;
         };
     };
     responses: never;
@@ -1311,6 +1668,132 @@ export interface operations {
                 };
                 content: {
                     "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+        };
+    };
+    neuron_datasets_metadata_neuron_datasets_metadata_get: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Successful Response */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["DatasetsMetadataResponse"];
+                };
+            };
+        };
+    };
+    post_neuron_datasets_metadata_neuron_datasets_metadata_post: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Successful Response */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["DatasetsMetadataResponse"];
+                };
+            };
+        };
+    };
+    neuron_record_neuron_record_post: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["NeuronRecordRequest"];
+            };
+        };
+        responses: {
+            /** @description Successful Response */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["NeuronRecordResponse"];
+                };
+            };
+            /** @description Validation Error */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["HTTPValidationError"];
+                };
+            };
+        };
+    };
+    attention_head_record_attention_head_record_post: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["AttentionHeadRecordRequest"];
+            };
+        };
+        responses: {
+            /** @description Successful Response */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["AttentionHeadRecordResponse"];
+                };
+            };
+            /** @description Validation Error */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["HTTPValidationError"];
+                };
+            };
+        };
+    };
+    jobs_jobs_get: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Successful Response */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["JobsResponse"];
                 };
             };
         };

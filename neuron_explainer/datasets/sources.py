@@ -1,0 +1,321 @@
+"""The collated datasets a server reads, by name: native stores and TDB JSON layouts.
+
+    datasets = DatasetRegistry()
+    datasets.add("smollm2.tdb.sqlite")                       # a native store (all its families)
+    datasets.add("attention_head=https://host/heads/")       # a TDB layout of one family
+    datasets.add("/data/gpt2-tdb/")                          # a folder written by `tdb export-tdb`
+    info, record = await datasets.record("mlp_neuron", 5, 131)
+
+A spec is `[FAMILY=]LOCATION`. LOCATION is a store file (.sqlite/.db or any existing file), a
+folder, or an http(s) URL. A folder or URL in TDB's layout holds `<layer>/<index>.json` for one
+family (FAMILY, default mlp_neuron), or, as `tdb export-tdb` writes, `<family>/<layer>/<index>.json`
+for several with a `metadata.json` listing them.
+
+A store may not exist yet (the server builds the default one in the background): it is opened on
+first use, and until then lookups say it is still being built. Records of a store are read in a
+worker thread; TDB records over HTTP with aiohttp.
+
+`annotate(record)` adds what the API serves beside raw values: activations normalized by the
+dataset max and, for token-pair families, per-token summaries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+
+import aiohttp
+
+from neuron_explainer.datasets.families import FAMILIES, pair_of_position
+from neuron_explainer.datasets.store import (
+    ActivationRecord,
+    ComponentNotFoundError,
+    ComponentRecord,
+    DatasetError,
+    DatasetNotFoundError,
+    DatasetStore,
+)
+from neuron_explainer.datasets.tdb_format import _is_url, _local_dir, read_tdb_record_async
+
+DEFAULT_TDB_FAMILY = "mlp_neuron"
+
+
+@dataclass
+class DatasetInfo:
+    """What the server says about one dataset (API field names)."""
+
+    name: str
+    kind: str  # "store" or "tdb"
+    location: str
+    families: list[str]
+    available: bool  # False while a store is still to be written
+    modelName: str | None = None
+    nTokens: int | None = None
+    status: str | None = None  # a store's "in_progress" or "complete"
+    layers: list[int] | None = None
+    windowLength: int | None = None
+    corpus: str | None = None
+    updatedAt: str | None = None
+
+
+@dataclass
+class _StoreSource:
+    name: str
+    path: Path
+    store: DatasetStore | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def open(self) -> DatasetStore | None:
+        with self.lock:
+            if self.store is None and self.path.is_file():
+                try:
+                    self.store = DatasetStore(self.path)
+                except DatasetError:
+                    return None  # created but not yet committed: still being built
+            return self.store
+
+    def info(self) -> DatasetInfo:
+        store = self.open()
+        if store is None:
+            return DatasetInfo(self.name, "store", str(self.path), [], available=False)
+        meta = store.refresh_metadata()
+        return DatasetInfo(
+            self.name,
+            "store",
+            str(self.path),
+            list(meta.families),
+            available=True,
+            modelName=meta.model.get("name"),
+            nTokens=meta.nTokens,
+            status=meta.status,
+            layers=list(meta.layers),
+            windowLength=meta.windowLength,
+            corpus=meta.corpus.get("name"),
+            updatedAt=meta.updatedAt,
+        )
+
+    async def record(self, family: str, layer: int, index: int) -> ComponentRecord:
+        store = await asyncio.to_thread(self.open)
+        if store is None:
+            raise DatasetNotFoundError(
+                f"dataset {self.name!r} ({self.path}) is not written yet; if the server is "
+                "building it, see GET /jobs for its progress"
+            )
+        return await asyncio.to_thread(store.record, family, layer, index)
+
+
+@dataclass
+class _TdbSource:
+    name: str
+    location: str
+    family_locations: dict[str, str]  # family -> folder or URL prefix of <layer>/<index>.json
+    session: aiohttp.ClientSession | None = None
+
+    def info(self) -> DatasetInfo:
+        return DatasetInfo(
+            self.name, "tdb", self.location, list(self.family_locations), available=True
+        )
+
+    async def record(self, family: str, layer: int, index: int) -> ComponentRecord:
+        if family not in self.family_locations:
+            raise ComponentNotFoundError(
+                f"dataset {self.name!r} has no {family!r} records "
+                f"(it holds {', '.join(self.family_locations)})"
+            )
+        if self.session is None or self.session.closed:
+            self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
+        return await read_tdb_record_async(
+            self.family_locations[family], layer, index, family, session=self.session
+        )
+
+
+_Source = _StoreSource | _TdbSource
+
+
+def _name_of(location: str) -> str:
+    if _is_url(location):
+        parts = [p for p in urlparse(location).path.split("/") if p]
+        return parts[-1] if parts else urlparse(location).netloc
+    path = _local_dir(location)
+    return path.stem if path.suffix in (".sqlite", ".db") else path.name
+
+
+def _is_store(location: str) -> bool:
+    if _is_url(location):
+        return False
+    path = _local_dir(location)
+    return path.suffix in (".sqlite", ".db") or path.is_file()
+
+
+def _tdb_families(location: str, family: str | None) -> dict[str, str]:
+    """family -> location of its `<layer>/<index>.json` files, for a local folder."""
+    if family is not None:
+        return {family: location}
+    folder = _local_dir(location)
+    if not folder.is_dir():
+        raise DatasetNotFoundError(f"no dataset at {location} (neither a store file nor a folder)")
+    listed = _listed_families(folder / "metadata.json")
+    if listed:
+        return {f: str(folder / sub) for f, sub in listed.items()}
+    return {DEFAULT_TDB_FAMILY: str(folder)}
+
+
+def _listed_families(path: Path) -> dict[str, str]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    datasets = data.get("datasets") if isinstance(data, dict) else None
+    return {str(k): str(v) for k, v in datasets.items()} if isinstance(datasets, dict) else {}
+
+
+class DatasetRegistry:
+    """Named datasets, in the order added; lookups by family pick the first that has it."""
+
+    def __init__(self) -> None:
+        self._sources: dict[str, _Source] = {}
+
+    def add(self, spec: str, name: str | None = None) -> str:
+        """Add a dataset from a `[FAMILY=]LOCATION` spec; returns its name. A store file need
+        not exist yet. Raises DatasetNotFoundError for a local folder that does not exist and
+        ValueError for an unknown family."""
+        family, location = None, spec
+        head, sep, rest = spec.partition("=")
+        if sep and "/" not in head and not _is_url(spec):
+            family, location = head, rest
+        if family is not None and family not in FAMILIES:
+            raise ValueError(f"unknown component family {family!r} in --dataset {spec!r}")
+        base = name or _name_of(location)
+        name = base
+        for n in range(2, 1000):
+            if name not in self._sources:
+                break
+            name = f"{base}-{n}"
+        if family is None and _is_store(location):
+            self._sources[name] = _StoreSource(name, _local_dir(location))
+        elif _is_url(location):
+            self._sources[name] = _TdbSource(
+                name, location, {family or DEFAULT_TDB_FAMILY: location}
+            )
+        else:
+            self._sources[name] = _TdbSource(name, location, _tdb_families(location, family))
+        return name
+
+    async def add_url_root(self, url: str, name: str | None = None) -> str:
+        """Add a TDB root over HTTP whose `metadata.json` lists families (as `tdb export-tdb`
+        writes); without one, the URL is a single mlp_neuron layout."""
+        families = {DEFAULT_TDB_FAMILY: url}
+        try:
+            async with (
+                aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session,
+                session.get(url.rstrip("/") + "/metadata.json") as response,
+            ):
+                if response.status == 200:
+                    data = json.loads(await response.read())
+                    listed = data.get("datasets") if isinstance(data, dict) else None
+                    if isinstance(listed, dict) and listed:
+                        families = {str(f): f"{url.rstrip('/')}/{sub}" for f, sub in listed.items()}
+        except (aiohttp.ClientError, ValueError, TimeoutError):
+            pass
+        key = self.add(url, name)
+        source = self._sources[key]
+        assert isinstance(source, _TdbSource)
+        source.family_locations = families
+        return key
+
+    def names(self) -> list[str]:
+        return list(self._sources)
+
+    def infos(self) -> list[DatasetInfo]:
+        return [s.info() for s in self._sources.values()]
+
+    def _pick(self, family: str, dataset: str | None) -> _Source:
+        if dataset is not None:
+            for source in self._sources.values():
+                location = source.path if isinstance(source, _StoreSource) else source.location
+                if dataset in (source.name, str(location)):
+                    return source
+            known = ", ".join(self._sources) or "none (start the server with --dataset)"
+            raise DatasetNotFoundError(f"unknown dataset {dataset!r}; known: {known}")
+        if not self._sources:
+            raise DatasetNotFoundError(
+                "this server has no collated datasets; start it with --dataset PATH|URL "
+                "(or --auto-dataset to build one for the default model)"
+            )
+        for source in self._sources.values():
+            info = source.info()
+            if family in info.families or not info.available:
+                return source
+        raise DatasetNotFoundError(
+            f"no dataset of this server holds {family!r} records "
+            f"(datasets: {', '.join(self._sources)})"
+        )
+
+    async def record(
+        self, family: str, layer: int, index: int, dataset: str | None = None
+    ) -> tuple[DatasetInfo, ComponentRecord]:
+        """The record of one component from `dataset` (name or location), or from the first
+        dataset holding `family`. DatasetNotFoundError / ComponentNotFoundError otherwise."""
+        source = self._pick(family, dataset)
+        record = await source.record(family, layer, index)
+        return source.info(), record
+
+    async def close(self) -> None:
+        for source in self._sources.values():
+            if isinstance(source, _TdbSource) and source.session is not None:
+                await source.session.close()
+            elif isinstance(source, _StoreSource) and source.store is not None:
+                source.store.close()
+
+
+# ---- what the API adds to a record ----------------------------------------------------------------
+
+
+@dataclass
+class TokenSummaries:
+    """Per token of a token-pair record, as /derived_attention_scalars reports them: "in" over
+    the pairs where the token is the key (read by itself and later tokens), "out" over the pairs
+    where it is the query (reading itself and earlier tokens); total and max."""
+
+    totalIn: list[float]
+    maxIn: list[float]
+    totalOut: list[float]
+    maxOut: list[float]
+
+
+def token_summaries(n_tokens: int, pair_values: list[float]) -> TokenSummaries:
+    """Summaries of one head record whose values run over pairs (q, k <= q) row by row."""
+    total_in, max_in = [0.0] * n_tokens, [0.0] * n_tokens
+    total_out, max_out = [0.0] * n_tokens, [0.0] * n_tokens
+    for position, value in enumerate(pair_values):
+        q, k = pair_of_position(position)
+        if q >= n_tokens:
+            break
+        total_in[k] += value
+        max_in[k] = max(max_in[k], value)
+        total_out[q] += value
+        max_out[q] = max(max_out[q], value)
+    return TokenSummaries(total_in, max_in, total_out, max_out)
+
+
+def normalize(values: list[float], scale: float) -> list[float]:
+    """values / scale, clipped to [-1, 1]; zeros when the scale is not a positive number."""
+    if not (math.isfinite(scale) and scale > 0):
+        return [0.0] * len(values)
+    return [max(-1.0, min(1.0, v / scale)) for v in values]
+
+
+def is_per_pair(family: str) -> bool:
+    return FAMILIES[family].per_token_pair if family in FAMILIES else family.startswith("attention")
+
+
+def all_records(record: ComponentRecord) -> list[ActivationRecord]:
+    records = list(record.mostPositiveActivationRecords) + list(record.randomSample)
+    for group in record.randomSampleByQuantile or []:
+        records += group
+    return records
