@@ -33,7 +33,10 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def start_server(args: list[str], log: Path, timeout_s: float = 120.0) -> Server:
+def start_server(
+    args: list[str], log: Path, timeout_s: float = 120.0, env: dict[str, str] | None = None
+) -> Server:
+    """`python -m activation_server ARGS` on a free port; `env` adds environment variables."""
     port = free_port()
     out = log.open("wb")
     process = subprocess.Popen(
@@ -41,7 +44,7 @@ def start_server(args: list[str], log: Path, timeout_s: float = 120.0) -> Server
         cwd=ROOT,
         stdout=out,
         stderr=subprocess.STDOUT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout_s

@@ -5,12 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,72 +14,9 @@ from neuron_explainer.datasets import (
     ComponentRecord,
     DatasetNotFoundError,
     DatasetStore,
-    collate,
-    export_tdb,
     read_tdb_record,
 )
-from neuron_explainer.datasets.corpus import folder_corpus
 from neuron_explainer.datasets.tdb_format import list_tdb_components
-from neuron_explainer.models import HookedTransformer
-from tests.datasets.helpers import torch_threads
-
-
-@pytest.fixture(scope="module")
-def tiny_store(
-    tiny_model: HookedTransformer, prose_dir: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Path:
-    path = tmp_path_factory.mktemp("tdb") / "store.sqlite"
-    with torch_threads(1):
-        collate(
-            tiny_model,
-            folder_corpus(prose_dir),
-            path,
-            n_tokens=64 * 16,
-            window_length=16,
-            batch_size=16,
-            k=5,
-            random_sample_size=4,
-            quantile_sample_size=2,
-            progress=False,
-        )
-    return path
-
-
-@pytest.fixture(scope="module")
-def exported(tiny_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("tdb-json")
-    with DatasetStore(tiny_store) as store:
-        n = export_tdb(store, out)
-        assert n == len(store.components())
-    return out
-
-
-@pytest.fixture(scope="module")
-def http_root(exported: Path) -> Iterator[str]:
-    """`python -m http.server` serving the exported folder on a free local port."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen(
-        [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"],
-        cwd=exported,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    root = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                urllib.request.urlopen(f"{root}/metadata.json", timeout=1).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "http.server did not start"
-                time.sleep(0.05)
-        yield root
-    finally:
-        server.terminate()
-        server.wait()
 
 
 def same_record(a: ComponentRecord, b: ComponentRecord) -> None:
