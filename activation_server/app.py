@@ -23,6 +23,7 @@ from activation_server.worker import ModelWorker
 from neuron_explainer.activations import Engine
 from neuron_explainer.datasets import DatasetError, DatasetStore
 from neuron_explainer.datasets.jobs import CollationJob, default_store_path
+from neuron_explainer.datasets.sources import DatasetRegistry
 from neuron_explainer.models import HookedTransformer
 
 log = logging.getLogger("activation_server")
@@ -51,15 +52,17 @@ def create_app(model: HookedTransformer | None, settings: Settings | None = None
     if model is not None:
         state.engine = Engine(model, settings.max_prompt_tokens)
 
+    check = DatasetRegistry()
     for spec in settings.datasets:
-        if not spec.startswith(("http://", "https://")):
-            state.datasets.add(spec)  # a missing folder fails here, before the server starts
+        check.add(spec)  # a missing folder or unknown family fails here, before serving
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        for spec in settings.datasets:
+        for spec in settings.datasets:  # in command-line order: lookups take the first match
             if spec.startswith(("http://", "https://")):
                 await state.datasets.add_url_root(spec)
+            else:
+                state.datasets.add(spec)
         if state.engine is not None:
             state.worker = ModelWorker(state.engine, settings.max_merged_rows)
             state.worker.start()
