@@ -45,7 +45,7 @@ chromium:
 	  else echo "no apt-get here: install chromium for the browser tests"; fi; }
 
 demo: install ui
-	$(VENV)/bin/tdb serve --model smollm2-135m --port 8000
+	$(VENV)/bin/tdb serve --model smollm2-135m --port 8000 --auto-dataset
 
 test: install ui chromium test-ui test-python
 

@@ -16,10 +16,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import ctypes
 import datetime
 import json
 import os
 import re
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -27,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_BUDGET_TOKENS = 65_536
+PR_SET_PDEATHSIG = 1  # prctl option: the signal a child gets when its parent dies
 
 
 def datasets_dir() -> Path:
@@ -116,8 +119,13 @@ class CollationJob:
         self._task = asyncio.create_task(self._watch(self._process))
 
     def _lower_priority(self) -> None:
+        """In the child before exec: lower priority, and die with the server (Linux)."""
         with contextlib.suppress(OSError):
             os.nice(self.nice)
+        if sys.platform.startswith("linux"):
+            with contextlib.suppress(OSError, AttributeError):
+                libc = ctypes.CDLL(None, use_errno=True)
+                libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
     async def _watch(self, process: asyncio.subprocess.Process) -> None:
         assert process.stdout is not None and process.stderr is not None

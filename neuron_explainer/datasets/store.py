@@ -31,6 +31,7 @@ to a plain single file (journal_mode=DELETE).
 
 from __future__ import annotations
 
+import fcntl
 import json
 import sqlite3
 import threading
@@ -242,6 +243,16 @@ class StoreWriter:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        # One writer per store: a second collation of the same file fails at once instead of
+        # interleaving commits (the lock is released when the process ends, however it ends).
+        self._lock_file = open(self.path.with_name(self.path.name + ".lock"), "w")  # noqa: SIM115
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            self._lock_file.close()
+            raise DatasetError(
+                f"another process is writing {self.path} (a collation still running?)"
+            ) from e
         self.conn = connect(self.path)
         self.conn.isolation_level = None  # explicit BEGIN/COMMIT
         self.conn.execute("PRAGMA journal_mode = WAL")
@@ -340,6 +351,7 @@ class StoreWriter:
 
     def close(self) -> None:
         self.conn.close()
+        self._lock_file.close()  # releases the lock
 
 
 def _component_rows(acc: LayerAccumulator) -> Iterator[tuple[Any, ...]]:

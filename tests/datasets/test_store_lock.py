@@ -1,0 +1,35 @@
+"""One writer per store: a second collation of the same file fails at once, from another process
+too, and the lock goes away with its holder."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from neuron_explainer.datasets.store import DatasetError, StoreWriter
+
+SECOND_WRITER = """
+import sys
+from neuron_explainer.datasets.store import DatasetError, StoreWriter
+try:
+    StoreWriter(sys.argv[1])
+except DatasetError as e:
+    print(e)
+    sys.exit(3)
+"""
+
+
+def test_a_second_writer_is_refused_until_the_first_closes(tmp_path: Path) -> None:
+    path = tmp_path / "store.sqlite"
+    first = StoreWriter(path)
+    with pytest.raises(DatasetError, match="another process is writing"):
+        StoreWriter(path)
+    run = subprocess.run(
+        [sys.executable, "-c", SECOND_WRITER, str(path)], capture_output=True, text=True
+    )
+    assert run.returncode == 3 and "another process is writing" in run.stdout
+    first.close()
+    StoreWriter(path).close()
