@@ -17,6 +17,7 @@ const apiPaths = [
   "/neuron_datasets_metadata",
   "/neuron_record",
   "/attention_head_record",
+  "/jobs",
 ];
 
 export default defineConfig({

@@ -1,6 +1,7 @@
 import { lazy, Suspense, useEffect, useState } from "react";
 import { api } from "./api/client";
 import type { ModelInfo } from "./api/types";
+import { JobsIndicator } from "./components/Jobs";
 import Home from "./pages/Home";
 import { linkClick, useLocation } from "./router";
 
@@ -47,6 +48,7 @@ export default function App() {
             Debugger
           </a>
         </nav>
+        <JobsIndicator />
         <span className="model-name" data-testid="model-name">
           {model.info
             ? `${model.info.name} · ${model.info.device}`

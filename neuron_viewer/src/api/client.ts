@@ -1,15 +1,23 @@
 // Calls to the activation server. The base URL is the page's own origin unless set at runtime
 // (`?api=http://host:port` once, remembered in localStorage): nothing is baked in at build time.
 import type {
+  AttentionHeadRecordRequest,
+  AttentionHeadRecordResponse,
   BatchedRequest,
   BatchedResponse,
   BatchedTdbRequest,
   BatchedTdbResponse,
+  DatasetsMetadataResponse,
+  DerivedAttentionScalarsRequest,
   DerivedAttentionScalarsResponse,
+  DerivedScalarsRequest,
   DerivedScalarsResponse,
   ErrorResponse,
   HealthResponse,
+  JobsResponse,
   ModelInfo,
+  NeuronRecordRequest,
+  NeuronRecordResponse,
   TokenizeResponse,
 } from "./types";
 
@@ -87,8 +95,15 @@ export const api = {
     call<BatchedTdbResponse>("POST", "/batched_tdb", body, signal),
   batched: (body: BatchedRequest, signal?: AbortSignal) =>
     call<BatchedResponse>("POST", "/batched", body, signal),
-  derivedScalars: (body: unknown, signal?: AbortSignal) =>
+  derivedScalars: (body: DerivedScalarsRequest, signal?: AbortSignal) =>
     call<DerivedScalarsResponse>("POST", "/derived_scalars", body, signal),
-  derivedAttentionScalars: (body: unknown, signal?: AbortSignal) =>
+  derivedAttentionScalars: (body: DerivedAttentionScalarsRequest, signal?: AbortSignal) =>
     call<DerivedAttentionScalarsResponse>("POST", "/derived_attention_scalars", body, signal),
+  datasetsMetadata: (signal?: AbortSignal) =>
+    call<DatasetsMetadataResponse>("GET", "/neuron_datasets_metadata", undefined, signal),
+  neuronRecord: (body: NeuronRecordRequest, signal?: AbortSignal) =>
+    call<NeuronRecordResponse>("POST", "/neuron_record", body, signal),
+  attentionHeadRecord: (body: AttentionHeadRecordRequest, signal?: AbortSignal) =>
+    call<AttentionHeadRecordResponse>("POST", "/attention_head_record", body, signal),
+  jobs: (signal?: AbortSignal) => call<JobsResponse>("GET", "/jobs", undefined, signal),
 };

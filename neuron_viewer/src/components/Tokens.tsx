@@ -10,6 +10,8 @@ export function TokenHeatmap(props: {
   onHover?: (i: number | null) => void;
   highlight?: Set<number>;
   testId?: string;
+  /** the hover text of token i (default: index, token and value) */
+  describe?: (i: number) => string;
 }) {
   const scale = props.scale ?? maxAbs(props.values);
   return (
@@ -24,7 +26,10 @@ export function TokenHeatmap(props: {
               background: cellColor(v, scale, props.signed ?? true),
               color: textColor(v, scale),
             }}
-            title={`${i}: ${JSON.stringify(t)}${v != null ? ` = ${v.toFixed(4)}` : ""}`}
+            title={
+              props.describe?.(i) ??
+              `${i}: ${JSON.stringify(t)}${v != null ? ` = ${v.toFixed(4)}` : ""}`
+            }
             onMouseEnter={() => props.onHover?.(i)}
             onMouseLeave={() => props.onHover?.(null)}
           >

@@ -1,5 +1,9 @@
-import { useState } from "react";
+import { useEffect, useState } from "react";
 import type { ModelState } from "../App";
+import { api } from "../api/client";
+import type { DatasetInfo, ModelInfo } from "../api/types";
+import { onJobsChanged } from "../lib/events";
+import { formatLayers, parseJump } from "../lib/jump";
 import { linkClick, navigate } from "../router";
 import { stateToParams, DEFAULT_STATE } from "../lib/url";
 
@@ -18,14 +22,153 @@ const EXAMPLES = [
   },
 ];
 
-/** Parse "layer:index" for the jump box; an error message instead of throwing. */
-export function parseJump(text: string, nLayers: number, width: number): [number, number] | string {
-  const m = /^\s*(\d+)\s*:\s*(\d+)\s*$/.exec(text);
-  if (!m) return "use the form layer:index, e.g. 5:123";
-  const [layer, index] = [Number(m[1]), Number(m[2])];
-  if (layer >= nLayers) return `layer ${layer} is out of range (0–${nLayers - 1})`;
-  if (index >= width) return `index ${index} is out of range (0–${width - 1})`;
-  return [layer, index];
+type Browsable = "mlp_neuron" | "attention_head";
+const BROWSABLE: Browsable[] = ["mlp_neuron", "attention_head"];
+const KIND_LABEL: Record<Browsable, string> = {
+  mlp_neuron: "MLP neuron",
+  attention_head: "attention head",
+};
+
+function widthOf(info: ModelInfo | null, kind: Browsable): number | null {
+  if (!info) return null;
+  return kind === "mlp_neuron" ? info.dMlp : info.nHeads;
+}
+
+/** One collated dataset: what it holds, and a layer:index box that opens a component's page. */
+function DatasetRow({
+  ds,
+  info,
+  many,
+}: {
+  ds: DatasetInfo;
+  info: ModelInfo | null;
+  many: boolean;
+}) {
+  const kinds = BROWSABLE.filter((k) => ds.families.includes(k));
+  const [kind, setKind] = useState<Browsable>(kinds[0] ?? "mlp_neuron");
+  const [jump, setJump] = useState("");
+  const [error, setError] = useState<string | null>(null);
+  // The dataset's own model names the page; the loaded model's shape checks the range when it
+  // is the same model.
+  const modelName = ds.modelName ?? info?.name ?? null;
+  const sameModel = info != null && modelName === info.name;
+  const go = () => {
+    if (!modelName) return setError("the dataset does not say which model it was collated for");
+    const parsed = parseJump(jump, {
+      nLayers: sameModel ? info.nLayers : null,
+      layers: ds.layers ?? null,
+      width: sameModel ? widthOf(info, kind) : null,
+    });
+    if (typeof parsed === "string") return setError(parsed);
+    const query = many ? `?dataset=${encodeURIComponent(ds.name)}` : "";
+    navigate(`/${encodeURIComponent(modelName)}/${kind}/${parsed[0]}/${parsed[1]}${query}`);
+  };
+  return (
+    <li className="dataset" data-testid="dataset" data-name={ds.name}>
+      <div className="row">
+        <strong data-testid="dataset-title">{ds.name}</strong>
+        <span className="badge">{ds.kind}</span>
+        {ds.status === "in_progress" && <span className="badge in-progress">in progress</span>}
+        {!ds.available && <span className="badge">not written yet</span>}
+      </div>
+      <div className="muted" title={ds.location}>
+        {[
+          ds.modelName,
+          ds.nTokens != null ? `${ds.nTokens.toLocaleString()} tokens` : null,
+          ds.corpus ? `corpus ${ds.corpus}` : null,
+          ds.layers ? `layers ${formatLayers(ds.layers)}` : null,
+          ds.windowLength ? `${ds.windowLength}-token excerpts` : null,
+          ds.families.join(", "),
+        ]
+          .filter(Boolean)
+          .join(" · ")}
+      </div>
+      {!ds.available ? (
+        <p className="muted">
+          Not written yet: it is being collated (progress in the jobs panel at the top).
+        </p>
+      ) : kinds.length > 0 ? (
+        <div className="row">
+          <select
+            value={kind}
+            onChange={(e) => {
+              setKind(e.target.value as Browsable);
+              setError(null);
+            }}
+            aria-label={`component type in ${ds.name}`}
+            data-testid="dataset-kind"
+          >
+            {kinds.map((k) => (
+              <option key={k} value={k}>
+                {KIND_LABEL[k]}
+              </option>
+            ))}
+          </select>
+          <input
+            placeholder="layer:index, e.g. 1:42"
+            value={jump}
+            aria-label={`layer:index in ${ds.name}`}
+            data-testid="dataset-jump"
+            onChange={(e) => {
+              setJump(e.target.value);
+              setError(null);
+            }}
+            onKeyDown={(e) => e.key === "Enter" && go()}
+          />
+          <button onClick={go} data-testid="dataset-go">
+            Open
+          </button>
+        </div>
+      ) : (
+        <p className="muted">No neurons or heads to browse ({ds.families.join(", ")}).</p>
+      )}
+      {error && (
+        <p className="error" data-testid="dataset-jump-error">
+          {error}
+        </p>
+      )}
+    </li>
+  );
+}
+
+function Datasets({ info }: { info: ModelInfo | null }) {
+  const [state, setState] = useState<{ datasets: DatasetInfo[] | null; error: string | null }>({
+    datasets: null,
+    error: null,
+  });
+  const [reload, setReload] = useState(0);
+  // A store being collated grows (and appears) as its job makes progress.
+  useEffect(() => onJobsChanged(() => setReload((r) => r + 1), ["status", "progress"]), []);
+  useEffect(() => {
+    const controller = new AbortController();
+    api
+      .datasetsMetadata(controller.signal)
+      .then((r) => setState({ datasets: r.datasets, error: null }))
+      .catch(
+        (e: Error) => e.name !== "AbortError" && setState({ datasets: null, error: e.message }),
+      );
+    return () => controller.abort();
+  }, [reload]);
+  const datasets = state.datasets;
+  return (
+    <section className="card" data-testid="datasets">
+      <h2>Datasets</h2>
+      {state.error && <p className="error">{state.error}</p>}
+      {datasets && datasets.length === 0 && (
+        <p className="muted">
+          No collated datasets. Start the server with <code>--dataset PATH</code> (a store from{" "}
+          <code>tdb collate</code> or a TDB JSON folder/URL) or <code>--auto-dataset</code>.
+        </p>
+      )}
+      {datasets && datasets.length > 0 && (
+        <ul className="datasets">
+          {datasets.map((ds) => (
+            <DatasetRow key={ds.name} ds={ds} info={info} many={datasets.length > 1} />
+          ))}
+        </ul>
+      )}
+    </section>
+  );
 }
 
 export default function Home({ model }: { model: ModelState }) {
@@ -37,7 +180,7 @@ export default function Home({ model }: { model: ModelState }) {
   const go = () => {
     if (!info) return;
     const width = kind === "mlp_neuron" ? info.dMlp : info.nHeads;
-    const parsed = parseJump(jump, info.nLayers, width);
+    const parsed = parseJump(jump, { nLayers: info.nLayers, width });
     if (typeof parsed === "string") setJumpError(parsed);
     else navigate(`/${encodeURIComponent(info.name)}/${kind}/${parsed[0]}/${parsed[1]}`);
   };
@@ -92,6 +235,7 @@ export default function Home({ model }: { model: ModelState }) {
           </table>
         )}
       </section>
+      <Datasets info={info} />
       <section className="card">
         <h2>Debug a prompt</h2>
         <p>

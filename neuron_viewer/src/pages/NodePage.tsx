@@ -1,6 +1,6 @@
 import { useEffect, useRef, useState } from "react";
 import type { ModelState } from "../App";
-import { api } from "../api/client";
+import { api, ApiError } from "../api/client";
 import type {
   BatchedResponse,
   DerivedAttentionScalarsResponse,
@@ -8,6 +8,7 @@ import type {
   NodeIndex,
 } from "../api/types";
 import { Card } from "../components/Card";
+import { DatasetExamples } from "../components/DatasetExamples";
 import { TokenHeatmap } from "../components/Tokens";
 import { maxAbs } from "../lib/colors";
 import { LatestOnly } from "../lib/latest";
@@ -20,25 +21,58 @@ type Activations =
   | { kind: "mlp_neuron"; data: DerivedScalarsResponse }
   | { kind: "attention_head"; data: DerivedAttentionScalarsResponse };
 
-async function activations(
+async function rawOrNormalized(
   kind: Kind,
   layer: number,
   index: number,
   prompt: string,
+  dataset: string | null,
+  normalize: boolean,
   signal: AbortSignal,
 ): Promise<Activations> {
+  const norm = normalize
+    ? { normalizeByDatasetMax: true, datasetName: dataset ?? undefined }
+    : { normalizeByDatasetMax: false };
   if (kind === "mlp_neuron") {
     const data = await api.derivedScalars(
-      { prompt, nodeType: "mlp_neuron", layerIndex: layer, componentIndex: index },
+      { prompt, nodeType: "mlp_neuron", layerIndex: layer, componentIndex: index, ...norm },
       signal,
     );
     return { kind, data };
   }
   const data = await api.derivedAttentionScalars(
-    { prompt, layerIndex: layer, headIndex: index },
+    { prompt, layerIndex: layer, headIndex: index, ...norm },
     signal,
   );
   return { kind, data };
+}
+
+/** A prompt's activations scaled by the component's dataset max (so they are coloured like the
+ * dataset examples), or the raw values when no dataset holds the component (a 404). */
+async function activations(
+  kind: Kind,
+  layer: number,
+  index: number,
+  prompt: string,
+  dataset: string | null,
+  signal: AbortSignal,
+): Promise<Activations> {
+  try {
+    return await rawOrNormalized(kind, layer, index, prompt, dataset, true, signal);
+  } catch (e) {
+    if (!(e instanceof ApiError && e.status === 404)) throw e;
+    return rawOrNormalized(kind, layer, index, prompt, dataset, false, signal);
+  }
+}
+
+function ScaleNote({ datasetMax }: { datasetMax: number | null | undefined }) {
+  return (
+    <span className="muted" data-testid="activation-scale">
+      {datasetMax
+        ? `colour scale: the dataset max ${datasetMax.toPrecision(3)}`
+        : "colour scale: this prompt's max (no dataset holds this component)"}
+    </span>
+  );
 }
 
 /** A prompt's activations: per token for neurons; for heads, hover a token to see its attention. */
@@ -49,10 +83,19 @@ function ActivationView({ acts }: { acts: Activations }) {
     const top = v.reduce((b, x, i) => (x > v[b] ? i : b), 0);
     return (
       <div data-testid="activations">
-        <TokenHeatmap tokens={acts.data.tokenStrings} values={v} onHover={setHover} />
+        <TokenHeatmap
+          tokens={acts.data.tokenStrings}
+          values={v}
+          scale={acts.data.datasetMax ?? undefined}
+          onHover={setHover}
+        />
         <p className="muted">
           max {v[top]?.toFixed(3)} at {displayToken(acts.data.tokenStrings[top] ?? "")} ({top})
           {hover != null && ` · token ${hover}: ${v[hover]?.toFixed(4)}`}
+          {hover != null &&
+            acts.data.normalizedValues &&
+            ` (${acts.data.normalizedValues[hover]?.toFixed(2)} of the dataset max)`}{" "}
+          · <ScaleNote datasetMax={acts.data.datasetMax} />
         </p>
       </div>
     );
@@ -69,20 +112,27 @@ function ActivationView({ acts }: { acts: Activations }) {
       <TokenHeatmap
         tokens={acts.data.tokenStrings}
         values={values}
-        scale={maxAbs(rows.flat())}
+        scale={acts.data.datasetMax ?? maxAbs(rows.flat())}
         onHover={setHover}
         highlight={hover != null ? new Set([hover]) : undefined}
       />
       <p className="muted">
         {hover == null
           ? "colour: each query token's strongest attention; hover a token to see what it attends to"
-          : `token ${hover} attends to (colour)`}
+          : `token ${hover} attends to (colour)`}{" "}
+        · <ScaleNote datasetMax={acts.data.datasetMax} />
       </p>
     </div>
   );
 }
 
-function useActivations(kind: Kind, layer: number, index: number, prompt: string) {
+function useActivations(
+  kind: Kind,
+  layer: number,
+  index: number,
+  prompt: string,
+  dataset: string | null,
+) {
   const [state, setState] = useState<{
     acts: Activations | null;
     error: string | null;
@@ -93,7 +143,7 @@ function useActivations(kind: Kind, layer: number, index: number, prompt: string
     if (!prompt) return;
     setState((s) => ({ ...s, loading: true }));
     latest.current
-      .run((signal) => activations(kind, layer, index, prompt, signal))
+      .run((signal) => activations(kind, layer, index, prompt, dataset, signal))
       .then((r) => {
         if (r.stale) return;
         setState({
@@ -102,7 +152,7 @@ function useActivations(kind: Kind, layer: number, index: number, prompt: string
           loading: false,
         });
       });
-  }, [kind, layer, index, prompt]);
+  }, [kind, layer, index, prompt, dataset]);
   return state;
 }
 
@@ -118,6 +168,7 @@ export default function NodePage(props: {
   const prompt = params.get("prompt") ?? "";
   const token = Number(params.get("token") ?? 0);
   const attended = params.get("attended");
+  const dataset = params.get("dataset");
   const info = props.model.info;
   const layer = Number(props.layer);
   const index = Number(props.index);
@@ -153,8 +204,8 @@ export default function NodePage(props: {
 
   const [ownText, setOwnText] = useState("");
   const [ownSubmitted, setOwnSubmitted] = useState("");
-  const interest = useActivations(kind, layer, index, valid && inRange ? prompt : "");
-  const own = useActivations(kind, layer, index, valid && inRange ? ownSubmitted : "");
+  const interest = useActivations(kind, layer, index, valid && inRange ? prompt : "", dataset);
+  const own = useActivations(kind, layer, index, valid && inRange ? ownSubmitted : "", dataset);
 
   const [lens, setLens] = useState<{ data: BatchedResponse | null; error: string | null }>({
     data: null,
@@ -256,6 +307,7 @@ export default function NodePage(props: {
           {interest.acts && <ActivationView acts={interest.acts} />}
         </Card>
       )}
+      <DatasetExamples kind={kind} layer={layer} index={index} dataset={dataset} />
       <Card title="Token space" error={lens.error} testId="logit-lens">
         {views && (
           <div className="details">
