@@ -5,14 +5,19 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
-from tests.servers import ROOT, Server
+from neuron_explainer.datasets.corpus import default_corpus_dir
+from tests.servers import ROOT, Server, start_server, stop_server
 
+MODEL = "smollm2-135m"
+AUTO_TOKENS = 8192  # --auto-dataset-tokens of the auto_server fixture
 # A debugger request takes ~1 s here, several when the 2 CPUs are busy: wait generously.
 expect.set_options(timeout=90_000)
 SCREENSHOTS = ROOT / "test-artifacts" / "screenshots"
@@ -62,13 +67,37 @@ def ui_server(server: Server) -> Server:
     return server
 
 
-@pytest.fixture
-def page(browser: Browser, ui_server: Server) -> Iterator[Page]:
-    context = browser.new_context(viewport={"width": 1280, "height": 800}, base_url=ui_server.url)
+def open_page(browser: Browser, server: Server) -> Iterator[Page]:
+    """A fresh browser context on `server` (a generator for fixtures)."""
+    context = browser.new_context(viewport={"width": 1280, "height": 800}, base_url=server.url)
     page = context.new_page()
     page.set_default_timeout(90_000)
     yield page
     context.close()
+
+
+@pytest.fixture
+def page(browser: Browser, ui_server: Server) -> Iterator[Page]:
+    yield from open_page(browser, ui_server)
+
+
+def tdb_command() -> list[str]:
+    """The `tdb` CLI of this environment (the console script next to the interpreter)."""
+    script = Path(sys.executable).parent / "tdb"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "neuron_explainer.cli"]
+
+
+@pytest.fixture(scope="session")
+def small_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small collated store of the default model, built once with the real CLI: 4,096 tokens of
+    the default corpus, layers 0 and 1, neurons and heads (~20-40 s here)."""
+    out = tmp_path_factory.mktemp("store") / "small.sqlite"
+    command = [*tdb_command(), "collate", "--model", "smollm2-135m", "--tokens", "4096"]
+    command += ["--layers", "0,1", "--out", str(out), "--commit-every", "4"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    if result.returncode != 0:
+        pytest.fail(f"tdb collate failed ({result.returncode}):\n{result.stderr[-4000:]}")
+    return out
 
 
 def screenshot(page: Page, name: str, full_page: bool = True) -> Path:
@@ -76,3 +105,42 @@ def screenshot(page: Page, name: str, full_page: bool = True) -> Path:
     path = SCREENSHOTS / f"{name}.png"
     page.screenshot(path=str(path), full_page=full_page)
     return path
+
+
+@pytest.fixture(scope="session")
+def auto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """--auto-dataset in a fresh TDB_CACHE (the prepared default corpus linked in, so nothing is
+    downloaded): the server starts at once and collates 8,192 tokens of all layers in a child
+    process (1-2 minutes here, longer while other tests share the CPUs)."""
+    cache = tmp_path_factory.mktemp("tdb_cache")
+    corpus = default_corpus_dir()
+    if corpus.is_dir():
+        (cache / "corpora").mkdir()
+        (cache / "corpora" / corpus.name).symlink_to(corpus, target_is_directory=True)
+    args = ["--model", MODEL, "--device", "cpu", "--auto-dataset"]
+    srv = start_server(
+        [*args, "--auto-dataset-tokens", str(AUTO_TOKENS)],
+        cache / "server.log",
+        env={"TDB_CACHE": str(cache)},
+    )
+    yield srv
+    stop_server(srv)
+
+
+@pytest.fixture
+def apage(browser: Browser, auto_server: Server) -> Iterator[Page]:
+    yield from open_page(browser, auto_server)
+
+
+def open_jobs_panel(page: Page) -> None:
+    page.goto("/")
+    indicator = page.get_by_test_id("jobs-indicator")
+    expect(indicator).to_be_visible()
+    indicator.click()
+    expect(page.get_by_test_id("jobs-panel")).to_be_visible()
+
+
+def job_tokens(page: Page) -> int:
+    """The tokens the first job has done, as the panel shows them."""
+    text = page.get_by_test_id("job-tokens").first.inner_text()
+    return int(text.split(" ")[0].replace(",", ""))

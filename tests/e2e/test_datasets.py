@@ -1,0 +1,205 @@
+"""Dataset examples, the datasets on the home page and the jobs panel in a real browser (ui.md),
+against servers of the real default model started with a collated store (`--dataset`) or building
+one in the background (`--auto-dataset`, conftest.py).
+
+The `--auto-dataset` server starts with the first test of this module and lives for the session,
+so its collation runs while the other tests do: this module's last test checks its progress, and
+test_jobs.py (after the debugger tests) that it finished."""
+
+from __future__ import annotations
+
+import json
+import re
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from playwright.sync_api import Browser, Page, expect
+
+from tests.e2e.conftest import (
+    AUTO_TOKENS,
+    MODEL,
+    job_tokens,
+    open_jobs_panel,
+    open_page,
+    screenshot,
+)
+from tests.servers import Server, start_server, stop_server
+
+FULL_RED = "rgba(220, 38, 38, 0.85)"  # lib/colors.ts at intensity 1 (the dataset max)
+
+
+def post(server: Server, path: str, body: dict[str, object]) -> Any:
+    request = urllib.request.Request(
+        server.url + path,
+        data=json.dumps(body).encode(),
+        headers={"content-type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=60) as resp:
+        return json.loads(resp.read())
+
+
+@pytest.fixture(scope="module")
+def dataset_server(small_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    log = tmp_path_factory.mktemp("dataset_server") / "server.log"
+    srv = start_server(["--model", MODEL, "--device", "cpu", "--dataset", str(small_store)], log)
+    yield srv
+    stop_server(srv)
+
+
+@pytest.fixture
+def dpage(browser: Browser, dataset_server: Server) -> Iterator[Page]:
+    yield from open_page(browser, dataset_server)
+
+
+def test_jobs_indicator_shows_the_running_collation(apage: Page) -> None:
+    """The first test of the module: starts the --auto-dataset server (for the whole session, so
+    its collation runs while the other browser tests do)."""
+    open_jobs_panel(apage)
+    job = apage.get_by_test_id("job").first
+    expect(job).to_have_attribute("data-status", "running")
+    expect(job).to_contain_text(f"collate {AUTO_TOKENS:,} tokens")
+    expect(job.get_by_test_id("job-tokens")).to_contain_text("tokens")
+    expect(apage.get_by_test_id("jobs-indicator")).to_contain_text("1 job running")
+
+
+def test_node_page_shows_neuron_dataset_examples(dpage: Page, dataset_server: Server) -> None:
+    record = post(dataset_server, "/neuron_record", {"layerIndex": 1, "componentIndex": 5})
+    dpage.goto(f"/{MODEL}/mlp_neuron/1/5?prompt=When+Mary+and+John+went+to+the+store")
+    card = dpage.get_by_test_id("dataset-examples")
+    expect(card.get_by_test_id("dataset-stats")).to_contain_text("max")
+    expect(card.get_by_test_id("dataset-stats")).to_contain_text("4,096 tokens")
+    expect(card.get_by_test_id("dataset-name")).to_have_text("small")
+    top = card.get_by_test_id("top-examples")
+    expect(top.get_by_test_id("excerpt")).to_have_count(5)
+    # Heat-mapped tokens: the strongest token of the top excerpt is at the dataset max.
+    first = top.get_by_test_id("excerpt-tokens").first
+    colours = first.locator(".token").evaluate_all("els => els.map(e => e.style.background)")
+    assert len(colours) == len(record["mostPositiveActivationRecords"][0]["tokens"])
+    assert FULL_RED in colours
+    assert sum(c not in ("", "transparent") for c in colours) > 5
+    card.get_by_test_id("show-all").click()
+    n_top = len(record["mostPositiveActivationRecords"])
+    expect(top.get_by_test_id("excerpt")).to_have_count(n_top)
+    expect(card.get_by_test_id("random-examples").get_by_test_id("excerpt")).to_have_count(
+        len(record["randomSample"])
+    )
+    # The histogram holds every token of the random sample, with the quantile boundaries marked.
+    histogram = card.get_by_test_id("activation-histogram")
+    expect(histogram.get_by_test_id("histogram-marker")).to_have_count(
+        len(record["quantileBoundaries"])
+    )
+    counts = histogram.get_by_test_id("histogram-bar").evaluate_all(
+        "els => els.map(e => Number(e.dataset.count))"
+    )
+    assert sum(counts) == sum(len(r["tokens"]) for r in record["randomSample"])
+    # The prompt of interest is scaled like the dataset examples.
+    expect(dpage.get_by_test_id("activation-scale").first).to_contain_text("dataset max")
+    card.get_by_test_id("show-all").click()
+    screenshot(dpage, "node-page-dataset-neuron")
+
+
+def test_node_page_shows_head_dataset_examples(dpage: Page, dataset_server: Server) -> None:
+    record = post(dataset_server, "/attention_head_record", {"layerIndex": 1, "headIndex": 3})
+    dpage.goto(f"/{MODEL}/attention_head/1/3")
+    card = dpage.get_by_test_id("dataset-examples")
+    expect(card.get_by_test_id("dataset-stats")).to_contain_text("small")
+    top = card.get_by_test_id("top-examples")
+    expect(top.get_by_test_id("excerpt")).to_have_count(5)
+    tokens = top.get_by_test_id("excerpt-tokens").first.locator(".token")
+    before = tokens.evaluate_all("els => els.map(e => e.style.background)")
+    assert sum(c not in ("", "transparent") for c in before) > 0
+    # Toggle: coloured by how much each token attends (max out) instead of being attended to.
+    expect(card.get_by_test_id("head-mode-in")).to_have_attribute("aria-pressed", "true")
+    card.get_by_test_id("head-mode-out").click()
+    expect(card.get_by_test_id("head-mode-out")).to_have_attribute("aria-pressed", "true")
+    after = tokens.evaluate_all("els => els.map(e => e.style.background)")
+    assert after != before
+    # Hovering a token shows what it attends to (its row of pairs), nothing after it.
+    tokens.nth(10).hover()
+    caption = top.get_by_test_id("pair-caption")
+    expect(caption).to_contain_text("(10) attends to:")
+    hovered = tokens.evaluate_all("els => els.map(e => e.style.background)")
+    assert all(c in ("", "transparent") for c in hovered[11:])
+    assert any(c not in ("", "transparent") for c in hovered[:11])
+    # And in the other mode, which later tokens attend to it.
+    card.get_by_test_id("head-mode-in").click()
+    tokens.nth(10).hover()
+    expect(caption).to_contain_text("(10) is attended from by:")
+    hovered = tokens.evaluate_all("els => els.map(e => e.style.background)")
+    assert all(c in ("", "transparent") for c in hovered[:10])
+    # The histogram has every token pair of the random sample.
+    counts = (
+        card.get_by_test_id("activation-histogram")
+        .get_by_test_id("histogram-bar")
+        .evaluate_all("els => els.map(e => Number(e.dataset.count))")
+    )
+    pairs = sum(len(r["activations"]) for r in record["randomSample"])
+    assert sum(counts) == pairs
+    tokens.nth(10).hover()
+    screenshot(dpage, "node-page-dataset-head")
+
+
+def test_home_lists_the_dataset_and_jumps_to_a_node_page(dpage: Page) -> None:
+    dpage.goto("/")
+    row = dpage.locator("[data-testid=dataset][data-name=small]")
+    expect(row).to_contain_text("4,096 tokens")
+    expect(row).to_contain_text("layers 0–1")
+    jump = row.get_by_test_id("dataset-jump")
+    for bad, message in [
+        ("seven", "use the form layer:index"),
+        ("5:1", "layer 5 is not in this dataset"),
+        ("1:99999", "index 99999 is out of range"),
+    ]:
+        jump.fill(bad)
+        jump.press("Enter")
+        expect(row.get_by_test_id("dataset-jump-error")).to_contain_text(message)
+    screenshot(dpage, "home-datasets")
+    jump.fill("0:7")
+    row.get_by_test_id("dataset-go").click()
+    expect(dpage).to_have_url(re.compile(rf"/{MODEL}/mlp_neuron/0/7$"))
+    expect(dpage.get_by_test_id("node-title")).to_have_text("mlp L0 #7")
+    expect(dpage.get_by_test_id("top-examples").get_by_test_id("excerpt").first).to_be_visible()
+    dpage.go_back()
+    row.get_by_test_id("dataset-kind").select_option("attention_head")
+    jump.fill("1:9")
+    jump.press("Enter")
+    expect(row.get_by_test_id("dataset-jump-error")).to_contain_text("index 9 is out of range")
+    jump.fill("1:2")
+    jump.press("Enter")
+    expect(dpage.get_by_test_id("node-title")).to_have_text("attn L1 H2")
+    expect(dpage.get_by_test_id("top-examples").get_by_test_id("excerpt").first).to_be_visible()
+
+
+def test_node_page_without_datasets_shows_the_servers_message(page: Page) -> None:
+    """The default server has no datasets: the card says so, the rest of the page works."""
+    page.goto(f"/{MODEL}/mlp_neuron/3/14")
+    card = page.get_by_test_id("dataset-examples")
+    expect(card.get_by_role("alert")).to_contain_text("no collated datasets")
+    expect(card.get_by_role("alert")).to_contain_text("--dataset")
+    expect(page.get_by_test_id("logit-lens")).to_contain_text("Upvoted output tokens")
+    page.get_by_label("your text").fill("The cat sat on the mat")
+    page.get_by_role("button", name="Run").click()
+    expect(page.get_by_test_id("activation-scale")).to_contain_text("this prompt's max")
+    expect(page.get_by_test_id("jobs-indicator")).to_have_count(0)  # no jobs, no indicator
+    screenshot(page, "node-page-no-dataset")
+
+
+def test_jobs_panel_shows_the_collation_progress(apage: Page) -> None:
+    """Later in the session: the panel (polling, no reload) shows the tokens collated so far."""
+    open_jobs_panel(apage)
+    job = apage.get_by_test_id("job").first
+    # Progress comes per batch of 2,048 tokens; the first takes ~20-60 s on 2 busy CPUs.
+    expect(job.get_by_test_id("job-tokens")).to_contain_text(
+        re.compile(rf"[1-9][\d,]* / {AUTO_TOKENS:,} tokens"), timeout=300_000
+    )
+    assert job_tokens(apage) > 0
+    if job.get_attribute("data-status") == "running":
+        bar = job.get_by_role("progressbar")
+        assert int(bar.get_attribute("aria-valuenow") or "0") > 0
+        expect(apage.get_by_test_id("jobs-indicator")).to_contain_text(
+            re.compile(r"running · \d+%")
+        )
+    screenshot(apage, "jobs-panel-running")
