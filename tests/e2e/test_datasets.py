@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from playwright.sync_api import Browser, Page, expect
+from playwright.sync_api import Browser, Page, Route, expect
 
 from tests.e2e.conftest import (
     AUTO_TOKENS,
@@ -185,6 +185,54 @@ def test_node_page_without_datasets_shows_the_servers_message(page: Page) -> Non
     expect(page.get_by_test_id("activation-scale")).to_contain_text("this prompt's max")
     expect(page.get_by_test_id("jobs-indicator")).to_have_count(0)  # no jobs, no indicator
     screenshot(page, "node-page-no-dataset")
+
+
+def test_jobs_panel_polls_until_no_job_runs(dpage: Page) -> None:
+    """/jobs answered by the test (running, running, then failed): the panel follows each poll,
+    shows the message and log tail of the failure, and stops polling once nothing runs."""
+    job = {
+        "id": "collate-default",
+        "kind": "collate",
+        "description": "collate 8,192 tokens of the default corpus for smollm2-135m",
+        "status": "running",
+        "output": "/tmp/x.sqlite",
+        "tokens": 2048,
+        "totalTokens": 8192,
+        "tokensPerSecond": 100.0,
+        "etaSeconds": 61.4,
+        "log": [],
+    }
+    answers = [
+        {**job},
+        {**job, "tokens": 4096, "etaSeconds": 40.9},
+        {
+            **job,
+            "status": "failed",
+            "tokens": 6144,
+            "message": "tdb collate exited with status 1: out of disk",
+            "log": ["Traceback (most recent call last):", "OSError: out of disk"],
+        },
+    ]
+    calls: list[int] = []
+
+    def answer(route: Route) -> None:
+        calls.append(1)
+        body = answers[min(len(calls), len(answers)) - 1]
+        route.fulfill(json={"jobs": [body]})
+
+    dpage.route("**/jobs", answer)
+    open_jobs_panel(dpage)
+    row = dpage.get_by_test_id("job").first
+    expect(row.get_by_test_id("job-tokens")).to_contain_text("4,096 / 8,192 tokens (50.0%)")
+    expect(row).to_contain_text("ETA 41s")
+    expect(row).to_have_attribute("data-status", "failed")
+    expect(row.get_by_role("alert")).to_contain_text("out of disk")
+    expect(row.get_by_test_id("job-log")).to_contain_text("OSError: out of disk")
+    expect(dpage.get_by_test_id("jobs-indicator")).to_contain_text("1 job failed")
+    polls = len(calls)
+    dpage.wait_for_timeout(7000)  # two polling periods
+    assert len(calls) == polls == 3
+    screenshot(dpage, "jobs-panel-failed-routed")
 
 
 def test_jobs_panel_shows_the_collation_progress(apage: Page) -> None:
