@@ -343,7 +343,13 @@ class StoreWriter:
         c.execute("COMMIT")
         self.stored_windows -= set(unused)
         c.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        c.execute("PRAGMA journal_mode = DELETE")
+        try:
+            c.execute("PRAGMA journal_mode = DELETE")
+        except sqlite3.OperationalError:
+            # Another connection reads the store (a server showing it while it is built): leaving
+            # WAL mode needs exclusive access. Everything is checkpointed into the main file; it
+            # stays in WAL mode, which every SQLite reader handles, and is compacted another time.
+            return
         # Rewritten sample rows leave free pages; compact the file when they are a large share.
         free = c.execute("PRAGMA freelist_count").fetchone()[0]
         if free > 0.1 * c.execute("PRAGMA page_count").fetchone()[0]:
