@@ -140,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     from neuron_explainer.datasets.cli import add_parser as add_dataset_commands
 
     add_dataset_commands(sub)  # collate, export-tdb, merge-datasets, dataset-info
+    from neuron_explainer.models.sae_cli import add_parser as add_autoencoder_commands
+
+    add_autoencoder_commands(sub)  # train-sae
     return parser
 
 
