@@ -31,6 +31,7 @@ to a plain single file (journal_mode=DELETE).
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import sqlite3
@@ -258,6 +259,10 @@ class StoreWriter:
         self.conn.execute("PRAGMA journal_mode = WAL")
         self.conn.execute("PRAGMA synchronous = NORMAL")
         self.conn.executescript(SCHEMA)
+        # Commits only append to the WAL; copying it into the file (and the fsyncs that go with
+        # it, ~2 s for a full commit of 30 layers here) happens on another thread meanwhile.
+        self.conn.execute("PRAGMA wal_autocheckpoint = 0")
+        self._checkpointer = _Checkpointer(self.path)
         self.stored_windows: set[int] = {
             int(r[0]) for r in self.conn.execute("SELECT window_index FROM windows")
         }
@@ -276,10 +281,11 @@ class StoreWriter:
         accumulators: Iterable[LayerAccumulator],
         window_tokens: dict[int, np.ndarray],
         token_display: Callable[[int], str],
-    ) -> None:
+    ) -> set[int]:
         """One transaction: statistics of every component, samples of the dirty ones, the tokens
         of newly kept windows (`window_tokens` must hold every kept window not yet stored) and
-        their display strings (`token_display(id)`), and the metadata (progress)."""
+        their display strings (`token_display(id)`), and the metadata (progress). Returns the
+        windows the given accumulators keep."""
         accumulators = list(accumulators)
         kept: set[int] = set()
         for acc in accumulators:
@@ -327,15 +333,20 @@ class StoreWriter:
         self.stored_token_ids.update(new_ids)
         for acc in accumulators:
             acc.dirty.zero_()
+        self._checkpointer.request()
+        return kept
 
-    def finish(self) -> None:
-        """Drop windows no component keeps any more, then make the file a plain single file."""
-        kept: set[int] = set()
-        for blobs in self.conn.execute(
-            "SELECT top_windows, random_windows, quantile_windows FROM samples"
-        ):
-            for blob in blobs:
-                kept.update(np.frombuffer(blob, dtype="<i8").tolist())
+    def finish(self, kept: set[int] | None = None) -> None:
+        """Drop windows no component keeps any more (`kept`: the windows the committed samples
+        hold, read from the store when not given), then make the file a plain single file."""
+        self._checkpointer.close()
+        if kept is None:
+            kept = set()
+            for blobs in self.conn.execute(
+                "SELECT top_windows, random_windows, quantile_windows FROM samples"
+            ):
+                for blob in blobs:
+                    kept.update(np.frombuffer(blob, dtype="<i8").tolist())
         unused = sorted(self.stored_windows - kept)
         c = self.conn
         c.execute("BEGIN IMMEDIATE")
@@ -356,15 +367,49 @@ class StoreWriter:
             c.execute("VACUUM")
 
     def close(self) -> None:
+        self._checkpointer.close()
         self.conn.close()
         self._lock_file.close()  # releases the lock
+
+
+class _Checkpointer:
+    """A thread with its own connection that checkpoints the WAL (PASSIVE: it never blocks the
+    writer or readers) whenever asked. A checkpoint that fails is harmless: the next one, or
+    `finish`, copies the same frames."""
+
+    def __init__(self, path: Path) -> None:
+        self._conn = connect(path)
+        self._wanted = threading.Event()
+        self._closing = False
+        self._thread = threading.Thread(target=self._loop, name="sqlite-checkpoint", daemon=True)
+        self._thread.start()
+
+    def request(self) -> None:
+        self._wanted.set()
+
+    def close(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        self._wanted.set()
+        self._thread.join()
+        self._conn.close()
+
+    def _loop(self) -> None:
+        while True:
+            self._wanted.wait()
+            self._wanted.clear()
+            if self._closing:
+                return
+            with contextlib.suppress(sqlite3.Error):
+                self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
 
 
 def _component_rows(acc: LayerAccumulator) -> Iterator[tuple[Any, ...]]:
     stats = {k: v.cpu().tolist() for k, v in acc.statistics().items()}
     m2, m3, m4 = (t.cpu().tolist() for t in (acc.m2, acc.m3, acc.m4))
     n_active = acc.n_active.cpu().tolist()
-    boundaries = None if acc.boundaries is None else acc.boundaries.cpu().numpy()
+    boundaries = None if acc.boundaries is None else _row_views(acc.boundaries.cpu().numpy(), "<f4")
     for i in range(acc.n_components):
         yield (
             acc.family,
@@ -382,52 +427,69 @@ def _component_rows(acc: LayerAccumulator) -> Iterator[tuple[Any, ...]]:
             m3[i],
             m4[i],
             n_active[i],
-            None if boundaries is None else _blob(boundaries[i], "float32"),
+            None if boundaries is None else boundaries[i],
         )
 
 
 def _sample_rows(acc: LayerAccumulator) -> Iterator[tuple[Any, ...]]:
+    """Rows of the `samples` table for the dirty components of `acc`. Each field is converted to
+    its little-endian storage type once for all rows, and each row's blob is a zero-copy view of
+    its slice (sqlite3 binds any buffer as a BLOB)."""
     rows = acc.dirty.nonzero().flatten()
     if rows.numel() == 0:
         return
     bins = acc.config.n_bins
     n = len(rows)
     q_rows = (rows[:, None] * bins + torch.arange(bins, device=rows.device)).flatten()
-    arrays = {
+    ids = {
         "top_w": acc.top.windows[rows],
         "top_v": acc.top.values[rows],
-        "top_a": acc.top.sorted_acts(rows),
         "rnd_w": acc.random.windows[rows],
         "rnd_o": acc.random.order[rows],
-        "rnd_a": acc.random.sorted_acts(rows),
         "q_w": acc.by_quantile.windows[q_rows].reshape(n, -1),
         "q_o": acc.by_quantile.order[q_rows].reshape(n, -1),
-        "q_a": acc.by_quantile.sorted_acts(q_rows).reshape(n, -1, acc.positions),
     }
-    np_arrays = {name: t.cpu().numpy() for name, t in arrays.items()}
-    largest = np.max(
-        [np.abs(np_arrays[a]).reshape(n, -1).max(axis=1) for a in ("top_a", "rnd_a", "q_a")],
-        axis=0,
-    )
-    as_f16 = {a: np_arrays[a].astype("<f2") for a in ("top_a", "rnd_a", "q_a")}
+    acts = {
+        "top_a": acc.top.sorted_acts(rows).reshape(n, -1),
+        "rnd_a": acc.random.sorted_acts(rows).reshape(n, -1),
+        "q_a": acc.by_quantile.sorted_acts(q_rows).reshape(n, -1),
+    }
+    fields = {
+        name: _row_views(t.cpu().numpy(), "<f4" if name == "top_v" else "<i8")
+        for name, t in ids.items()
+    }
+    largest = torch.stack([a.abs().amax(dim=1) for a in acts.values()]).amax(dim=0)
+    wide = (largest > FLOAT16_MAX).cpu().tolist()  # such rows keep float32 activations
+    with np.errstate(over="ignore"):  # the wide rows' float16 copies are not used
+        half = {name: _row_views(a.cpu().numpy(), "<f2") for name, a in acts.items()}
     for j, i in enumerate(rows.cpu().tolist()):
-        half = bool(largest[j] <= FLOAT16_MAX)
-        acts = as_f16 if half else {a: np_arrays[a].astype("<f4") for a in as_f16}
+        if wide[j]:
+            a = {name: memoryview(_blob(t[j].cpu(), "float32")) for name, t in acts.items()}
+        else:
+            a = {name: views[j] for name, views in half.items()}
         yield (
             acc.family,
             acc.layer,
             i,
-            "float16" if half else "float32",
-            np_arrays["top_w"][j].astype("<i8").tobytes(),
-            np_arrays["top_v"][j].astype("<f4").tobytes(),
-            acts["top_a"][j].tobytes(),
-            np_arrays["rnd_w"][j].astype("<i8").tobytes(),
-            np_arrays["rnd_o"][j].astype("<i8").tobytes(),
-            acts["rnd_a"][j].tobytes(),
-            np_arrays["q_w"][j].astype("<i8").tobytes(),
-            np_arrays["q_o"][j].astype("<i8").tobytes(),
-            acts["q_a"][j].tobytes(),
+            "float32" if wide[j] else "float16",
+            fields["top_w"][j],
+            fields["top_v"][j],
+            a["top_a"],
+            fields["rnd_w"][j],
+            fields["rnd_o"][j],
+            a["rnd_a"],
+            fields["q_w"][j],
+            fields["q_o"][j],
+            a["q_a"],
         )
+
+
+def _row_views(array: np.ndarray, dtype: str) -> list[memoryview]:
+    """One read-only byte view per row of a 2-D array, after a single conversion to `dtype`."""
+    converted = np.ascontiguousarray(array, dtype=np.dtype(dtype))
+    flat = memoryview(converted.reshape(-1).view(np.uint8).data)
+    step = converted.shape[1] * converted.itemsize
+    return [flat[j * step : (j + 1) * step] for j in range(converted.shape[0])]
 
 
 def load_accumulator(
