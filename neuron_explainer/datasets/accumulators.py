@@ -28,7 +28,9 @@ run reproduces an uninterrupted one bit for bit. Scores stay float32.
 
 from __future__ import annotations
 
+import contextlib
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -74,6 +76,23 @@ def sample_keys(component_hash: torch.Tensor, windows: torch.Tensor) -> torch.Te
     window index (< 2^31) in the low 31 bits, so equal hashes fall back to window order."""
     h = _mix32(component_hash[:, None] ^ _mix32(windows)[None, :])
     return (h << 31) | windows[None, :]
+
+
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """Run the block on one torch intra-op thread. Some float reductions over few components
+    (a head's third moment over [32, 1, 2080] values, say) round differently when split over
+    2 threads, so the moments are always summed on one: a store is then the same bit for bit
+    whatever thread count the rest of the collation used (resumed runs included)."""
+    before = torch.get_num_threads()
+    if before == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 # ---- selection ----------------------------------------------------------------------------------
@@ -243,7 +262,8 @@ class LayerAccumulator:
             raise ValueError("window indices must stay below 2^31")
         windows = torch.arange(first_window, first_window + b, device=self.device)
         scores = acts.amax(dim=2).T.float().nan_to_num(nan=float("-inf"))  # [C, b]
-        self._add_moments(acts)
+        with _one_thread() if self.device.type == "cpu" else contextlib.nullcontext():
+            self._add_moments(acts)
         win = windows.expand(c, b)
         self.dirty |= self.top.merge(score_order(scores, win), win, scores, acts)
         keys = sample_keys(self._random_hash, windows)

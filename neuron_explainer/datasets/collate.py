@@ -133,17 +133,10 @@ def shard_range(n_windows: int, batch_size: int, shard: tuple[int, int] | None) 
 
 
 @contextlib.contextmanager
-def _intra_op_threads(n: int) -> Iterator[None]:
-    """Run the block with `n` torch intra-op threads, then restore the previous number.
-
-    The activation functions, accumulator updates and store commits are hundreds of small,
-    memory-bound ops per layer. Split over threads they gain little on an idle CPU, and on a busy
-    one (a server beside the collation, other jobs) every op waits at a barrier for a thread that
-    is not scheduled: on a 2-core machine under load, an MLP layer's update took ~1 s with 2
-    threads and ~0.1 s with 1. The forward pass keeps the configured threads.
-    """
+def _intra_op_threads(n: int | None) -> Iterator[None]:
+    """Run the block with `n` torch intra-op threads (None: as configured), then restore them."""
     before = torch.get_num_threads()
-    if before == n:
+    if n is None or before == n:
         yield
         return
     torch.set_num_threads(n)
@@ -151,6 +144,48 @@ def _intra_op_threads(n: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+class _UpdateThreads:
+    """Chooses, by timing, the torch intra-op thread count of the accumulator updates and commits
+    on CPU: the configured count or 1.
+
+    Updates and commits are hundreds of small, memory-bound ops per layer. On an idle CPU the
+    configured threads are faster (an MLP layer's update on the 2-core machine: ~35 ms with 2
+    threads, ~65 ms with 1); on a busy one (a server beside the collation, other jobs) every op
+    waits at a barrier for a thread that is not scheduled (~1 s with 2 threads, ~0.1 s with 1).
+    So each count is timed on whole batches, the faster one is used, and every `explore_every`-th
+    batch tries the other again. The store does not depend on the choice: selection, sampling and
+    rounding are exact whatever the threads, and the moments are always summed on one thread
+    (see `accumulators._one_thread`).
+    """
+
+    def __init__(self, configured: int, explore_every: int = 8) -> None:
+        self.options = [configured, 1] if configured > 1 else [configured]
+        self.explore_every = explore_every
+        self.seconds: dict[int, float] = {}  # the last timed batch's update seconds, per count
+        self.batches = 0
+        self.current = configured
+
+    def best(self) -> int:
+        return min(self.seconds, key=self.seconds.__getitem__) if self.seconds else self.current
+
+    def next_batch(self) -> int:
+        untried = [n for n in self.options if n not in self.seconds]
+        if self.batches == 0 or untried:
+            choice = untried[0] if self.batches and untried else self.current
+        elif len(self.options) > 1 and self.batches % self.explore_every == 0:
+            choice = next(n for n in self.options if n != self.best())
+        else:
+            choice = self.best()
+        self.current = choice
+        self.batches += 1
+        return choice
+
+    def record(self, seconds: float) -> None:
+        if self.batches == 1:
+            return  # the first batch also allocates the state: not representative
+        self.seconds[self.current] = seconds  # the latest: machine load changes quickly
 
 
 class ActivationRunner:
@@ -177,24 +212,31 @@ class ActivationRunner:
         self,
         tokens: torch.Tensor,
         on_activations: Callable[[ComponentFamily, int, torch.Tensor], None],
-    ) -> None:
+        threads: int | None = None,
+    ) -> float:
+        """Returns the seconds spent in `on_activations`, which runs with `threads` intra-op
+        threads (None: as configured; the forward and the family functions always are)."""
         cache: dict[str, torch.Tensor] = {}
-        single_thread = self.model.device.type == "cpu"
+        spent = 0.0
 
         def hook(x: torch.Tensor, hp: HookPoint) -> None:
+            nonlocal spent
             cache[hp.name] = x
             for family, layer in self.finishing.get(hp.name, []):
-                with _intra_op_threads(1) if single_thread else contextlib.nullcontext():
-                    acts = family.activations(
-                        self.model, {h: cache[h] for h in family.hook_names(layer)}, layer
-                    )
+                acts = family.activations(
+                    self.model, {h: cache[h] for h in family.hook_names(layer)}, layer
+                )
+                start = time.perf_counter()
+                with _intra_op_threads(threads):
                     on_activations(family, layer, acts)
+                spent += time.perf_counter() - start
             if hp.name == self.last:
                 raise _StopForward
 
         hooks = [(name, hook) for name in self.names]
         with torch.no_grad(), self.model.hooks(fwd=hooks), contextlib.suppress(_StopForward):
             self.model(tokens.to(self.model.device))
+        return spent
 
 
 # (tokens done, tokens in total, tokens/s since this run started), after every batch.
@@ -449,6 +491,7 @@ def _run(
     [[start, end]] = metadata.windowRanges
     bs, length = metadata.batchSize, metadata.windowLength
     runner = ActivationRunner(model, targets)
+    threads = _UpdateThreads(torch.get_num_threads()) if model.device.type == "cpu" else None
     first_acc = next(iter(accumulators.values()))
     n_cal = metadata.calibrationWindows
 
@@ -480,19 +523,24 @@ def _run(
     pending: dict[int, np.ndarray] = {}
     last_commit, batches_since = time.monotonic(), 0
 
+    kept: set[int] | None = None  # windows the committed samples hold
+
     def commit(next_window: int, status: str) -> None:
-        nonlocal last_commit, batches_since
+        nonlocal last_commit, batches_since, kept
         metadata.nextWindow = next_window
         metadata.nTokens = (next_window - start) * length
         metadata.status = status
         metadata.updatedAt = _now()
-        with _intra_op_threads(1) if model.device.type == "cpu" else contextlib.nullcontext():
-            writer.commit(metadata, accumulators.values(), pending, tokenizer.token_display)
+        with _intra_op_threads(threads.best() if threads else None):
+            kept = writer.commit(metadata, accumulators.values(), pending, tokenizer.token_display)
         pending.clear()
         last_commit, batches_since = time.monotonic(), 0
 
     for first, tokens in windows.batches(bs, metadata.nextWindow, end):
-        runner.run(tokens, update(first))
+        if threads is None:
+            runner.run(tokens, update(first))
+        else:
+            threads.record(runner.run(tokens, update(first), threads.next_batch()))
         for i, row in enumerate(windows.tokens[first : first + len(tokens)]):
             pending[first + i] = row
         next_window = first + len(tokens)
@@ -510,7 +558,7 @@ def _run(
     commit(end, "complete")
     progress.update((end - start) * length, force=True)
     progress.finish()
-    writer.finish()
+    writer.finish(kept)
 
 
 def merge_stores(inputs: Sequence[str | Path], out_path: str | Path) -> DatasetMetadata:

@@ -263,3 +263,25 @@ def test_reading_a_component_takes_milliseconds(collated: Collated):
             store.record("mlp_neuron", LAYERS[0], index)
         per_record = (time.perf_counter() - start) / 18
     assert per_record < 0.05
+
+
+def test_update_threads_follow_the_faster_count() -> None:
+    """On CPU, accumulator updates run with whichever intra-op thread count (the configured one
+    or 1) was faster on recent batches, and the other is retried now and then."""
+    from neuron_explainer.datasets.collate import _UpdateThreads
+
+    chooser = _UpdateThreads(configured=4, explore_every=5)
+    cost = {4: 1.0, 1: 0.1}  # a busy machine: one thread is faster
+    choices = []
+    for _ in range(20):
+        n = chooser.next_batch()
+        choices.append(n)
+        chooser.record(cost[n])
+    assert choices[:3] == [4, 4, 1]  # the first batch (allocations) is not timed
+    assert chooser.best() == 1
+    assert choices[3:].count(4) == 3  # batches 5, 10, 15 re-explore
+    cost = {4: 0.01, 1: 0.1}  # the machine became idle: the configured count wins again
+    for _ in range(10):
+        chooser.record(cost[chooser.next_batch()])
+    assert chooser.best() == 4
+    assert _UpdateThreads(configured=1).next_batch() == 1
