@@ -8,8 +8,9 @@ are folded into its `LayerAccumulator` (accumulators.py: exact top-k, hash-keyed
 quantile-binned samples, moments) as soon as its hooks fire, then dropped; the forward stops after
 the last hook needed, so the layers above and the unembedding are never computed.
 
-Every `commit_every_batches` batches (or `commit_every_seconds`), the whole running state and the
-next window index are written to the SQLite store in one transaction (store.py). Started again with
+Every `commit_every_batches` batches (or `commit_every_seconds`, stretched to 10x the last commit's
+duration so that commits never take more than about a tenth of the run), the whole running state
+and the next window index are written to the SQLite store in one transaction (store.py). Started again with
 the same arguments, `collate` loads that state and goes on from the next window; the finished
 store is identical to an uninterrupted run's (keys are hashes of window indices, not RNG draws, and
 batches keep their composition because they are aligned to the range start).
@@ -522,11 +523,13 @@ def _run(
     )
     pending: dict[int, np.ndarray] = {}
     last_commit, batches_since = time.monotonic(), 0
+    interval = commit_every_seconds  # stretched after each commit, see the module doc
 
     kept: set[int] | None = None  # windows the committed samples hold
 
     def commit(next_window: int, status: str) -> None:
-        nonlocal last_commit, batches_since, kept
+        nonlocal last_commit, batches_since, kept, interval
+        started = time.monotonic()
         metadata.nextWindow = next_window
         metadata.nTokens = (next_window - start) * length
         metadata.status = status
@@ -535,6 +538,7 @@ def _run(
             kept = writer.commit(metadata, accumulators.values(), pending, tokenizer.token_display)
         pending.clear()
         last_commit, batches_since = time.monotonic(), 0
+        interval = max(commit_every_seconds, 10 * (last_commit - started))
 
     for first, tokens in windows.batches(bs, metadata.nextWindow, end):
         if threads is None:
@@ -548,7 +552,7 @@ def _run(
         due = (
             batches_since >= commit_every_batches
             if commit_every_batches
-            else time.monotonic() - last_commit >= commit_every_seconds
+            else time.monotonic() - last_commit >= interval
         )
         if due and next_window < end and first_acc.boundaries is not None:
             commit(next_window, "in_progress")
