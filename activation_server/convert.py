@@ -42,8 +42,9 @@ def node_index(m: s.NodeIndexModel, fld: str) -> NodeIndex:
 
 
 def node_model(n: NodeIndex) -> s.NodeIndexModel:
+    node_type: s.NodeTypeName = "autoencoder_latent" if n.node_type.is_latent else n.node_type.value  # type: ignore[assignment]
     return s.NodeIndexModel(
-        node_type=n.node_type.value,
+        node_type=node_type,
         layer_index=n.layer,
         token_index=n.token,
         component_index=n.component,

@@ -245,7 +245,7 @@ def model_info(request: Request) -> s.ModelInfo:
         max_prompt_tokens=state.engine.max_prompt_tokens,
         device=str(state.model.device),
         dtype=str(state.model.dtype).removeprefix("torch."),
-        node_types=[t.value for t in NodeType],
+        node_types=["embedding", "mlp_neuron", "attention_head"],
         autoencoders=[],
         bos_token=tok.token_display(tok.bos_token_id)
         if tok is not None and tok.bos_token_id is not None

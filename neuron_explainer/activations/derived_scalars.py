@@ -3,28 +3,33 @@
 Each is registered by (node type, metric) with the hook values it reads, so the engine caches only
 what the requested scalars need. Formulas (engine.md §3), per layer:
 
-| metric                 | embedding at t        | MLP neuron i at t   | head h at (q, k)            |
-|------------------------|-----------------------|---------------------|-----------------------------|
-| activation             | 1                     | a[t,i]              | A[q,k,h]                    |
-| write_magnitude        | ‖e[t]‖                | |a|·‖W_out[i]‖      | A·‖v[k,h] W_O[h]‖           |
-| direct_effect          | e[t]·g[t]             | a·(W_out[i]·g[t])   | A·((v[k,h] W_O[h])·g[q])    |
-| estimated_total_effect | e[t]·∂D/∂e[t]         | a·∂D/∂a             | A·∂D/∂A                     |
+| metric                 | embedding at t        | MLP neuron i at t   | head h at (q, k)            | latent j at t    |
+|------------------------|-----------------------|---------------------|-----------------------------|------------------|
+| activation             | 1                     | a[t,i]              | A[q,k,h]                    | z[t,j]           |
+| write_magnitude        | ‖e[t]‖                | |a|·‖W_out[i]‖      | A·‖v[k,h] W_O[h]‖           | |z|·‖w_j‖        |
+| direct_effect          | e[t]·g[t]             | a·(W_out[i]·g[t])   | A·((v[k,h] W_O[h])·g[q])    | z·(w_j·g[t])     |
+| estimated_total_effect | e[t]·∂D/∂e[t]         | a·∂D/∂a             | A·∂D/∂A                     | z·∂D/∂z          |
 
 Per-token node types return [b, n, C]; attention head pairs return [b, H, n_q, n_k]. Head metrics
 never build the n²·H·d tensor of per-pair write vectors: ‖v W_O‖ comes from the per-head Gram matrix
 W_O[h] W_O[h]ᵀ and the direct effect from v · (W_O[h] g[q]), so extra memory is n·H·dh + n²·H.
 
-New node types (autoencoder latents) register their own functions here; the engine is unchanged.
+Autoencoder latents (MLP-side and attention-side) read the latents the engine's splice recorded
+(`{hook}.hook_sae_acts_post`, after ablations) and their gradients. `w_j` is latent j's write in
+the residual basis: its decoder row W_dec[j] (through W_out for autoencoders of `mlp.hook_post`),
+times the decoder's per-token scale s(x) when the autoencoder normalizes its input (1 otherwise).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 
-from neuron_explainer.activations.nodes import NodeType
+from neuron_explainer.activations.nodes import LATENT_TYPES, NodeType
+from neuron_explainer.models.autoencoders import SparseAutoencoder
 from neuron_explainer.models.transformer import HookedTransformer
 
 METRICS = ("activation", "write_magnitude", "direct_effect", "estimated_total_effect")
@@ -44,6 +49,7 @@ class PassState:
     grads: dict[str, torch.Tensor] = field(default_factory=dict)
     g: torch.Tensor | None = None
     cut: list[int] = field(default_factory=list)
+    tokens: torch.Tensor | None = None  # [b, n] the batch's token ids (right-padded)
 
     def act(self, name: str) -> torch.Tensor:
         return self.acts[name]
@@ -280,3 +286,121 @@ def token_pair_attribution(
     proj = torch.einsum("hed,d->he", w_o, direction.to(w_o.dtype))  # [H, dh]
     vproj = torch.einsum("bkhe,he->bkh", head_values(state, layer), proj)
     return torch.einsum("bhk,bkh->bk", pattern(state, layer)[:, :, query_token], vproj)
+
+
+# ---- autoencoder latents (MLP-side and attention-side) ---------------------------------------------
+
+
+def latent_acts_name(hook_name: str) -> str:
+    """Where the splice records an autoencoder's latents (SAELens' name for them)."""
+    return f"{hook_name}.hook_sae_acts_post"
+
+
+def layer_autoencoder(
+    model: HookedTransformer, node_type: NodeType, layer: int
+) -> SparseAutoencoder:
+    """The autoencoder whose latents are `node_type` nodes in `layer` (KeyError if none)."""
+    ae = model.autoencoder(node_type.autoencoder_side, layer)
+    if ae is None:
+        raise KeyError(f"no {node_type.autoencoder_side}-side autoencoder for layer {layer}")
+    return ae
+
+
+def latent_layers(model: HookedTransformer, node_type: NodeType) -> list[int]:
+    """The layers holding an autoencoder of `node_type`'s side, in order."""
+    side = node_type.autoencoder_side
+    return sorted(
+        ae.cfg.layer
+        for ae in model.autoencoders.values()
+        if ae.cfg.side == side and ae.cfg.layer is not None
+    )
+
+
+def latent_write_directions(model: HookedTransformer, ae: SparseAutoencoder) -> torch.Tensor:
+    """[N, d] latent j's write per unit of z_j·s in the residual basis: W_dec[j], or W_dec[j] W_out
+    for an autoencoder of the neurons (mlp.hook_post). Cached per weight version."""
+    if not ae.hook_name.endswith("mlp.hook_post"):
+        return ae.W_dec
+    assert ae.cfg.layer is not None
+    w_out = model.blocks[ae.cfg.layer].mlp.W_out  # [m, d]
+    weight = model.blocks[ae.cfg.layer].mlp.w_out.weight
+    key = f"latent_dirs:{id(weight)}:{weight._version}"
+    return weight_derived(key, ae.W_dec, lambda w_dec: w_dec @ w_out.to(w_dec.dtype))
+
+
+def latent_write_norms(model: HookedTransformer, ae: SparseAutoencoder) -> torch.Tensor:
+    """[N] ‖w_j‖ per unit of z_j·s."""
+    dirs = latent_write_directions(model, ae)
+    return weight_derived(f"latent_norms:{dirs.data_ptr()}", dirs, lambda w: w.norm(dim=-1))
+
+
+def latents(state: PassState, node_type: NodeType, layer: int) -> torch.Tensor:
+    """[b, n, N] the latents z of `layer`'s autoencoder (after any ablation), float32."""
+    return state.act(latent_acts_name(layer_autoencoder(state.model, node_type, layer).hook_name))
+
+
+def latent_scales(state: PassState, ae: SparseAutoencoder) -> torch.Tensor:
+    """[b, n, 1] the decoder's scale s(x) of the hooked activation (ones without normalization)."""
+    return ae.decode_scale(state.act(ae.hook_name))
+
+
+def latent_activation(state: PassState, layer: int, node_type: NodeType) -> torch.Tensor:
+    return latents(state, node_type, layer)
+
+
+def latent_write_magnitude(state: PassState, layer: int, node_type: NodeType) -> torch.Tensor:
+    ae = layer_autoencoder(state.model, node_type, layer)
+    norms = latent_write_norms(state.model, ae)
+    return latents(state, node_type, layer).abs() * latent_scales(state, ae) * norms
+
+
+def latent_direct_effect(state: PassState, layer: int, node_type: NodeType) -> torch.Tensor:
+    ae = layer_autoencoder(state.model, node_type, layer)
+    z = latents(state, node_type, layer)
+    position = 2 * layer + (1 if node_type.writes_after_attention else 2)
+    g = state.gradient_at_cut() * state.cut_mask(position)
+    out = torch.zeros_like(z)
+    rows = nonzero_tokens(g)  # g is non-zero at a few tokens only
+    if rows.numel():
+        dirs = latent_write_directions(state.model, ae)
+        scale = latent_scales(state, ae)[:, rows]
+        out[:, rows] = z[:, rows] * scale * (g[:, rows].to(dirs.dtype) @ dirs.T)
+    return out
+
+
+def latent_total_effect(state: PassState, layer: int, node_type: NodeType) -> torch.Tensor:
+    name = latent_acts_name(layer_autoencoder(state.model, node_type, layer).hook_name)
+    return state.act(name) * state.grad(name)
+
+
+for _latent_type in LATENT_TYPES.values():
+    derived_scalar(_latent_type, "activation", acts=(), signed=False)(
+        partial(latent_activation, node_type=_latent_type)
+    )
+    derived_scalar(_latent_type, "write_magnitude", acts=(), signed=False)(
+        partial(latent_write_magnitude, node_type=_latent_type)
+    )
+    derived_scalar(_latent_type, "direct_effect", acts=())(
+        partial(latent_direct_effect, node_type=_latent_type)
+    )
+    derived_scalar(_latent_type, "estimated_total_effect", acts=())(
+        partial(latent_total_effect, node_type=_latent_type)
+    )
+
+
+def latent_encoder_direction(
+    ae: SparseAutoencoder, x: torch.Tensor, component: int
+) -> torch.Tensor:
+    """[d_in] ∂(pre-activation of latent j)/∂x at one token's hooked activation x [d_in], with
+    the autoencoder's input normalization scale held fixed: W_enc[j] without normalization,
+    centred and divided by (std + eps) for a layer norm, divided by ‖x‖/sqrt(d_in) for the
+    constant-norm rescaling. Exact: with the scale fixed the pre-activation is affine in x."""
+    x = x.detach().to(ae.W_enc.dtype)
+    if ae.cfg.normalize == "none":
+        return ae.W_enc[component]
+    scale = ae.decode_scale(x).detach()
+    with torch.enable_grad():
+        x = x.clone().requires_grad_(True)
+        pre = ae.pre_activations(x, scale=scale)[component]
+        (direction,) = torch.autograd.grad(pre, x)
+    return direction

@@ -5,6 +5,17 @@ applies each row's ablations, runs one forward, computes each row's direction of
 loss on the logits, or a traced node's pre-activation), runs one backward on ΣD (rows never mix),
 then evaluates the requested derived scalars layer by layer, keeps exact top/bottom-k per node
 type and metric, and reports every metric for the union of selected nodes.
+
+Autoencoder latents (engine.md §3): when a request involves the latents of an autoencoder the model
+holds (`model.attach_autoencoder`), the hooked activation x is replaced by
+`x + decode(z) - decode(z_clean)` = `decode(z) + (x - decode(z_clean))`, where z_clean = encode(x)
+and z is a leaf copy of it (with that row's latent ablations applied). Without ablations the
+difference is exactly zero, so outputs are unchanged; ablating latent j removes exactly its write
+z_j·s·W_dec[j]; the gradient reaches z through the decoder. The encoder's input is not
+differentiated through z (z is a leaf), so every other node's gradient is the unspliced model's.
+In a layer holding an autoencoder, its latents replace the neurons (MLP side) or heads (attention
+side) in the node table when the request asks for latents of that side; layers without one keep
+their neurons or heads, so the table still covers every layer.
 """
 
 from __future__ import annotations
@@ -23,8 +34,11 @@ from neuron_explainer.activations.derived_scalars import (
     REGISTRY,
     PassState,
     hook_names_for,
+    latent_acts_name,
+    latent_layers,
 )
 from neuron_explainer.activations.nodes import (
+    LATENT_TYPES,
     AttentionTraceType,
     NodeAblation,
     NodeIndex,
@@ -33,13 +47,22 @@ from neuron_explainer.activations.nodes import (
     PromptTooLongError,
     RequestError,
 )
+from neuron_explainer.models.autoencoders import SparseAutoencoder
 from neuron_explainer.models.hooks import BackwardHookFn, ForwardHookFn, HookPoint, NameFilter
 from neuron_explainer.models.tokenizer import TokenizerError
-from neuron_explainer.models.transformer import HookedTransformer, ModelConfig, pad_right
+from neuron_explainer.models.transformer import HookedTransformer, pad_right
 
 LossFn = Literal["logit_diff", "logit_minus_mean", "probs", "zero"]
 LOSS_FNS: tuple[str, ...] = ("logit_diff", "logit_minus_mean", "probs", "zero")
 NODE_TYPES = (NodeType.EMBEDDING, NodeType.MLP_NEURON, NodeType.ATTENTION_HEAD)
+# Every node type, in the order of node tables.
+ALL_NODE_TYPES = (
+    *NODE_TYPES,
+    NodeType.ATTENTION_AUTOENCODER_LATENT,
+    NodeType.MLP_AUTOENCODER_LATENT,
+)
+ComponentTypeForMlp = Literal["neuron", "autoencoder_latent"]
+ComponentTypeForAttention = Literal["attention_head", "autoencoder_latent"]
 
 
 @dataclass
@@ -53,6 +76,10 @@ class SubRequest:
     downstream_node_to_trace: NodeToTrace | None = None
     top_and_bottom_k: int = 10
     node_types: Sequence[NodeType] = NODE_TYPES
+    # "autoencoder_latent": the latents of the MLP-side (attention-side) autoencoders join the node
+    # types and replace the neurons (heads) of the layers that hold one; other layers keep theirs.
+    component_type_for_mlp: ComponentTypeForMlp = "neuron"
+    component_type_for_attention: ComponentTypeForAttention = "attention_head"
     metrics: Sequence[str] = METRICS
     token_views: bool = True
     token_view_k: int = 10
@@ -70,6 +97,16 @@ class ScoredToken:
 
 
 @dataclass
+class ScoredKeyToken:
+    """A key (attended-to) token of the prompt with a score: its position, id and text."""
+
+    key_token_index: int
+    token: int
+    text: str
+    score: float
+
+
+@dataclass
 class NodeTokenViews:
     """Token-space views of one node (engine.md §6); lists are ordered best first."""
 
@@ -81,6 +118,8 @@ class NodeTokenViews:
     # Heads only: the key side of the attention score.
     upvoting_key_tokens: list[ScoredToken] = field(default_factory=list)
     downvoting_key_tokens: list[ScoredToken] = field(default_factory=list)
+    # Attention-side latents only: the key tokens the latent's value came from (engine.md §6).
+    token_pair_attributions: list[ScoredKeyToken] = field(default_factory=list)
 
 
 @dataclass
@@ -111,6 +150,7 @@ class _Row:
     cut: int  # residual write position D reads (2·n_layers for the loss)
     cut_hook: str
     upstream_token_limit: int  # nodes at later tokens are not upstream of D
+    node_types: tuple[NodeType, ...]  # of the node table: the request's, with latents if asked
 
 
 def _field(index: int, name: str, prefix: str = "subRequests") -> str:
@@ -140,28 +180,46 @@ class Engine:
         except TokenizerError as e:
             raise RequestError(fld, str(e)) from e
 
-    def validate_node(self, node: NodeIndex, n_tokens: int, fld: str) -> None:
+    def n_components(self, node_type: NodeType, layer: int) -> int:
+        """Components of a node type in a layer (latents: of the layer's autoencoder; 0 if none)."""
         cfg = self.model.cfg
-        n_components = {
+        if node_type.is_latent:
+            ae = self.model.autoencoder(node_type.autoencoder_side, layer)
+            return 0 if ae is None else ae.n_latents
+        return {
             NodeType.EMBEDDING: 1,
             NodeType.MLP_NEURON: cfg.d_mlp,
             NodeType.ATTENTION_HEAD: cfg.n_heads,
-        }
-        if node.node_type not in n_components:
-            raise RequestError(f"{fld}.nodeType", f"unknown node type {node.node_type!r}")
-        n_layers = 1 if node.node_type == NodeType.EMBEDDING else cfg.n_layers
-        if not 0 <= node.layer < n_layers:
+        }[node_type]
+
+    def check_layer(self, node_type: NodeType, layer: int, fld: str) -> None:
+        """Raise a RequestError naming `fld` unless `node_type` has nodes in `layer`."""
+        n_layers = 1 if node_type == NodeType.EMBEDDING else self.model.cfg.n_layers
+        if not 0 <= layer < n_layers:
+            raise RequestError(fld, f"layer {layer} is out of range [0, {n_layers})")
+        if (
+            node_type.is_latent
+            and self.model.autoencoder(node_type.autoencoder_side, layer) is None
+        ):
             raise RequestError(
-                f"{fld}.layerIndex", f"layer {node.layer} is out of range [0, {n_layers})"
+                fld,
+                f"layer {layer} holds no autoencoder: {autoencoder_hint(self.model, node_type)}",
             )
+
+    def validate_node(self, node: NodeIndex, n_tokens: int, fld: str) -> None:
+        if node.node_type not in ALL_NODE_TYPES:
+            raise RequestError(f"{fld}.nodeType", f"unknown node type {node.node_type!r}")
+        self.check_layer(node.node_type, node.layer, f"{fld}.layerIndex")
         if not 0 <= node.token < n_tokens:
             raise RequestError(
                 f"{fld}.tokenIndex", f"token {node.token} is out of range for {n_tokens} tokens"
             )
-        if not 0 <= node.component < n_components[node.node_type]:
+        n_components = self.n_components(node.node_type, node.layer)
+        if not 0 <= node.component < n_components:
+            kind = "latent" if node.node_type.is_latent else "component"
             raise RequestError(
                 f"{fld}.componentIndex",
-                f"component {node.component} is out of range [0, {n_components[node.node_type]})",
+                f"{kind} {node.component} is out of range [0, {n_components})",
             )
         if node.attended_token is not None:
             if node.node_type != NodeType.ATTENTION_HEAD:
@@ -212,6 +270,7 @@ class Engine:
                 raise RequestError(
                     _field(index, "metrics", prefix), f"unknown metric {m!r}; use {METRICS}"
                 )
+        node_types = self._table_node_types(index, req, prefix)
         targets = [
             self._token_id(t, f"{_field(index, 'targetTokens', prefix)}[{i}]")
             for i, t in enumerate(req.target_tokens)
@@ -255,12 +314,66 @@ class Engine:
                     _field(index, "downstreamNodeToTrace", prefix),
                     "the downstream node must be in a later layer than the traced head",
                 )
-        return _Row(req, tokens, targets, distractors, cut, cut_hook, limit)
+        return _Row(req, tokens, targets, distractors, cut, cut_hook, limit, node_types)
+
+    def _table_node_types(self, index: int, req: SubRequest, prefix: str) -> tuple[NodeType, ...]:
+        """The node types of a row's table: its node_types, plus latents for component types
+        "autoencoder_latent" (an error naming the field when the model holds no such autoencoder)."""
+        types = list(req.node_types)
+        for name, value, default, latent in (
+            ("componentTypeForMlp", req.component_type_for_mlp, "neuron", LATENT_TYPES["mlp"]),
+            (
+                "componentTypeForAttention",
+                req.component_type_for_attention,
+                "attention_head",
+                LATENT_TYPES["attention"],
+            ),
+        ):
+            if value not in (default, "autoencoder_latent"):
+                raise RequestError(
+                    _field(index, name, prefix),
+                    f"unknown component type {value!r}; use {default!r} or 'autoencoder_latent'",
+                )
+            if value == "autoencoder_latent":
+                if not latent_layers(self.model, latent):
+                    raise RequestError(
+                        _field(index, name, prefix), autoencoder_hint(self.model, latent)
+                    )
+                types.append(latent)
+        for t in types:
+            if t not in ALL_NODE_TYPES:
+                raise RequestError(_field(index, "nodeTypes", prefix), f"unknown node type {t!r}")
+            if t.is_latent and not latent_layers(self.model, t):
+                raise RequestError(
+                    _field(index, "nodeTypes", prefix), autoencoder_hint(self.model, t)
+                )
+        return tuple(dict.fromkeys(types))
+
+    def in_table(self, row_types: Sequence[NodeType], node_type: NodeType, layer: int) -> bool:
+        """Whether a row's table has `node_type` nodes in `layer`: False for neurons (heads) of a
+        layer whose latents replace them, and for latents of a layer without an autoencoder."""
+        if node_type.is_latent:
+            return self.model.autoencoder(node_type.autoencoder_side, layer) is not None
+        if node_type == NodeType.MLP_NEURON and NodeType.MLP_AUTOENCODER_LATENT in row_types:
+            return self.model.autoencoder("mlp", layer) is None
+        if (
+            node_type == NodeType.ATTENTION_HEAD
+            and NodeType.ATTENTION_AUTOENCODER_LATENT in row_types
+        ):
+            return self.model.autoencoder("attention", layer) is None
+        return True
 
     def _validate_trace(self, trace: NodeToTrace, n_tokens: int, fld: str) -> None:
         self.validate_node(trace.node, n_tokens, f"{fld}.node")
         if trace.node.node_type == NodeType.EMBEDDING:
             raise RequestError(f"{fld}.node.nodeType", "embeddings have no pre-activation to trace")
+        if (
+            trace.node.node_type != NodeType.ATTENTION_HEAD
+            and trace.attention_trace_type == AttentionTraceType.VALUE
+        ):
+            raise RequestError(
+                f"{fld}.attentionTraceType", "tracing through the value is for attention heads"
+            )
         if trace.node.node_type == NodeType.ATTENTION_HEAD:
             if trace.attention_trace_type is None:
                 raise RequestError(f"{fld}.attentionTraceType", "required for an attention head")
@@ -288,7 +401,15 @@ class Engine:
         if groups is not None and len(groups) != len(sub_requests):
             raise ValueError("groups needs one id per sub-request")
         rows = [self._prepare(i, r, field_prefix) for i, r in enumerate(sub_requests)]
-        self._check_memory(rows)
+        # What to record: activations for the requested scalars, gradients where a backward runs.
+        scalars = [
+            REGISTRY[(t, m)]
+            for t in {t for r in rows for t in r.node_types}
+            for m in {m for r in rows for m in r.request.metrics}
+        ]
+        scalars += [REGISTRY[key] for r in rows for key in r.request.extra_scalars]
+        spliced = self._autoencoders_to_splice(rows, {s.node_type for s in scalars})
+        self._check_memory(rows, sum(ae.n_latents for ae in spliced))
         self.last_timings = {}
         clock = time.perf_counter()
         model, cfg, dev = self.model, self.model.cfg, self.model.device
@@ -300,13 +421,6 @@ class Engine:
             for r in rows
         )
 
-        # What to record: activations for the requested scalars, gradients where a backward runs.
-        scalars = [
-            REGISTRY[(t, m)]
-            for t in {t for r in rows for t in r.request.node_types}
-            for m in {m for r in rows for m in r.request.metrics}
-        ]
-        scalars += [REGISTRY[key] for r in rows for key in r.request.extra_scalars]
         act_names: set[str] = {"hook_embed"}
         grad_names: set[str] = (
             {"hook_embed"} | {r.cut_hook for r in rows} if needs_backward else set()
@@ -321,6 +435,15 @@ class Engine:
             for layer in range(cfg.n_layers):
                 act_names |= {f"blocks.{layer}.ln1.hook_scale", f"blocks.{layer}.ln2.hook_scale"}
                 act_names |= {f"blocks.{layer}.attn.hook_{'rot_' if rot else ''}{s}" for s in "qk"}
+            for ae in spliced:  # what the latents' input-token and token-pair views read
+                if ae.cfg.side == "mlp":
+                    act_names.add(f"blocks.{ae.cfg.layer}.ln2.hook_normalized")
+                else:
+                    act_names |= {
+                        f"blocks.{ae.cfg.layer}.attn.hook_pattern",
+                        f"blocks.{ae.cfg.layer}.attn.hook_v",
+                    }
+        act_names |= {ae.hook_name for ae in spliced}  # the input x of each spliced autoencoder
         act_names = {n for n in act_names if n in model.hook_points()}
         live_names = self._live_hook_names(rows)
 
@@ -337,8 +460,11 @@ class Engine:
         def record_grad(g: torch.Tensor, hook: HookPoint) -> None:
             grads[hook.name] = g.detach()
 
-        fwd = self.ablation_hooks([r.request.node_ablations for r in rows]) + self._norm_hooks(rows)
+        ablations = [r.request.node_ablations for r in rows]
+        fwd = self.ablation_hooks(ablations, splice=False) + self._norm_hooks(rows)
         fwd += [(n, record) for n in sorted(act_names | live_names)]
+        # After the recording hooks, which so see (and trace from) the autoencoders' inputs.
+        fwd += self.splice_hooks(spliced, ablations, acts, grads if needs_backward else None)
         bwd: list[tuple[NameFilter, BackwardHookFn]] = [
             (n, record_grad) for n in sorted(grad_names)
         ]
@@ -359,7 +485,9 @@ class Engine:
         for i, row in enumerate(rows):
             if row.cut_hook in grads:
                 g[i] = grads[row.cut_hook][i]
-        state = PassState(model, acts, grads, g if needs_backward else None, [r.cut for r in rows])
+        state = PassState(
+            model, acts, grads, g if needs_backward else None, [r.cut for r in rows], tokens
+        )
         row_groups = list(groups) if groups is not None else [0] * len(rows)
         results = self._collect(
             rows, state, logits, [float(d.detach()) for d in directions], lengths, row_groups
@@ -368,19 +496,21 @@ class Engine:
             inspect(state)
         return results
 
-    def estimated_bytes(self, n_rows: int, n_tokens: int) -> int:
+    def estimated_bytes(self, n_rows: int, n_tokens: int, n_latents: int = 0) -> int:
         """Peak extra memory of a request, fitted to bench/request.py's measurements on SmolLM2
         (180 MiB, 854 MiB, 3.8 GiB at 64, 256, 1024 tokens) and rounded up: per-token activations
         and gradients (~12 values per MLP and residual width per layer), plus the attention
-        patterns (~1.5 copies of n²·H per layer)."""
+        patterns (~1.5 copies of n²·H per layer); for `n_latents` latents of spliced autoencoders,
+        4 float32 copies (latents, their clean copy, gradient, a temporary)."""
         cfg = self.model.cfg
         elem = torch.finfo(self.model.dtype).bits // 8
         quadratic = 1.5 * n_tokens**2 * cfg.n_heads * cfg.n_layers
         linear = 12 * n_tokens * (cfg.d_mlp + cfg.d_model) * cfg.n_layers
-        return int(n_rows * (quadratic + linear) * elem)
+        latents = 4 * 4 * n_tokens * n_latents
+        return int(n_rows * ((quadratic + linear) * elem + latents))
 
-    def _check_memory(self, rows: list[_Row]) -> None:
-        need = self.estimated_bytes(len(rows), max(len(r.tokens) for r in rows))
+    def _check_memory(self, rows: list[_Row], n_latents: int = 0) -> None:
+        need = self.estimated_bytes(len(rows), max(len(r.tokens) for r in rows), n_latents)
         free = available_memory(self.model.device)
         if free is not None and need > 0.9 * free:
             raise PromptTooLongError(
@@ -399,7 +529,9 @@ class Engine:
                 if trace is None:
                     continue
                 L = trace.node.layer
-                if trace.node.node_type == NodeType.MLP_NEURON:
+                if trace.node.node_type.is_latent:
+                    names.add(_autoencoder(self.model, trace.node).hook_name)
+                elif trace.node.node_type == NodeType.MLP_NEURON:
                     names |= {f"blocks.{L}.mlp.hook_pre", f"blocks.{L}.hook_resid_mid"}
                 elif trace.attention_trace_type == AttentionTraceType.VALUE:
                     names |= {f"blocks.{L}.attn.hook_v", f"blocks.{L}.attn.hook_pattern"}
@@ -418,13 +550,16 @@ class Engine:
         return names
 
     def ablation_hooks(
-        self, ablations_by_row: Sequence[Sequence[NodeAblation]]
+        self, ablations_by_row: Sequence[Sequence[NodeAblation]], splice: bool = True
     ) -> list[tuple[NameFilter, ForwardHookFn]]:
-        """Forward hooks applying each batch row's node ablations (validated beforehand)."""
+        """Forward hooks applying each batch row's node ablations (validated beforehand). Latent
+        ablations splice their autoencoders in (last), unless `splice` is False."""
         by_hook: dict[str, list[tuple[int, NodeAblation]]] = {}
         for i, ablations in enumerate(ablations_by_row):
             for abl in ablations:
                 n = abl.node
+                if n.node_type.is_latent:
+                    continue
                 if n.node_type == NodeType.MLP_NEURON:
                     name = f"blocks.{n.layer}.mlp.hook_post"
                 elif n.node_type == NodeType.ATTENTION_HEAD:
@@ -434,7 +569,54 @@ class Engine:
                 by_hook.setdefault(name, []).append((i, abl))
                 if n.node_type == NodeType.EMBEDDING and self.model.cfg.positional == "learned":
                     by_hook.setdefault("hook_pos_embed", []).append((i, abl))
-        return [(name, _make_ablation(items)) for name, items in by_hook.items()]
+        hooks: list[tuple[NameFilter, ForwardHookFn]] = [
+            (name, _make_ablation(items)) for name, items in by_hook.items()
+        ]
+        if splice:
+            aes = {
+                _autoencoder(self.model, a.node)
+                for abls in ablations_by_row
+                for a in abls
+                if a.node.node_type.is_latent
+            }
+            hooks += self.splice_hooks(sorted(aes, key=lambda ae: ae.hook_name), ablations_by_row)
+        return hooks
+
+    def splice_hooks(
+        self,
+        autoencoders: Sequence[SparseAutoencoder],
+        ablations_by_row: Sequence[Sequence[NodeAblation]],
+        acts: dict[str, torch.Tensor] | None = None,
+        grads: dict[str, torch.Tensor] | None = None,
+    ) -> list[tuple[NameFilter, ForwardHookFn]]:
+        """Forward hooks splicing each autoencoder in at its hook point, with each row's ablations
+        of its latents; the latents (after ablation) go to `acts` and, when `grads` is given,
+        their gradients to `grads`, both under `{hook}.hook_sae_acts_post`."""
+        hooks: list[tuple[NameFilter, ForwardHookFn]] = []
+        for ae in autoencoders:
+            items = [
+                (i, a)
+                for i, abls in enumerate(ablations_by_row)
+                for a in abls
+                if a.node.node_type.is_latent and _autoencoder(self.model, a.node) is ae
+            ]
+            hooks.append((ae.hook_name, _make_splice(ae, items, acts, grads)))
+        return hooks
+
+    def _autoencoders_to_splice(
+        self, rows: list[_Row], scalar_types: set[NodeType]
+    ) -> list[SparseAutoencoder]:
+        """The autoencoders a batch involves: every one of a side whose latents are in a table or
+        asked for as scalars, and those of ablated or traced latents."""
+        sides = {t.autoencoder_side for t in scalar_types if t.is_latent}
+        nodes = [a.node for r in rows for a in r.request.node_ablations]
+        for r in rows:
+            for trace in (r.request.upstream_node_to_trace, r.request.downstream_node_to_trace):
+                if trace is not None:
+                    nodes.append(trace.node)
+        wanted = {ae.hook_name for ae in self.model.autoencoders.values() if ae.cfg.side in sides}
+        wanted |= {_autoencoder(self.model, n).hook_name for n in nodes if n.node_type.is_latent}
+        return [self.model.autoencoders[name] for name in sorted(wanted)]
 
     def _norm_hooks(self, rows: list[_Row]) -> list[tuple[NameFilter, ForwardHookFn]]:
         """Hold norm scales fixed in the backward pass: the final norm (always) and, per row, the
@@ -446,7 +628,7 @@ class Engine:
         for i, row in enumerate(rows):
             for trace in (row.request.upstream_node_to_trace, row.request.downstream_node_to_trace):
                 if trace is not None:
-                    ln = "ln2" if trace.node.node_type == NodeType.MLP_NEURON else "ln1"
+                    ln = "ln1" if trace.node.node_type.writes_after_attention else "ln2"
                     per_layer.setdefault(f"blocks.{trace.node.layer}.{ln}.hook_scale", []).append(i)
         for name, row_ids in per_layer.items():
             hooks.append((name, _make_row_detach(row_ids)))
@@ -487,6 +669,14 @@ class Engine:
     ) -> torch.Tensor:
         node = trace.node
         L = node.layer
+        if node.node_type.is_latent:
+            # The encoder's pre-activation of the hooked activation (MLP output, neurons or
+            # attention output) recomputed with graph from the residual stream before the layer;
+            # the layer's norm scale and the autoencoder's input-normalization scale held fixed.
+            ae = _autoencoder(self.model, node)
+            x = live[ae.hook_name][i, node.token]
+            scale = ae.decode_scale(x.detach()) if ae.cfg.normalize != "none" else None
+            return ae.pre_activations(x, scale=scale)[node.component]
         if node.node_type == NodeType.MLP_NEURON:
             return live[f"blocks.{L}.mlp.hook_pre"][i, node.token, node.component]
         attn = self.model.blocks[L].attn
@@ -517,7 +707,7 @@ class Engine:
         clock = time.perf_counter()
         n = max(lengths)
         sum_dtype = torch.promote_types(model.dtype, torch.float32)  # bf16 models sum in fp32
-        node_types = [t for t in NODE_TYPES if any(t in r.request.node_types for r in rows)]
+        node_types = [t for t in ALL_NODE_TYPES if any(t in r.node_types for r in rows)]
         metrics = [m for m in METRICS if any(m in r.request.metrics for r in rows)]
         selected: dict[int, set[NodeIndex]] = {g: set() for g in row_groups}
         token_sums: list[dict[str, dict[str, list[float]]]] = [{} for _ in rows]
@@ -525,18 +715,25 @@ class Engine:
         budget = 256 * 2**20  # bytes of per-layer metric tensors kept for the second pass
 
         for node_type in node_types:
-            layers = range(1 if node_type == NodeType.EMBEDDING else cfg.n_layers)
+            layers: Sequence[int] = range(1 if node_type == NodeType.EMBEDDING else cfg.n_layers)
+            if node_type.is_latent:
+                layers = latent_layers(model, node_type)
             for metric in metrics:
                 scalar = REGISTRY[(node_type, metric)]
                 cand: list[list[tuple[Candidates, Candidates | None, int]]] = [[] for _ in rows]
                 sums = torch.zeros(len(rows), 2, n, device=model.device, dtype=sum_dtype)
                 for layer in layers:
+                    in_table = [self.in_table(r.node_types, node_type, layer) for r in rows]
+                    if not any(in_table):
+                        continue  # every row has latents in place of these neurons / heads
                     values = scalar.fn(state, layer)  # [b, n, C] or [b, H, n, n]
                     if values.numel() * 4 <= budget:
                         budget -= values.numel() * 4
                         kept[(node_type, metric, layer)] = values
                     write_position = NodeIndex(node_type, layer, 0).write_position
                     for i, row in enumerate(rows):
+                        if not in_table[i]:
+                            continue
                         if (
                             row.request.upstream_node_to_trace is not None
                             and write_position > row.cut
@@ -553,9 +750,7 @@ class Engine:
                             v = values[i, :t]
                             sums[i, 0, :t] += v.sum(dim=1)
                         k = row.request.top_and_bottom_k
-                        wanted = (
-                            metric in row.request.metrics and node_type in row.request.node_types
-                        )
+                        wanted = metric in row.request.metrics and node_type in row.node_types
                         if wanted and k and scalar.ranked:
                             cand[i].append((*_top_candidates(v, k, scalar.signed), layer))
                 for i, row in enumerate(rows):
@@ -572,7 +767,7 @@ class Engine:
                     if cand[i]:
                         t = min(len(row.tokens), row.upstream_token_limit)
                         selected[row_groups[i]] |= _select(
-                            cand[i], row.request.top_and_bottom_k, node_type, t, cfg
+                            cand[i], row.request.top_and_bottom_k, node_type, t, self.n_components
                         )
         nodes_of = {g: sorted(sel, key=_node_sort_key) for g, sel in selected.items()}
         self.last_timings["metrics"] = time.perf_counter() - clock
@@ -693,9 +888,9 @@ def loss_value(
 def _trace_cut(trace: NodeToTrace, n_layers: int) -> tuple[int, str]:
     """(write position, hook name) of the residual stream just before the traced node."""
     L = trace.node.layer
-    if trace.node.node_type == NodeType.MLP_NEURON:
-        return 2 * L + 1, f"blocks.{L}.hook_resid_mid"
-    return 2 * L, f"blocks.{L}.hook_resid_pre"
+    if trace.node.node_type.writes_after_attention:
+        return 2 * L, f"blocks.{L}.hook_resid_pre"
+    return 2 * L + 1, f"blocks.{L}.hook_resid_mid"
 
 
 def _read_position(row: _Row) -> int:
@@ -729,6 +924,53 @@ def _make_row_detach(row_ids: list[int]) -> ForwardHookFn:
     return detach_rows
 
 
+def _autoencoder(model: HookedTransformer, node: NodeIndex) -> SparseAutoencoder:
+    """The autoencoder of a (validated) latent node."""
+    ae = model.autoencoder(node.node_type.autoencoder_side, node.layer)
+    assert ae is not None, node
+    return ae
+
+
+def autoencoder_hint(model: HookedTransformer, node_type: NodeType) -> str:
+    """Which layers hold an autoencoder of `node_type`'s side, for error messages."""
+    side = node_type.autoencoder_side
+    layers = latent_layers(model, node_type)
+    if layers:
+        return f"{side}-side autoencoders are loaded for layers {layers}"
+    return (
+        f"no {side}-side autoencoder is loaded (start the server with --autoencoder PATH, or "
+        "attach one with model.attach_autoencoder)"
+    )
+
+
+def _make_splice(
+    ae: SparseAutoencoder,
+    ablations: list[tuple[int, NodeAblation]],
+    acts: dict[str, torch.Tensor] | None,
+    grads: dict[str, torch.Tensor] | None,
+) -> ForwardHookFn:
+    """x -> x + decode(z) - decode(z_clean): z_clean = encode(x) without graph, z a leaf copy
+    with the ablations applied. decode(z) - decode(z_clean) = ((z - z_clean) W_dec)·s(x) (the
+    biases and the normalization's shift cancel), exactly zero where nothing is ablated."""
+    name = latent_acts_name(ae.hook_name)
+
+    def splice(x: torch.Tensor, hook: HookPoint) -> torch.Tensor:
+        with torch.no_grad():
+            clean = ae.encode(x)  # [b, n, N]
+        z = clean.clone()
+        for row, abl in ablations:
+            z[row, abl.node.token, abl.node.component] = abl.value
+        if grads is not None and torch.is_grad_enabled():
+            z.requires_grad_(True)
+            z.register_hook(lambda g: grads.__setitem__(name, g.detach()))
+        if acts is not None:
+            acts[name] = z.detach()
+        delta = ((z - clean) @ ae.W_dec) * ae.decode_scale(x)
+        return x + delta.to(x.dtype)
+
+    return splice
+
+
 Candidates = tuple[torch.Tensor, torch.Tensor]  # (values [c], flat indices [c]) into one layer
 
 
@@ -758,11 +1000,12 @@ def _select(
     k: int,
     node_type: NodeType,
     t: int,
-    cfg: ModelConfig,
+    n_components: Callable[[NodeType, int], int],
 ) -> set[NodeIndex]:
     """Exact top-k (largest positive) and bottom-k (most negative) across layers from the
     per-layer candidates; nodes whose value is exactly zero are never selected. `t` is the number
-    of tokens the candidates' flat indices were computed over."""
+    of tokens the candidates' flat indices were computed over; `n_components(type, layer)` the
+    width of a per-token layer."""
     out: set[NodeIndex] = set()
     for side, largest in ((0, True), (1, False)):
         parts = [(c[side], c[2]) for c in cand if c[side] is not None]
@@ -774,23 +1017,25 @@ def _select(
         best = values.topk(min(k, values.numel()), largest=largest)
         for v, j in zip(best.values.tolist(), best.indices.tolist(), strict=True):
             if (v > 0) if largest else (v < 0):
-                out.add(_unflatten(node_type, int(layers[j]), int(flat[j]), t, cfg))
+                layer = int(layers[j])
+                c = n_components(node_type, layer)
+                out.add(_unflatten(node_type, layer, int(flat[j]), t, c))
     return out
 
 
-def _unflatten(node_type: NodeType, layer: int, flat: int, t: int, cfg: ModelConfig) -> NodeIndex:
+def _unflatten(node_type: NodeType, layer: int, flat: int, t: int, c: int) -> NodeIndex:
+    """The node at flat index `flat` of one layer's values: [H, t, t] for heads, else [t, c]."""
     if node_type == NodeType.ATTENTION_HEAD:  # [H, t, t]
         head, rest = divmod(flat, t * t)
         q, key = divmod(rest, t)
         return NodeIndex(node_type, layer, q, head, key)
-    c = 1 if node_type == NodeType.EMBEDDING else cfg.d_mlp  # [t, C]
     token, comp = divmod(flat, c)
     return NodeIndex(node_type, layer, token, comp)
 
 
 def _node_sort_key(node: NodeIndex) -> tuple[int, int, int, int, int]:
     return (
-        NODE_TYPES.index(node.node_type),
+        ALL_NODE_TYPES.index(node.node_type),
         node.layer,
         node.token,
         -1 if node.attended_token is None else node.attended_token,
@@ -809,6 +1054,9 @@ def _describe_trace(row: _Row, strings: list[str] | None) -> str | None:
     node = up.node
     if node.node_type == NodeType.MLP_NEURON:
         text = f"What caused mlp L{node.layer} #{node.component} at {at(node.token)}?"
+    elif node.node_type.is_latent:
+        side = "attn" if node.node_type.writes_after_attention else "mlp"
+        text = f"What caused {side} latent L{node.layer} #{node.component} at {at(node.token)}?"
     else:
         assert node.attended_token is not None
         side = {

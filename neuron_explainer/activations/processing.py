@@ -98,9 +98,9 @@ def run_batched(
         for name, q in row.queries.items():
             fld = f"{where}.{name}"
             if isinstance(q, DerivedScalarsQuery):
-                _check_layer(engine, q.node_type, q.layer, f"{fld}.layerIndex")
+                engine.check_layer(q.node_type, q.layer, f"{fld}.layerIndex")
                 _check_metric(q.metric, f"{fld}.metric")
-                n_comp = _n_components(engine, q.node_type)
+                n_comp = engine.n_components(q.node_type, q.layer)
                 for c in q.components or ():
                     if not 0 <= c < n_comp:
                         raise RequestError(
@@ -111,7 +111,7 @@ def run_batched(
             elif isinstance(q, ScoredTokensQuery):
                 wants_views = True
                 for nd in q.nodes:
-                    if nd.node_type == NodeType.MLP_NEURON:
+                    if nd.node_type == NodeType.MLP_NEURON or nd.node_type.is_latent:
                         extra.append((nd.node_type, "activation"))
                     elif nd.node_type == NodeType.ATTENTION_HEAD:
                         extra.append((nd.node_type, "write_magnitude"))
@@ -120,7 +120,7 @@ def run_batched(
                                 f"{fld}.nodes.attendedTokenIndex", "a head pair needs one"
                             )
             elif isinstance(q, TokenPairQuery):
-                _check_layer(engine, NodeType.ATTENTION_HEAD, q.layer, f"{fld}.layerIndex")
+                engine.check_layer(NodeType.ATTENTION_HEAD, q.layer, f"{fld}.layerIndex")
                 if len(q.direction) != cfg.d_model:
                     raise RequestError(
                         f"{fld}.direction",
@@ -188,17 +188,6 @@ def _answer(engine: Engine, state: PassState, i: int, n: int, q: Query, fld: str
     return QueryResult()
 
 
-def _n_components(engine: Engine, node_type: NodeType) -> int:
-    cfg = engine.model.cfg
-    return {NodeType.EMBEDDING: 1, NodeType.MLP_NEURON: cfg.d_mlp}.get(node_type, cfg.n_heads)
-
-
-def _check_layer(engine: Engine, node_type: NodeType, layer: int, fld: str) -> None:
-    n_layers = 1 if node_type == NodeType.EMBEDDING else engine.model.cfg.n_layers
-    if not 0 <= layer < n_layers:
-        raise RequestError(fld, f"layer {layer} is out of range [0, {n_layers})")
-
-
 def _check_metric(metric: str, fld: str) -> None:
     if metric not in METRICS:
         raise RequestError(fld, f"unknown metric {metric!r}; use one of {METRICS}")
@@ -215,16 +204,14 @@ def component_values(
     component: int,
     metric: str = "activation",
 ) -> tuple[SubResult, list[float] | list[list[float]]]:
-    """One component's metric on a prompt: per token (neurons, embeddings), or for a head its
-    lower triangle of pairs, row q holding keys 0..q."""
+    """One component's metric on a prompt: per token (neurons, latents, embeddings), or for a
+    head its lower triangle of pairs, row q holding keys 0..q."""
     query = DerivedScalarsQuery(node_type, metric, layer, [component])
-    if node_type != NodeType.EMBEDDING and not 0 <= component < _n_components(engine, node_type):
+    engine.check_layer(node_type, layer, "layerIndex")
+    n_components = engine.n_components(node_type, layer)
+    if node_type != NodeType.EMBEDDING and not 0 <= component < n_components:
         field_name = "headIndex" if node_type == NodeType.ATTENTION_HEAD else "componentIndex"
-        raise RequestError(
-            field_name,
-            f"component {component} is out of range [0, {_n_components(engine, node_type)})",
-        )
-    _check_layer(engine, node_type, layer, "layerIndex")
+        raise RequestError(field_name, f"component {component} is out of range [0, {n_components})")
     loss = request.loss_fn if request.target_tokens else "zero"
     if metric in ("direct_effect", "estimated_total_effect") and loss == "zero":
         raise RequestError("targetTokens", f"the {metric} needs at least one target token")

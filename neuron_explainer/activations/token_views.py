@@ -5,6 +5,17 @@
 - Input tokens that upvote a node: the gradient of the node's pre-activation with respect to its
   input residual (norm scale fixed) dotted with every token embedding. Heads: query and key sides
   of the attention score.
+- Autoencoder latents (the autoencoder's input-normalization scale held fixed as well):
+  - output: the write direction w_j (through W_out for autoencoders of the neurons), scaled by
+    z_j·s;
+  - input, MLP-side: the gradient of the pre-activation with respect to the MLP's input residual
+    at the latent's token, through the MLP (a per-token Jacobian, ln2 scale fixed);
+  - input, attention-side: through the values, the gradient with respect to one residual vector
+    added at every token the latent's token attends to, with the attention pattern and the ln1
+    scales held fixed: Σ_h (Σ_k A[t,k,h] / s1[k]) · ln1ᵀ(W_V[h]ᵀ W_O[h] e_j), where e_j is the
+    encoder's gradient at the attention output;
+  - token-pair attribution (attention-side): per key token k <= t, (e_j · attn_out[t,k])·1[z_j > 0]
+    with attn_out[t,k] = Σ_h A[t,k,h] v[k,h] W_O[h] (engine.md §6), top k keys.
 
 Nodes that share a direction up to a scalar (a neuron at different tokens) share one projection.
 """
@@ -17,12 +28,21 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from neuron_explainer.activations.derived_scalars import PassState, embedding_vectors, head_values
+from neuron_explainer.activations.derived_scalars import (
+    PassState,
+    embedding_vectors,
+    head_values,
+    latent_acts_name,
+    latent_encoder_direction,
+    latent_write_directions,
+    layer_autoencoder,
+    token_pair_attribution,
+)
 from neuron_explainer.activations.nodes import NodeIndex, NodeType
 from neuron_explainer.models.transformer import HookedTransformer, Norm, Rotary
 
 if TYPE_CHECKING:
-    from neuron_explainer.activations.engine import NodeTokenViews, ScoredToken
+    from neuron_explainer.activations.engine import NodeTokenViews, ScoredKeyToken, ScoredToken
 
 
 def _text(model: HookedTransformer, token: int) -> str:
@@ -145,8 +165,14 @@ def node_token_views(
     if cfg.positional == "rotary":
         rope = model.rotary.cos_sin(torch.arange(n, device=model.device)[None], model.dtype)
 
+    pair_views: dict[NodeIndex, list[ScoredKeyToken]] = {}
     for node in nodes:
         L, t = node.layer, node.token
+        if node.node_type.is_latent:
+            _latent_views(
+                model, state, row, node, k, out_proj, in_proj, out_ref, in_ref, pair_views
+            )
+            continue
         if node.node_type == NodeType.EMBEDDING:
             if "hook_embed" in state.acts:
                 e = embedding_vectors(state)[row, t]
@@ -231,5 +257,86 @@ def node_token_views(
             v.upvoting_key_tokens, v.downvoting_key_tokens = _lists(
                 model, ranked_key, *key_ref[node]
             )
+        v.token_pair_attributions = pair_views.get(node, [])
         views[node] = v
     return views
+
+
+def _latent_views(
+    model: HookedTransformer,
+    state: PassState,
+    row: int,
+    node: NodeIndex,
+    k: int,
+    out_proj: _Projector,
+    in_proj: _Projector,
+    out_ref: dict[NodeIndex, tuple[int, float]],
+    in_ref: dict[NodeIndex, tuple[int, float]],
+    pair_views: dict[NodeIndex, list[ScoredKeyToken]],
+) -> None:
+    """Queue a latent's output and input projections and compute its token-pair attribution
+    (see the module doc); views whose activations were not recorded are left empty."""
+    from neuron_explainer.activations.engine import ScoredKeyToken
+
+    L, t, j = node.layer, node.token, node.component
+    ae = layer_autoencoder(model, node.node_type, L)
+    x_all = state.acts.get(ae.hook_name)
+    z_all = state.acts.get(latent_acts_name(ae.hook_name))
+    if x_all is None or z_all is None:
+        return
+    x = x_all[row, t]
+    scale = ae.decode_scale(x)  # [1]
+    z = float(z_all[row, t, j])
+    w = latent_write_directions(model, ae)[j]
+    u = out_proj.add(("latent", ae.hook_name, j), lambda w=w: norm_linear(model.ln_final, w))
+    out_ref[node] = (u, z * float(scale))
+    e = latent_encoder_direction(ae, x, j)  # ∂pre/∂x at the hooked activation, scale fixed
+    block = model.blocks[L]
+    if ae.cfg.side == "mlp":
+        mlp_in = state.acts.get(f"blocks.{L}.ln2.hook_normalized")
+        s2 = state.acts.get(f"blocks.{L}.ln2.hook_scale")
+        if mlp_in is None or s2 is None:
+            return
+        with torch.enable_grad():
+            h = mlp_in[row, t].detach().clone().requires_grad_(True)
+            post = block.mlp.neuron_activations(h)
+            hooked = post if ae.hook_name.endswith("mlp.hook_post") else block.mlp.w_out(post)
+            (grad_h,) = torch.autograd.grad(hooked @ e.to(hooked.dtype), h)
+        vec = norm_linear_transpose(block.ln2, grad_h)
+        in_ref[node] = (
+            in_proj.add(("latent_in", ae.hook_name, row, t, j), vec),
+            1 / float(s2[row, t, 0]),
+        )
+        return
+    # Attention side: through the values with the pattern and the ln1 scales fixed.
+    pattern = state.acts.get(f"blocks.{L}.attn.hook_pattern")
+    s1 = state.acts.get(f"blocks.{L}.ln1.hook_scale")
+    if pattern is None or s1 is None or f"blocks.{L}.attn.hook_v" not in state.acts:
+        return
+    attn = block.attn
+    dh, group = attn.d_head, attn.n_heads // attn.n_kv_heads
+    e_model = e.to(attn.W_O.dtype)
+    weights = (pattern[row, :, t, : t + 1] / s1[row, : t + 1, 0]).sum(-1)  # [H]
+    o_e = attn.W_O @ e_model  # [H, dh]
+    w_v = attn.v_proj.weight.view(attn.n_kv_heads, dh, -1).repeat_interleave(group, dim=0)
+    vec = torch.einsum("h,he,hed->d", weights, o_e, w_v)
+    in_ref[node] = (
+        in_proj.add(("latent_in", ae.hook_name, row, t, j), norm_linear_transpose(block.ln1, vec)),
+        1.0,
+    )
+    # Token-pair attribution: which key tokens the latent's input came from.
+    if z > 0:
+        per_key = token_pair_attribution(state, L, e_model, t)[row, : t + 1].float()
+        top = per_key.topk(min(k, t + 1))
+        ids = state.tokens[row].tolist() if state.tokens is not None else None
+        pair_views[node] = [
+            ScoredKeyToken(
+                key,
+                ids[key] if ids else -1,
+                _text(model, ids[key]) if ids else str(key),
+                float(score),
+            )
+            for score, key in zip(top.values.tolist(), top.indices.tolist(), strict=True)
+        ]
+    else:
+        pair_views[node] = []

@@ -39,7 +39,10 @@ Formats (`load_autoencoder` dispatches on what the path holds):
   gives the same pre-activations up to float rounding.
 
 Hook names are TransformerLens names, which are ours (hooks.py), so SAELens' `hook_name` is used as
-is; `check_compatible(model)` says whether a model has the hook point and the width.
+is; `check_compatible(model)` says whether a model has the hook point and the width. Autoencoders of
+`blocks.L.hook_mlp_out` or `blocks.L.mlp.hook_post` (`cfg.side == "mlp"`) and of
+`blocks.L.hook_attn_out` (`"attention"`) give the debugger's latent nodes once attached with
+`model.attach_autoencoder(ae)` (the request engine splices them in).
 """
 
 from __future__ import annotations
@@ -67,6 +70,16 @@ if TYPE_CHECKING:
 
 LatentActivation = Literal["relu", "topk"]
 InputNormalization = Literal["none", "layer_norm", "constant_norm_rescale"]
+AutoencoderSide = Literal["mlp", "attention"]
+
+# Where a block's autoencoder latents write: the hook points whose autoencoders are MLP-side or
+# attention-side latents in the debugger (engine.md §3). `mlp.hook_post` autoencoders read neurons;
+# their decoder rows reach the residual stream through W_out.
+SIDE_OF_HOOK: dict[str, AutoencoderSide] = {
+    "hook_mlp_out": "mlp",
+    "mlp.hook_post": "mlp",
+    "hook_attn_out": "attention",
+}
 
 NATIVE_FORMAT = "tdb-sparse-autoencoder"
 NATIVE_VERSION = 1
@@ -125,6 +138,16 @@ class AutoencoderConfig:
         match = re.match(r"blocks\.(\d+)\.", self.hook_name)
         return int(match.group(1)) if match else None
 
+    @property
+    def side(self) -> AutoencoderSide | None:
+        """ "mlp" for autoencoders of a block's MLP output or neurons (`hook_mlp_out`,
+        `mlp.hook_post`), "attention" for its attention output (`hook_attn_out`); None elsewhere
+        (residual-stream autoencoders, which are not node types of the debugger)."""
+        suffix = re.sub(r"^blocks\.\d+\.", "", self.hook_name)
+        if suffix == self.hook_name:
+            return None
+        return SIDE_OF_HOOK.get(suffix)
+
 
 class SparseAutoencoder(nn.Module):
     """A ReLU or TopK sparse autoencoder with a pre-encoder bias (see the module doc for the math).
@@ -160,9 +183,15 @@ class SparseAutoencoder(nn.Module):
 
     # ---- the math ------------------------------------------------------------------------------
 
-    def normalize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def normalize(
+        self, x: torch.Tensor, scale: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [..., d_in] -> (x_n, shift, scale) with x_n the encoder's input and decoding mapping
-        a reconstruction r back by `r * scale + shift` (shift, scale [..., 1]; 0 and 1 for none)."""
+        a reconstruction r back by `r * scale + shift` (shift, scale [..., 1]; 0 and 1 for none).
+
+        scale: use this per-token scale (std, or ‖x‖/sqrt(d_in)) instead of x's own, e.g. the
+        detached one to differentiate with the normalization's scale held fixed (the layer norm
+        still centres); ignored without a normalization."""
         kind = self.cfg.normalize
         if kind == "none":
             zero = x.new_zeros(())
@@ -170,14 +199,23 @@ class SparseAutoencoder(nn.Module):
         if kind == "layer_norm":
             mu = x.mean(-1, keepdim=True)
             centered = x - mu
-            std = centered.std(-1, keepdim=True)
+            std = centered.std(-1, keepdim=True) if scale is None else scale
             return centered / (std + self.cfg.norm_eps), mu, std
-        scale = x.norm(dim=-1, keepdim=True) / math.sqrt(self.cfg.d_in)
+        if scale is None:
+            scale = x.norm(dim=-1, keepdim=True) / math.sqrt(self.cfg.d_in)
         return x / scale, x.new_zeros(()), scale
 
-    def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
-        """x [..., d_in] -> W_enc (x_n - b_pre) + b_enc [..., n_latents]."""
-        x_n, _, _ = self.normalize(x.to(self.W_enc.dtype))
+    def decode_scale(self, x: torch.Tensor) -> torch.Tensor:
+        """[..., 1]: the factor s(x) by which decoding scales latent j's W_dec[j] for input x
+        (std or ‖x‖/sqrt(d_in); ones without a normalization), so latent j writes z_j s W_dec[j]."""
+        if self.cfg.normalize == "none":
+            return x.new_ones(*x.shape[:-1], 1, dtype=self.W_dec.dtype)
+        return self.normalize(x.to(self.W_dec.dtype))[2]
+
+    def pre_activations(self, x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """x [..., d_in] -> W_enc (x_n - b_pre) + b_enc [..., n_latents]; `scale` as in
+        `normalize`."""
+        x_n, _, _ = self.normalize(x.to(self.W_enc.dtype), scale)
         return F.linear(x_n - self.b_pre, self.W_enc, self.b_enc)
 
     def activate(self, pre: torch.Tensor) -> torch.Tensor:

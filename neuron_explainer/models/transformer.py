@@ -32,6 +32,7 @@ from neuron_explainer.models.hooks import (
 )
 
 if TYPE_CHECKING:
+    from neuron_explainer.models.autoencoders import AutoencoderSide, SparseAutoencoder
     from neuron_explainer.models.tokenizer import Tokenizer
 
 Activation = Literal["gelu_new", "gelu", "silu", "relu"]
@@ -223,13 +224,15 @@ class MLP(nn.Module):
         """[m, d]: neuron i writes post[i] * W_out[i] into the residual stream."""
         return self.w_out.weight.T
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def neuron_activations(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., d] (normalized) -> the neuron activations [..., m] fed to the output projection."""
         pre = self.hook_pre(self.w_in(x))
         if self.gated:
-            post = self.act(pre) * self.hook_pre_linear(self.w_up(x))
-        else:
-            post = self.act(pre)
-        return self.w_out(self.hook_post(post))
+            return self.act(pre) * self.hook_pre_linear(self.w_up(x))
+        return self.act(pre)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w_out(self.hook_post(self.neuron_activations(x)))
 
 
 class Block(nn.Module):
@@ -278,6 +281,10 @@ class HookedTransformer(nn.Module):
             self.unembed.weight = self.embed.weight
         self.hook_logits = HookPoint()
         self.tokenizer: Tokenizer | None = None
+        # Sparse autoencoders by hook name (attach_autoencoder). Held, not spliced: the engine
+        # splices one in only for requests about its latents. Not submodules, so the model's
+        # state dict and module tree are those of the plain model.
+        self.autoencoders: dict[str, SparseAutoencoder] = {}
         found = {n: m for n, m in self.named_modules() if isinstance(m, HookPoint)}
         order = expected_hook_names(cfg)
         assert set(found) == set(order), set(found) ^ set(order)
@@ -418,6 +425,48 @@ class HookedTransformer(nn.Module):
         with self.hooks(fwd=[(n, save) for n in selected]):
             logits = self(tokens, attention_mask)
         return logits, cache
+
+    # ---- autoencoders --------------------------------------------------------------------------
+
+    def attach_autoencoder(self, ae: SparseAutoencoder) -> SparseAutoencoder:
+        """Hold `ae` at its hook point so the engine can offer its latents as nodes; returns it,
+        moved to the model's device (its weights stay float32).
+
+        Only block-level MLP-side (`hook_mlp_out`, `mlp.hook_post`) and attention-side
+        (`hook_attn_out`) autoencoders are latents of the debugger; each block holds at most one
+        of each side, so (side, layer) names an autoencoder. Raises ValueError otherwise, or when
+        the hook point or its width does not fit this model. An autoencoder at the same hook point
+        replaces the one held there."""
+        ae.check_compatible(self)
+        side, layer = ae.cfg.side, ae.cfg.layer
+        if side is None or layer is None:
+            raise ValueError(
+                f"the autoencoder reads {ae.hook_name!r}; only autoencoders of a block's MLP "
+                "(blocks.L.hook_mlp_out, blocks.L.mlp.hook_post) or attention output "
+                "(blocks.L.hook_attn_out) give debugger nodes"
+            )
+        other = self.autoencoder(side, layer)
+        if other is not None and other.hook_name != ae.hook_name:
+            raise ValueError(
+                f"layer {layer} already has an {side}-side autoencoder at {other.hook_name!r}; "
+                f"one per side and layer (detach_autoencoder first)"
+            )
+        ae = ae.to(self.device)
+        ae.requires_grad_(False)
+        ae.eval()
+        self.autoencoders[ae.hook_name] = ae
+        return ae
+
+    def detach_autoencoder(self, hook_name: str) -> SparseAutoencoder:
+        """Stop holding the autoencoder at `hook_name` and return it (KeyError if none)."""
+        return self.autoencoders.pop(hook_name)
+
+    def autoencoder(self, side: AutoencoderSide, layer: int) -> SparseAutoencoder | None:
+        """The `side` ("mlp" or "attention") autoencoder held for block `layer`, if any."""
+        for ae in self.autoencoders.values():
+            if ae.cfg.side == side and ae.cfg.layer == layer:
+                return ae
+        return None
 
     # ---- text helpers and generation -----------------------------------------------------------
 
