@@ -27,6 +27,19 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16")
     p.add_argument(
+        "--autoencoder",
+        action="append",
+        default=[],
+        metavar="[HOOK=]PATH",
+        help="a sparse autoencoder whose latents become debugger nodes (repeatable): a SAELens "
+        "folder (cfg.json + sae_weights.safetensors), an OpenAI state dict (.pt), a native folder "
+        "(tdb train-sae), or a folder holding several of these. The hook point comes from the "
+        "config (SAELens hook_name, native hook_name) or, for OpenAI files, from their published "
+        "layout <location>/autoencoders/<layer>.pt; HOOK= sets or overrides it, e.g. "
+        "blocks.6.hook_mlp_out=6.pt. Hook points: blocks.L.hook_mlp_out or blocks.L.mlp.hook_post "
+        "(MLP-side latents), blocks.L.hook_attn_out (attention-side); one per side and layer",
+    )
+    p.add_argument(
         "--no-model",
         action="store_true",
         help="serve without a model (read-only dataset viewer; inference endpoints answer 503)",
@@ -93,6 +106,13 @@ def serve(args: argparse.Namespace) -> int:
             f"{time.perf_counter() - start:.1f}s",
             file=sys.stderr,
         )
+        from neuron_explainer.models.autoencoders import load_autoencoder_specs
+
+        for ae in load_autoencoder_specs(args.autoencoder, device=model.device):
+            model.attach_autoencoder(ae)
+            print(f"attached {ae.extra_repr()} from {ae.cfg.metadata['source']}", file=sys.stderr)
+    elif args.autoencoder:
+        raise ValueError("--autoencoder needs a model (it cannot be used with --no-model)")
     settings = Settings(
         max_prompt_tokens=args.max_prompt_tokens,
         cors_origins=list(args.cors_origin),

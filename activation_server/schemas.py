@@ -16,6 +16,7 @@ NodeTypeName = Literal["embedding", "mlp_neuron", "attention_head", "autoencoder
 MetricName = Literal["activation", "write_magnitude", "direct_effect", "estimated_total_effect"]
 LossFnName = Literal["logit_diff", "logit_minus_mean", "probs", "zero"]
 AttentionTraceTypeName = Literal["query", "key", "query_and_key", "value"]
+AutoencoderSideName = Literal["mlp", "attention"]
 TokenList = list[Annotated[str, Field(min_length=1)] | Annotated[int, Field(ge=0)]]
 Prompt = (
     Annotated[str, Field(min_length=1)]
@@ -42,7 +43,8 @@ class ResponseSchema(Schema):
 
 
 class NodeIndexModel(Schema):
-    """A node: (node type, layer, token, [attended-to token], component)."""
+    """A node: (node type, layer, token, [attended-to token], component). An autoencoder latent
+    is one of the latents of the autoencoder its layer holds on `autoencoderSide`."""
 
     node_type: NodeTypeName
     layer_index: int = Field(0, ge=0, description="0 for embeddings")
@@ -50,6 +52,13 @@ class NodeIndexModel(Schema):
     component_index: int = Field(0, ge=0, description="neuron, head or latent index")
     attended_token_index: int | None = Field(
         None, ge=0, description="attention head pairs only: the key token"
+    )
+    autoencoder_side: AutoencoderSideName | None = Field(
+        None,
+        exclude_if=lambda v: v is None,
+        description="autoencoder latents only: the layer's MLP-side (hook_mlp_out or "
+        "mlp.hook_post) or attention-side (hook_attn_out) autoencoder. Always in responses; "
+        "requests may leave it out when the layer holds one autoencoder only",
     )
 
 
@@ -72,6 +81,13 @@ class ScoredTokenModel(ResponseSchema):
     probability: float | None = None
 
 
+class ScoredKeyTokenModel(ResponseSchema):
+    key_token_index: int = Field(description="the key token's position in the prompt")
+    token: int
+    text: str
+    score: float
+
+
 class NodeTokenViewsModel(ResponseSchema):
     upvoted_output_tokens: list[ScoredTokenModel]
     downvoted_output_tokens: list[ScoredTokenModel]
@@ -81,6 +97,11 @@ class NodeTokenViewsModel(ResponseSchema):
     downvoting_input_tokens: list[ScoredTokenModel]
     upvoting_key_tokens: list[ScoredTokenModel] = Field(description="heads only: the key side")
     downvoting_key_tokens: list[ScoredTokenModel]
+    token_pair_attributions: list[ScoredKeyTokenModel] = Field(
+        default_factory=list,
+        description="attention-side latents only: the key tokens k the latent's input came from, "
+        "(e_j · attn_out[q, k]) · 1[z_j > 0] with e_j its encoder direction, top k",
+    )
 
 
 # ---- /batched_tdb ------------------------------------------------------------------------------
@@ -100,8 +121,16 @@ class InferenceRequestSpec(Schema):
 
 
 class TdbSubRequest(InferenceRequestSpec):
-    component_type_for_mlp: Literal["neuron", "autoencoder_latent"] = "neuron"
-    component_type_for_attention: Literal["attention_head", "autoencoder_latent"] = "attention_head"
+    component_type_for_mlp: Literal["neuron", "autoencoder_latent"] = Field(
+        "neuron",
+        description="autoencoder_latent: in layers holding an MLP-side autoencoder its latents "
+        "replace the neurons in the node table; other layers keep their neurons",
+    )
+    component_type_for_attention: Literal["attention_head", "autoencoder_latent"] = Field(
+        "attention_head",
+        description="autoencoder_latent: in layers holding an attention-side autoencoder its "
+        "latents replace the heads in the node table; other layers keep their heads",
+    )
     top_and_bottom_k_for_node_table: int = Field(10, ge=0, le=1000)
     token_view_k: int = Field(10, ge=0, le=200)
     token_views: bool = Field(True, description="compute token-space views of the table's nodes")
@@ -141,7 +170,9 @@ class TdbSubResponse(ResponseSchema):
     node_table: list[NodeRow]
     token_sums: dict[str, TokenSums] = Field(
         description="keys: embedding, mlp_neuron, attention_head_attended_from, "
-        "attention_head_attended_to"
+        "attention_head_attended_to, and with latents mlp_autoencoder_latent, "
+        "attention_autoencoder_latent (neurons and heads of layers whose latents replace them "
+        "are left out of their sums)"
     )
     top_output_tokens: list[ScoredTokenModel]
     bottom_output_tokens: list[ScoredTokenModel]
@@ -162,7 +193,10 @@ class DerivedScalarsSpec(Schema):
     heads [component][query token][key token] (keys after the query are 0)."""
 
     spec_type: Literal["derived_scalars"] = "derived_scalars"
-    node_type: Literal["embedding", "mlp_neuron", "attention_head"]
+    node_type: Literal["embedding", "mlp_neuron", "attention_head", "autoencoder_latent"]
+    autoencoder_side: AutoencoderSideName | None = Field(
+        None, description="latents: which autoencoder of the layer (when it holds both)"
+    )
     metric: MetricName = "activation"
     layer_index: int = Field(0, ge=0)
     component_indices: list[Annotated[int, Field(ge=0)]] | None = Field(
@@ -174,11 +208,13 @@ class TopKSpec(Schema):
     """The node table: top and bottom k per node type and metric, every metric per node."""
 
     spec_type: Literal["top_k"] = "top_k"
-    node_types: list[Literal["embedding", "mlp_neuron", "attention_head"]] = [
-        "embedding",
-        "mlp_neuron",
-        "attention_head",
-    ]
+    node_types: list[Literal["embedding", "mlp_neuron", "attention_head", "autoencoder_latent"]] = (
+        Field(
+            ["embedding", "mlp_neuron", "attention_head"],
+            description="autoencoder_latent: the latents of every loaded autoencoder, replacing "
+            "the neurons / heads of their layers",
+        )
+    )
     metrics: list[MetricName] = [
         "activation",
         "write_magnitude",
@@ -243,9 +279,12 @@ class BatchedResponse(ResponseSchema):
 
 class DerivedScalarsRequest(Schema):
     prompt: Prompt
-    node_type: Literal["mlp_neuron", "embedding"] = "mlp_neuron"
+    node_type: Literal["mlp_neuron", "embedding", "autoencoder_latent"] = "mlp_neuron"
+    autoencoder_side: AutoencoderSideName | None = Field(
+        None, description="latents: which autoencoder of the layer (when it holds both)"
+    )
     layer_index: int = Field(0, ge=0)
-    component_index: int = Field(0, ge=0)
+    component_index: int = Field(0, ge=0, description="neuron or latent index")
     metric: MetricName = "activation"
     target_tokens: TokenList = Field(default_factory=list)
     distractor_tokens: TokenList = Field(default_factory=list)
@@ -293,6 +332,26 @@ class DerivedAttentionScalarsResponse(ResponseSchema):
 # ---- model, tokens, generation, health ---------------------------------------------------------
 
 
+class AutoencoderInfo(ResponseSchema):
+    """A sparse autoencoder the server loaded (`tdb serve --autoencoder`)."""
+
+    name: str = Field(description="its hook point, which names it")
+    hook_name: str = Field(
+        description="where it reads and is spliced in, e.g. blocks.5.hook_mlp_out"
+    )
+    layer_index: int
+    autoencoder_side: AutoencoderSideName = Field(
+        description="mlp: its latents are MLP-side autoencoder_latent nodes; attention: attention-side"
+    )
+    n_latents: int
+    d_in: int = Field(description="width of the hooked activation")
+    activation: Literal["relu", "topk"]
+    k: int | None = Field(None, description="TopK: latents kept per token")
+    input_normalization: Literal["none", "layer_norm", "constant_norm_rescale"]
+    format: str = Field(description="the file format it was read from: native, saelens, openai")
+    source: str | None = Field(None, description="the path it was loaded from")
+
+
 class ModelInfo(ResponseSchema):
     name: str
     architecture: str
@@ -307,8 +366,8 @@ class ModelInfo(ResponseSchema):
     max_prompt_tokens: int
     device: str
     dtype: str
-    node_types: list[str]
-    autoencoders: list[str] = Field(default_factory=list)
+    node_types: list[str] = Field(description="autoencoder_latent when autoencoders are loaded")
+    autoencoders: list[AutoencoderInfo] = Field(default_factory=list)
     bos_token: str | None = None
 
 

@@ -37,7 +37,10 @@ Worker = Annotated[ModelWorker, Depends(model_worker)]
 async def batched_tdb(body: s.BatchedTdbRequest, worker: Worker) -> s.BatchedTdbResponse:
     """The debugger's main call: one forward and one backward over all sub-requests (for
     example left prompt, right prompt and an unablated baseline)."""
-    subs = [convert.sub_request(r, f"subRequests[{i}]") for i, r in enumerate(body.sub_requests)]
+    model = worker.engine.model
+    subs = [
+        convert.sub_request(r, f"subRequests[{i}]", model) for i, r in enumerate(body.sub_requests)
+    ]
     results, timings = await worker.run_tdb(subs)
     return s.BatchedTdbResponse(
         sub_responses=[convert.tdb_response(r) for r in results], timings=timings
@@ -49,11 +52,14 @@ async def batched(body: s.BatchedRequest, worker: Worker) -> s.BatchedResponse:
     """The general form: per sub-request an inference spec and named processing specs
     (derived scalars, top-k, scored tokens, token-pair attribution) answered from one pass."""
     rows = []
+    model = worker.engine.model
     for i, sub in enumerate(body.sub_requests):
         fld = f"subRequests[{i}]"
-        request = convert.sub_request(sub.inference_request_spec, f"{fld}.inferenceRequestSpec")
+        request = convert.sub_request(
+            sub.inference_request_spec, f"{fld}.inferenceRequestSpec", model
+        )
         queries = {
-            name: convert.query(spec, f"{fld}.processingRequestSpecByName.{name}")
+            name: convert.query(spec, f"{fld}.processingRequestSpecByName.{name}", model)
             for name, spec in sub.processing_request_spec_by_name.items()
         }
         rows.append(BatchedRow(request, queries))
@@ -92,15 +98,18 @@ def _component_request(
 
 
 async def _dataset_max(
-    request: Request, body: s.DerivedScalarsRequest | s.DerivedAttentionScalarsRequest
+    request: Request,
+    body: s.DerivedScalarsRequest | s.DerivedAttentionScalarsRequest,
+    node_type: NodeType = NodeType.ATTENTION_HEAD,
 ) -> float | None:
-    """The component's max activation in its collated dataset, when normalization is asked."""
+    """The component's max activation in its collated dataset, when normalization is asked.
+    Datasets name their component families as the library names node types."""
     if not body.normalize_by_dataset_max:
         return None
     if isinstance(body, s.DerivedAttentionScalarsRequest):
         family, index, field = "attention_head", body.head_index, "headIndex"
-    elif body.node_type == "mlp_neuron":
-        family, index, field = "mlp_neuron", body.component_index, "componentIndex"
+    elif node_type == NodeType.MLP_NEURON or node_type.is_latent:
+        family, index, field = node_type.value, body.component_index, "componentIndex"
     else:
         raise RequestError("normalizeByDatasetMax", f"no collated datasets of {body.node_type}")
     _, record = await read.lookup(
@@ -119,18 +128,22 @@ async def _dataset_max(
 async def derived_scalars(
     body: s.DerivedScalarsRequest, worker: Worker, request: Request
 ) -> s.DerivedScalarsResponse:
-    """One component's metric at every token of a prompt, optionally normalized by the max
-    activation in its collated dataset (to colour a custom prompt like the dataset examples)."""
-    dataset_max = await _dataset_max(request, body)
+    """One component's metric at every token of a prompt (a neuron, an autoencoder latent, the
+    embedding), optionally normalized by the max activation in its collated dataset (to colour a
+    custom prompt like the dataset examples)."""
+    engine = worker.engine
+    node_type = convert.node_type(
+        engine.model, body.node_type, body.layer_index, body.autoencoder_side, ""
+    )
+    dataset_max = await _dataset_max(request, body, node_type)
     sub = _component_request(
         body.prompt, list(body.target_tokens), list(body.distractor_tokens), body.prepend_bos
     )
-    engine = worker.engine
     result, values = await worker.call(
         lambda: component_values(
             engine,
             sub,
-            NodeType(body.node_type),
+            node_type,
             body.layer_index,
             body.component_index,
             body.metric,
@@ -199,11 +212,11 @@ async def tokenize(body: s.TokenizeRequest, request: Request) -> s.TokenizeRespo
 @router.post("/generate", response_model=s.GenerateResponse)
 async def generate_text(body: s.GenerateRequest, worker: Worker) -> s.GenerateResponse:
     """Greedy or sampled continuation, optionally with node ablations held on every step."""
+    engine = worker.engine
     ablations = [
-        NodeAblation(convert.node_index(a.node, f"nodeAblations[{i}].node"), a.value)
+        NodeAblation(convert.node_index(a.node, f"nodeAblations[{i}].node", engine.model), a.value)
         for i, a in enumerate(body.node_ablations)
     ]
-    engine = worker.engine
     new = await worker.call(
         lambda: generate(
             engine,
@@ -245,8 +258,9 @@ def model_info(request: Request) -> s.ModelInfo:
         max_prompt_tokens=state.engine.max_prompt_tokens,
         device=str(state.model.device),
         dtype=str(state.model.dtype).removeprefix("torch."),
-        node_types=["embedding", "mlp_neuron", "attention_head"],
-        autoencoders=[],
+        node_types=["embedding", "mlp_neuron", "attention_head"]
+        + (["autoencoder_latent"] if state.model.autoencoders else []),
+        autoencoders=[convert.autoencoder_info(ae) for ae in state.model.autoencoders.values()],
         bos_token=tok.token_display(tok.bos_token_id)
         if tok is not None and tok.bos_token_id is not None
         else None,

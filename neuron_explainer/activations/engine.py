@@ -47,7 +47,7 @@ from neuron_explainer.activations.nodes import (
     PromptTooLongError,
     RequestError,
 )
-from neuron_explainer.models.autoencoders import SparseAutoencoder
+from neuron_explainer.models.autoencoders import AutoencoderSide, SparseAutoencoder
 from neuron_explainer.models.hooks import BackwardHookFn, ForwardHookFn, HookPoint, NameFilter
 from neuron_explainer.models.tokenizer import TokenizerError
 from neuron_explainer.models.transformer import HookedTransformer, pad_right
@@ -151,6 +151,10 @@ class _Row:
     cut_hook: str
     upstream_token_limit: int  # nodes at later tokens are not upstream of D
     node_types: tuple[NodeType, ...]  # of the node table: the request's, with latents if asked
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
 
 
 def _field(index: int, name: str, prefix: str = "subRequests") -> str:
@@ -937,10 +941,43 @@ def autoencoder_hint(model: HookedTransformer, node_type: NodeType) -> str:
     layers = latent_layers(model, node_type)
     if layers:
         return f"{side}-side autoencoders are loaded for layers {layers}"
-    return (
-        f"no {side}-side autoencoder is loaded (start the server with --autoencoder PATH, or "
-        "attach one with model.attach_autoencoder)"
-    )
+    return f"no {side}-side autoencoder is loaded ({HOW_TO_LOAD})"
+
+
+HOW_TO_LOAD = (
+    "start the server with --autoencoder PATH, or attach one with model.attach_autoencoder"
+)
+
+
+def latent_node_type(
+    model: HookedTransformer, layer: int, side: AutoencoderSide | None, fld: str
+) -> NodeType:
+    """The latent node type of the autoencoder a request names by layer and optional side (the
+    wire's "autoencoder_latent"): `side` when given, else that of the layer's only autoencoder.
+    RequestError naming `{fld}.nodeType` when the model holds none, `{fld}.layerIndex` when the
+    layer holds none, `{fld}.autoencoderSide` when it holds one of each side."""
+    if side is not None:
+        return LATENT_TYPES[side]
+    if not model.autoencoders:
+        raise RequestError(_join(fld, "nodeType"), f"no autoencoder is loaded ({HOW_TO_LOAD})")
+    sides: list[AutoencoderSide] = [s for s in ("mlp", "attention") if model.autoencoder(s, layer)]
+    if not sides:
+        held = sorted(
+            (ae.cfg.layer, ae.cfg.side)
+            for ae in model.autoencoders.values()
+            if ae.cfg.layer is not None and ae.cfg.side is not None
+        )
+        where = ", ".join(f"{side}-side at layer {L}" for L, side in held)
+        raise RequestError(
+            _join(fld, "layerIndex"), f"layer {layer} holds no autoencoder (loaded: {where})"
+        )
+    if len(sides) > 1:
+        raise RequestError(
+            _join(fld, "autoencoderSide"),
+            f"layer {layer} holds an MLP-side and an attention-side autoencoder: say which "
+            "('mlp' or 'attention')",
+        )
+    return LATENT_TYPES[sides[0]]
 
 
 def _make_splice(

@@ -542,6 +542,56 @@ def load_autoencoder(
     return ae.to(device=device or "cpu", dtype=dtype or torch.float32)
 
 
+def find_autoencoders(path: str | Path) -> list[Path]:
+    """The autoencoders `path` holds: itself when it is one (a native or SAELens folder, an OpenAI
+    `.pt` file), else every one below it (e.g. the `<out>/<hook name>/` folders of `tdb
+    train-sae`, OpenAI's `<location>/autoencoders/<layer>.pt`), sorted by path. Raises
+    AutoencoderFormatError when there is none."""
+    path = Path(path).expanduser()
+    if path.is_file() or (path / NATIVE_CONFIG).is_file() or (path / SAELENS_CONFIG).is_file():
+        return [path]
+    if not path.is_dir():
+        raise AutoencoderFormatError(f"{path} does not exist")
+    found = {p.parent for name in (NATIVE_CONFIG, SAELENS_CONFIG) for p in path.rglob(name)}
+    found |= {p for p in path.rglob("*.pt") if openai_hook_name(p) is not None}
+    if not found:
+        raise AutoencoderFormatError(
+            f"no autoencoder under {path} (looked for {NATIVE_CONFIG}, {SAELENS_CONFIG} and "
+            "OpenAI <location>/autoencoders/<layer>.pt files)"
+        )
+    return sorted(found)
+
+
+def parse_autoencoder_spec(spec: str) -> tuple[str | None, Path]:
+    """`[HOOK=]PATH` -> (hook name or None, path), e.g. `blocks.6.hook_mlp_out=ae.pt`. Only a
+    hook-like name before the first `=` is a hook (paths may contain `=`)."""
+    hook, sep, rest = spec.partition("=")
+    if sep and re.fullmatch(r"blocks\.\d+\.[\w.]+|hook_\w+", hook):
+        return hook, Path(rest)
+    return None, Path(spec)
+
+
+def load_autoencoder_specs(
+    specs: list[str], device: str | torch.device | None = None
+) -> list[SparseAutoencoder]:
+    """Every autoencoder named by `[HOOK=]PATH` specs (see `find_autoencoders`; HOOK overrides
+    the hook point a file or config gives, and is required for OpenAI files outside their
+    published layout). Each remembers its path in `cfg.metadata["source"]`."""
+    out = []
+    for spec in specs:
+        hook, path = parse_autoencoder_spec(spec)
+        paths = find_autoencoders(path)
+        if hook is not None and len(paths) > 1:
+            raise AutoencoderFormatError(
+                f"{spec}: {hook}= names one hook point, but {path} holds {len(paths)} autoencoders"
+            )
+        for found in paths:
+            ae = load_autoencoder(found, hook_name=hook, device=device)
+            ae.cfg.metadata.setdefault("source", str(found))
+            out.append(ae)
+    return out
+
+
 def _with_hook(cfg: AutoencoderConfig, hook_name: str) -> AutoencoderConfig:
     return AutoencoderConfig(**(asdict(cfg) | {"hook_name": hook_name}))
 

@@ -53,8 +53,9 @@ export interface paths {
         put?: never;
         /**
          * Derived Scalars
-         * @description One component's metric at every token of a prompt, optionally normalized by the max
-         *     activation in its collated dataset (to colour a custom prompt like the dataset examples).
+         * @description One component's metric at every token of a prompt (a neuron, an autoencoder latent, the
+         *     embedding), optionally normalized by the max activation in its collated dataset (to colour a
+         *     custom prompt like the dataset examples).
          */
         post: operations["derived_scalars_derived_scalars_post"];
         delete?: never;
@@ -314,6 +315,62 @@ export interface components {
             /** Randomsamplebyquantile */
             randomSampleByQuantile?: components["schemas"]["PairActivationRecordModel"][][] | null;
         };
+        /**
+         * AutoencoderInfo
+         * @description A sparse autoencoder the server loaded (`tdb serve --autoencoder`).
+         */
+        AutoencoderInfo: {
+            /**
+             * Name
+             * @description its hook point, which names it
+             */
+            name: string;
+            /**
+             * Hookname
+             * @description where it reads and is spliced in, e.g. blocks.5.hook_mlp_out
+             */
+            hookName: string;
+            /** Layerindex */
+            layerIndex: number;
+            /**
+             * Autoencoderside
+             * @description mlp: its latents are MLP-side autoencoder_latent nodes; attention: attention-side
+             * @enum {string}
+             */
+            autoencoderSide: "mlp" | "attention";
+            /** Nlatents */
+            nLatents: number;
+            /**
+             * Din
+             * @description width of the hooked activation
+             */
+            dIn: number;
+            /**
+             * Activation
+             * @enum {string}
+             */
+            activation: "relu" | "topk";
+            /**
+             * K
+             * @description TopK: latents kept per token
+             */
+            k?: number | null;
+            /**
+             * Inputnormalization
+             * @enum {string}
+             */
+            inputNormalization: "none" | "layer_norm" | "constant_norm_rescale";
+            /**
+             * Format
+             * @description the file format it was read from: native, saelens, openai
+             */
+            format: string;
+            /**
+             * Source
+             * @description the path it was loaded from
+             */
+            source?: string | null;
+        };
         /** BatchedRequest */
         BatchedRequest: {
             /** Subrequests */
@@ -483,7 +540,12 @@ export interface components {
              * @default mlp_neuron
              * @enum {string}
              */
-            nodeType?: "mlp_neuron" | "embedding";
+            nodeType?: "mlp_neuron" | "embedding" | "autoencoder_latent";
+            /**
+             * Autoencoderside
+             * @description latents: which autoencoder of the layer (when it holds both)
+             */
+            autoencoderSide?: ("mlp" | "attention") | null;
             /**
              * Layerindex
              * @default 0
@@ -491,6 +553,7 @@ export interface components {
             layerIndex?: number;
             /**
              * Componentindex
+             * @description neuron or latent index
              * @default 0
              */
             componentIndex?: number;
@@ -551,7 +614,12 @@ export interface components {
              * Nodetype
              * @enum {string}
              */
-            nodeType: "embedding" | "mlp_neuron" | "attention_head";
+            nodeType: "embedding" | "mlp_neuron" | "attention_head" | "autoencoder_latent";
+            /**
+             * Autoencoderside
+             * @description latents: which autoencoder of the layer (when it holds both)
+             */
+            autoencoderSide?: ("mlp" | "attention") | null;
             /**
              * Metric
              * @default activation
@@ -767,10 +835,13 @@ export interface components {
             device: string;
             /** Dtype */
             dtype: string;
-            /** Nodetypes */
+            /**
+             * Nodetypes
+             * @description autoencoder_latent when autoencoders are loaded
+             */
             nodeTypes: string[];
             /** Autoencoders */
-            autoencoders?: string[];
+            autoencoders?: components["schemas"]["AutoencoderInfo"][];
             /** Bostoken */
             bosToken?: string | null;
         };
@@ -839,7 +910,8 @@ export interface components {
         };
         /**
          * NodeIndexModel
-         * @description A node: (node type, layer, token, [attended-to token], component).
+         * @description A node: (node type, layer, token, [attended-to token], component). An autoencoder latent
+         *     is one of the latents of the autoencoder its layer holds on `autoencoderSide`.
          */
         NodeIndexModel: {
             /**
@@ -866,6 +938,11 @@ export interface components {
              * @description attention head pairs only: the key token
              */
             attendedTokenIndex?: number | null;
+            /**
+             * Autoencoderside
+             * @description autoencoder latents only: the layer's MLP-side (hook_mlp_out or mlp.hook_post) or attention-side (hook_attn_out) autoencoder. Always in responses; requests may leave it out when the layer holds one autoencoder only
+             */
+            autoencoderSide?: ("mlp" | "attention") | null;
         };
         /**
          * NodeRow
@@ -912,6 +989,11 @@ export interface components {
             upvotingKeyTokens: components["schemas"]["ScoredTokenModel"][];
             /** Downvotingkeytokens */
             downvotingKeyTokens: components["schemas"]["ScoredTokenModel"][];
+            /**
+             * Tokenpairattributions
+             * @description attention-side latents only: the key tokens k the latent's input came from, (e_j · attn_out[q, k]) · 1[z_j > 0] with e_j its encoder direction, top k
+             */
+            tokenPairAttributions?: components["schemas"]["ScoredKeyTokenModel"][];
         };
         /**
          * PairActivationRecordModel
@@ -946,6 +1028,20 @@ export interface components {
             nodeTable?: components["schemas"]["NodeRow"][] | null;
             /** Tokenviews */
             tokenViews?: components["schemas"]["NodeTokenViewsModel"][] | null;
+        };
+        /** ScoredKeyTokenModel */
+        ScoredKeyTokenModel: {
+            /**
+             * Keytokenindex
+             * @description the key token's position in the prompt
+             */
+            keyTokenIndex: number;
+            /** Token */
+            token: number;
+            /** Text */
+            text: string;
+            /** Score */
+            score: number;
         };
         /** ScoredTokenModel */
         ScoredTokenModel: {
@@ -1007,12 +1103,14 @@ export interface components {
             prependBos?: boolean;
             /**
              * Componenttypeformlp
+             * @description autoencoder_latent: in layers holding an MLP-side autoencoder its latents replace the neurons in the node table; other layers keep their neurons
              * @default neuron
              * @enum {string}
              */
             componentTypeForMlp?: "neuron" | "autoencoder_latent";
             /**
              * Componenttypeforattention
+             * @description autoencoder_latent: in layers holding an attention-side autoencoder its latents replace the heads in the node table; other layers keep their heads
              * @default attention_head
              * @enum {string}
              */
@@ -1061,7 +1159,7 @@ export interface components {
             nodeTable: components["schemas"]["NodeRow"][];
             /**
              * Tokensums
-             * @description keys: embedding, mlp_neuron, attention_head_attended_from, attention_head_attended_to
+             * @description keys: embedding, mlp_neuron, attention_head_attended_from, attention_head_attended_to, and with latents mlp_autoencoder_latent, attention_autoencoder_latent (neurons and heads of layers whose latents replace them are left out of their sums)
              */
             tokenSums: {
                 [key: string]: components["schemas"]["TokenSums"];
@@ -1155,13 +1253,14 @@ export interface components {
             specType: "top_k";
             /**
              * Nodetypes
+             * @description autoencoder_latent: the latents of every loaded autoencoder, replacing the neurons / heads of their layers
              * @default [
              *       "embedding",
              *       "mlp_neuron",
              *       "attention_head"
              *     ]
              */
-            nodeTypes?: ("embedding" | "mlp_neuron" | "attention_head")[];
+            nodeTypes?: ("embedding" | "mlp_neuron" | "attention_head" | "autoencoder_latent")[];
             /**
              * Metrics
              * @default [
