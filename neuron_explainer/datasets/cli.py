@@ -50,6 +50,8 @@ def cmd_collate(args: argparse.Namespace) -> int:
 
     from neuron_explainer.datasets.collate import collate, parse_layers, parse_shard
     from neuron_explainer.datasets.corpus import load_corpus
+    from neuron_explainer.datasets.families import LATENT_FAMILY_OF_SIDE
+    from neuron_explainer.datasets.latents import collate_latents, load_autoencoders
     from neuron_explainer.models import load_model
 
     corpus = load_corpus(args.corpus, text_field=args.text_field)  # fail fast, before the model
@@ -62,10 +64,7 @@ def cmd_collate(args: argparse.Namespace) -> int:
         f"{time.perf_counter() - start:.1f}s",
         file=sys.stderr,
     )
-    meta = collate(
-        model,
-        corpus,
-        args.out,
+    options: dict[str, Any] = dict(
         n_tokens=args.tokens,
         layers=parse_layers(args.layers, model.cfg.n_layers) if args.layers else None,
         families=_csv(args.families),
@@ -82,6 +81,15 @@ def cmd_collate(args: argparse.Namespace) -> int:
         progress=not (args.quiet or args.progress_json),
         on_progress=_json_progress() if args.progress_json else None,
     )
+    if args.autoencoder:
+        autoencoders = load_autoencoders(args.autoencoder, model)
+        print(f"loaded {len(autoencoders)} autoencoders", file=sys.stderr)
+        meta = collate_latents(model, corpus, args.out, autoencoders, **options)
+    else:
+        latent = [f for f in options["families"] or [] if f in LATENT_FAMILY_OF_SIDE.values()]
+        if latent:
+            raise ValueError(f"collating {', '.join(latent)} needs --autoencoder PATH")
+        meta = collate(model, corpus, args.out, **options)
     print(
         f"{args.out}: {meta.nTokens:,} tokens, families {', '.join(meta.families)}, "
         f"layers {_layer_ranges(meta.layers)}, status {meta.status}",
@@ -130,8 +138,12 @@ def cmd_export_tdb(args: argparse.Namespace) -> int:
 @_reports_errors
 def cmd_merge(args: argparse.Namespace) -> int:
     from neuron_explainer.datasets.collate import merge_stores
+    from neuron_explainer.datasets.latents import record_autoencoders, shared_autoencoders
 
+    autoencoders = shared_autoencoders(args.inputs)
     meta = merge_stores(args.inputs, args.out)
+    if autoencoders is not None:
+        record_autoencoders(args.out, autoencoders)
     print(f"{args.out}: {meta.nTokens:,} tokens, windows {meta.windowRanges}", file=sys.stderr)
     return 0
 
@@ -168,7 +180,20 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--tokens", type=int, default=None, help="token budget (default: all)")
     p.add_argument("--layers", default=None, help="e.g. 0,1,5-7 (default: all)")
     p.add_argument(
-        "--families", default=None, help="comma-separated (default: mlp_neuron,attention_head)"
+        "--families",
+        default=None,
+        help="comma-separated: mlp_neuron, attention_head, mlp_autoencoder_latent, "
+        "attention_autoencoder_latent (default: mlp_neuron,attention_head; with --autoencoder, "
+        "the latent families of the autoencoders given)",
+    )
+    p.add_argument(
+        "--autoencoder",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="autoencoders whose latents to collate (repeatable): a native or SAELens folder, an "
+        "OpenAI .pt, or a folder holding several (e.g. what `make autoencoders` writes); "
+        "--layers then defaults to the layers they cover",
     )
     p.add_argument("--batch-size", type=int, default=32, help="windows per forward pass")
     p.add_argument("--k", type=int, default=20, help="top-activating excerpts per component")
@@ -180,7 +205,10 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--shard", default=None, help="I/N: process the I-th of N window ranges")
     p.add_argument("--commit-every", type=int, default=None, help="commit every N batches")
     p.add_argument(
-        "--commit-seconds", type=float, default=60.0, help="commit every S seconds (default)"
+        "--commit-seconds",
+        type=float,
+        default=60.0,
+        help="commit every S seconds (default), or every 10x the last commit's duration if longer",
     )
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if any)")
     p.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16")

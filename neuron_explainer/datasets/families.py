@@ -5,6 +5,9 @@ from those values to one activation per component and token (or token pair).
     attention_head  per (query q, key k <= q) pair, the head's write magnitude
                     A[q, k, h] * ||v[k, h] W_O[h]|| (derived_scalars.head_write_magnitude, which
                     never builds the n^2 * H * d tensor of write vectors)
+    mlp_autoencoder_latent        z[t, j] = encode(x[t])[j] of layer L's MLP-side autoencoder
+    attention_autoencoder_latent  (hook_mlp_out or mlp.hook_post) or attention-side one
+                                  (hook_attn_out), x the activation at its hook point
 
 A family function takes (model, acts, layer), where `acts` maps the family's hook names (with
 "{L}" filled in) to the values cached in this forward pass, and returns [b, C, P]: b windows, C
@@ -15,12 +18,15 @@ latents) registers itself with `register_family` and needs no change elsewhere.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+import hashlib
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import torch
 
 from neuron_explainer.activations.derived_scalars import PassState, head_write_magnitude
+from neuron_explainer.models.autoencoders import AutoencoderSide, SparseAutoencoder
 from neuron_explainer.models.transformer import HookedTransformer
 
 FamilyFn = Callable[[HookedTransformer, Mapping[str, torch.Tensor], int], torch.Tensor]
@@ -45,9 +51,10 @@ class ComponentFamily:
 
 
 FAMILIES: dict[str, ComponentFamily] = {}
+F = TypeVar("F", bound=ComponentFamily)
 
 
-def register_family(family: ComponentFamily) -> ComponentFamily:
+def register_family(family: F) -> F:
     """Make `family` available to collation by name (replacing one of the same name)."""
     FAMILIES[family.name] = family
     return family
@@ -108,3 +115,119 @@ register_family(
         description="attention head write magnitude A[q,k,h]·‖v[k,h] W_O[h]‖ per token pair",
     )
 )
+
+
+# ---- autoencoder latents -----------------------------------------------------------------------
+
+LATENT_FAMILY_OF_SIDE: dict[AutoencoderSide, str] = {
+    "mlp": "mlp_autoencoder_latent",
+    "attention": "attention_autoencoder_latent",
+}
+
+
+@dataclass(frozen=True)
+class LatentFamily(ComponentFamily):
+    """The latents of one side's autoencoders, by layer: z[t, j] = encode(x[t])[j] with x the
+    activation at the autoencoder's hook point. Every autoencoder of a family has the same number
+    of latents (a store's layers of one family have the same width)."""
+
+    side: AutoencoderSide = "mlp"
+    autoencoders: Mapping[int, SparseAutoencoder] = field(default_factory=dict, compare=False)
+
+    def autoencoder(self, layer: int) -> SparseAutoencoder:
+        if layer not in self.autoencoders:
+            have = sorted(self.autoencoders)
+            raise ValueError(
+                f"{self.name} needs an {self.side}-side autoencoder for layer {layer}; "
+                + (f"the autoencoders given cover layers {have}" if have else "pass --autoencoder")
+            )
+        return self.autoencoders[layer]
+
+    def hook_names(self, layer: int) -> list[str]:
+        return [self.autoencoder(layer).hook_name]
+
+    def provenance(self) -> dict[str, Any]:
+        """{layer: what identifies its autoencoder}, for a store's metadata."""
+        return {str(layer): autoencoder_identity(ae) for layer, ae in self.autoencoders.items()}
+
+
+def autoencoder_identity(ae: SparseAutoencoder) -> dict[str, Any]:
+    """Hook point, sizes, source and a SHA-256 of the weights that the latents depend on."""
+    digest = hashlib.sha256()
+    for tensor in (ae.W_enc, ae.b_enc, ae.b_pre):
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    cfg = ae.cfg
+    return {
+        "hookName": cfg.hook_name,
+        "nLatents": cfg.n_latents,
+        "activation": cfg.activation,
+        "k": cfg.k,
+        "normalize": cfg.normalize,
+        "source": cfg.metadata.get("source") or cfg.metadata.get("path"),
+        "sha256": digest.hexdigest(),
+    }
+
+
+def latent_family(
+    side: AutoencoderSide, autoencoders: Mapping[int, SparseAutoencoder]
+) -> LatentFamily:
+    """The `side` latent family over `autoencoders` ({layer: autoencoder}, possibly empty)."""
+    by_layer = dict(autoencoders)
+    widths = sorted({ae.n_latents for ae in by_layer.values()})
+    if len(widths) > 1:
+        raise ValueError(
+            f"the {side}-side autoencoders have different numbers of latents {widths}; "
+            "collate them into separate stores"
+        )
+    name = LATENT_FAMILY_OF_SIDE[side]
+
+    def activations(
+        model: HookedTransformer, acts: Mapping[str, torch.Tensor], layer: int
+    ) -> torch.Tensor:
+        ae = by_layer[layer]
+        return ae.encode(acts[ae.hook_name]).transpose(1, 2)  # [b, n, N] -> [b, N, n]
+
+    def n_components(model: HookedTransformer) -> int:
+        if not widths:
+            raise ValueError(f"collating {name} needs autoencoders: pass --autoencoder PATH")
+        return widths[0]
+
+    return LatentFamily(
+        name=name,
+        hooks=(),
+        activations=activations,
+        n_components=n_components,
+        description=f"{side}-side autoencoder latent z[t, j] = encode(x[t])[j]",
+        side=side,
+        autoencoders=by_layer,
+    )
+
+
+def use_autoencoders(autoencoders: Iterable[SparseAutoencoder]) -> list[LatentFamily]:
+    """Register the latent families of these autoencoders (replacing earlier ones) and return the
+    families of the sides they cover. Raises ValueError for an autoencoder that is not a block's
+    MLP-side or attention-side one, or for two of one side at the same layer."""
+    by_side: dict[AutoencoderSide, dict[int, SparseAutoencoder]] = {}
+    for ae in autoencoders:
+        side, layer = ae.cfg.side, ae.cfg.layer
+        if side is None or layer is None:
+            raise ValueError(
+                f"the autoencoder at {ae.hook_name!r} is neither MLP-side (blocks.L.hook_mlp_out, "
+                "blocks.L.mlp.hook_post) nor attention-side (blocks.L.hook_attn_out)"
+            )
+        layers = by_side.setdefault(side, {})
+        if layer in layers:
+            raise ValueError(
+                f"two {side}-side autoencoders for layer {layer} ({layers[layer].hook_name!r} "
+                f"and {ae.hook_name!r}); a latent family has one per layer"
+            )
+        layers[layer] = ae
+    return [
+        register_family(latent_family(side, by_side[side]))
+        for side in LATENT_FAMILY_OF_SIDE
+        if side in by_side
+    ]
+
+
+for _side in LATENT_FAMILY_OF_SIDE:
+    register_family(latent_family(_side, {}))
