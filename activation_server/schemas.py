@@ -440,6 +440,11 @@ class NeuronRecordRequest(Schema):
         None, description="name or location (default: the first dataset holding the family)"
     )
     node_type: RecordNodeType = "mlp_neuron"
+    autoencoder_side: AutoencoderSideName | None = Field(
+        None,
+        description="autoencoder latents: the MLP-side or attention-side autoencoder's latent "
+        "(may be left out when the datasets hold latents of one side only for this layer)",
+    )
     layer_index: int = Field(ge=0)
     component_index: int = Field(ge=0, description="neuron (or latent) index")
 
@@ -489,6 +494,9 @@ class RecordStatistics(ResponseSchema):
 class NeuronRecordResponse(RecordStatistics):
     dataset: DatasetInfoModel
     node_type: str
+    autoencoder_side: AutoencoderSideName | None = Field(
+        None, exclude_if=lambda v: v is None, description="autoencoder latents only"
+    )
     layer_index: int
     component_index: int
     most_positive_activation_records: list[ActivationRecordModel]

@@ -10,12 +10,14 @@ from fastapi import APIRouter, Request
 from activation_server import schemas as s
 from activation_server.errors import NotFoundError
 from activation_server.state import server_state
+from neuron_explainer.activations import RequestError
 from neuron_explainer.datasets import (
     ActivationRecord,
     ComponentNotFoundError,
     ComponentRecord,
     DatasetNotFoundError,
 )
+from neuron_explainer.datasets.families import LATENT_FAMILY_OF_SIDE
 from neuron_explainer.datasets.sources import (
     DatasetInfo,
     DatasetRegistry,
@@ -25,6 +27,7 @@ from neuron_explainer.datasets.sources import (
 )
 
 router = APIRouter(tags=["datasets"])
+SIDE_OF_LATENT_FAMILY = {family: side for side, family in LATENT_FAMILY_OF_SIDE.items()}
 
 
 def _registry(request: Request) -> DatasetRegistry:
@@ -70,6 +73,31 @@ def _statistics(record: ComponentRecord) -> dict[str, object]:
     }
 
 
+def _record_family(request: Request, body: s.NeuronRecordRequest) -> str:
+    """The component family a /neuron_record request reads: mlp_neuron, or the latent family of
+    the autoencoder side asked for; with no side, the one latent family the datasets hold for the
+    layer (400 when they hold both)."""
+    if body.node_type != "autoencoder_latent":
+        return body.node_type
+    if body.autoencoder_side is not None:
+        return LATENT_FAMILY_OF_SIDE[body.autoencoder_side]
+    held = {
+        family
+        for info in _registry(request).infos()
+        if body.dataset_name in (None, info.name, info.location)
+        and (info.layers is None or body.layer_index in info.layers)
+        for family in info.families
+        if family in SIDE_OF_LATENT_FAMILY
+    }
+    if len(held) > 1:
+        raise RequestError(
+            "autoencoderSide",
+            f"the datasets hold MLP-side and attention-side latents of layer {body.layer_index}: "
+            "say which (mlp or attention)",
+        )
+    return held.pop() if held else LATENT_FAMILY_OF_SIDE["mlp"]
+
+
 @router.get("/neuron_datasets_metadata", response_model=s.DatasetsMetadataResponse)
 async def neuron_datasets_metadata(request: Request) -> s.DatasetsMetadataResponse:
     """The collated datasets this server reads: stores (with their progress while being built)
@@ -87,13 +115,9 @@ async def post_neuron_datasets_metadata(request: Request) -> s.DatasetsMetadataR
 async def neuron_record(body: s.NeuronRecordRequest, request: Request) -> s.NeuronRecordResponse:
     """Top-activating and random excerpts of an MLP neuron (or latent) with raw activations and
     activations normalized by the dataset max, and its statistics."""
+    family = _record_family(request, body)
     info, record = await lookup(
-        request,
-        body.node_type,
-        body.layer_index,
-        body.component_index,
-        body.dataset_name,
-        "componentIndex",
+        request, family, body.layer_index, body.component_index, body.dataset_name, "componentIndex"
     )
     scale = record.maxActivation
 
@@ -108,6 +132,7 @@ async def neuron_record(body: s.NeuronRecordRequest, request: Request) -> s.Neur
     return s.NeuronRecordResponse(
         dataset=_info(info),
         node_type=body.node_type,
+        autoencoder_side=SIDE_OF_LATENT_FAMILY.get(family),
         layer_index=body.layer_index,
         component_index=body.component_index,
         most_positive_activation_records=[one(r) for r in record.mostPositiveActivationRecords],

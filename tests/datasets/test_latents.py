@@ -11,6 +11,7 @@ the latents mean.
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +42,8 @@ from neuron_explainer.models.autoencoders import (
     save_autoencoder,
 )
 from tests.datasets.test_collate import cache_until
+from tests.datasets.test_read_api import call
+from tests.servers import Server, start_server, stop_server
 
 WINDOW = 32
 N_WINDOWS = 64
@@ -290,3 +293,64 @@ def test_collate_cli_with_autoencoders(
     assert datasets_cli([*args, *missing]) == 2
     assert "needs --autoencoder PATH" in capsys.readouterr().err
     assert not (tmp_path / "x.sqlite").exists()
+
+
+@pytest.fixture(scope="module")
+def latent_server(
+    collated: Collated, ae_folder: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
+    """The default model with the autoencoders attached and their latent store."""
+    log = tmp_path_factory.mktemp("latent_server") / "server.log"
+    args = ["--model", "smollm2-135m", "--device", "cpu", "--autoencoder", str(ae_folder)]
+    srv = start_server([*args, "--dataset", str(collated.path)], log)
+    yield srv
+    stop_server(srv)
+
+
+def test_read_api_serves_latent_records_by_side(latent_server: Server, collated: Collated) -> None:
+    for family, layer in HOOKS:
+        side = "mlp" if family.startswith("mlp") else "attention"
+        index = int(collated.acts[(family, layer)].max(axis=(0, 2)).argmax())
+        body = {"nodeType": "autoencoder_latent", "autoencoderSide": side, "layerIndex": layer}
+        status, out = call(latent_server, "/neuron_record", {**body, "componentIndex": index})
+        assert status == 200, out
+        with DatasetStore(collated.path) as store:
+            want = store.record(family, layer, index)
+        assert out["autoencoderSide"] == side and out["nodeType"] == "autoencoder_latent"
+        got_top = [(r["tokens"], r["activations"]) for r in out["mostPositiveActivationRecords"]]
+        assert got_top == [(r.tokens, r.activations) for r in want.mostPositiveActivationRecords]
+        assert out["maxActivation"] == pytest.approx(want.maxActivation)
+    # Both sides are collated at layer 1: a request must say which.
+    body = {"nodeType": "autoencoder_latent", "layerIndex": 1, "componentIndex": 0}
+    status, out = call(latent_server, "/neuron_record", body)
+    assert status == 400 and "autoencoderSide" in out["message"]
+    status, out = call(latent_server, "/neuron_record", {**body, "layerIndex": 2})
+    assert status == 404, out
+
+
+def test_prompt_activations_of_a_latent_scaled_by_its_dataset_max(
+    latent_server: Server, collated: Collated, default_model: HookedTransformer
+) -> None:
+    """/derived_scalars for an attention-side latent: encode() of the hooked activation on the
+    prompt (computed here), divided by the maximum in the latent store."""
+    family, layer = "attention_autoencoder_latent", 1
+    index = int(collated.acts[(family, layer)].max(axis=(0, 2)).argmax())
+    prompt = "It is a truth universally acknowledged, that a single man"
+    body = {
+        "prompt": prompt,
+        "nodeType": "autoencoder_latent",
+        "autoencoderSide": "attention",
+        "layerIndex": layer,
+        "componentIndex": index,
+        "normalizeByDatasetMax": True,
+    }
+    status, out = call(latent_server, "/derived_scalars", body)
+    assert status == 200, out
+    with DatasetStore(collated.path) as store:
+        scale = store.record(family, layer, index).maxActivation
+    hook = HOOKS[(family, layer)][0]
+    tokens = torch.tensor([out["tokenIds"]])
+    expected = collated.autoencoders[hook].encode(cache_until(default_model, tokens, [hook])[hook])
+    np.testing.assert_allclose(out["values"], expected[0, :, index].numpy(), rtol=1e-4, atol=1e-5)
+    assert out["datasetMax"] == pytest.approx(scale)
+    np.testing.assert_allclose(out["normalizedValues"], np.array(out["values"]) / scale, rtol=1e-6)

@@ -858,6 +858,11 @@ export interface components {
              * @enum {string}
              */
             nodeType?: "mlp_neuron" | "autoencoder_latent";
+            /**
+             * Autoencoderside
+             * @description autoencoder latents: the MLP-side or attention-side autoencoder's latent (may be left out when the datasets hold latents of one side only for this layer)
+             */
+            autoencoderSide?: ("mlp" | "attention") | null;
             /** Layerindex */
             layerIndex: number;
             /**
@@ -887,6 +892,11 @@ export interface components {
             dataset: components["schemas"]["DatasetInfoModel"];
             /** Nodetype */
             nodeType: string;
+            /**
+             * Autoencoderside
+             * @description autoencoder latents only
+             */
+            autoencoderSide?: ("mlp" | "attention") | null;
             /** Layerindex */
             layerIndex: number;
             /** Componentindex */
