@@ -287,7 +287,7 @@ def _latent_views(
     x = x_all[row, t]
     scale = ae.decode_scale(x)  # [1]
     z = float(z_all[row, t, j])
-    w = latent_write_directions(model, ae)[j]
+    w = latent_write_directions(model, ae)[j].to(model.dtype)  # float32 weights, like the rest
     u = out_proj.add(("latent", ae.hook_name, j), lambda w=w: norm_linear(model.ln_final, w))
     out_ref[node] = (u, z * float(scale))
     e = latent_encoder_direction(ae, x, j)  # ∂pre/∂x at the hooked activation, scale fixed
@@ -316,7 +316,7 @@ def _latent_views(
     attn = block.attn
     dh, group = attn.d_head, attn.n_heads // attn.n_kv_heads
     e_model = e.to(attn.W_O.dtype)
-    weights = (pattern[row, :, t, : t + 1] / s1[row, : t + 1, 0]).sum(-1)  # [H]
+    weights = (pattern[row, :, t, : t + 1] / s1[row, : t + 1, 0]).sum(-1).to(e_model.dtype)  # [H]
     o_e = attn.W_O @ e_model  # [H, dh]
     w_v = attn.v_proj.weight.view(attn.n_kv_heads, dh, -1).repeat_interleave(group, dim=0)
     vec = torch.einsum("h,he,hed->d", weights, o_e, w_v)
