@@ -150,11 +150,15 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 @_reports_errors
 def cmd_info(args: argparse.Namespace) -> int:
+    from neuron_explainer.datasets.latents import stored_autoencoders
     from neuron_explainer.datasets.store import DatasetStore
 
     with DatasetStore(args.store) as store:
         info: dict[str, Any] = store.metadata().to_json()
         info["components"] = len(store.components())
+    autoencoders = stored_autoencoders(args.store)
+    if autoencoders is not None:
+        info["autoencoders"] = autoencoders
     print(json.dumps(info, indent=2))
     return 0
 
@@ -190,10 +194,10 @@ def add_parser(subparsers: Any) -> None:
         "--autoencoder",
         action="append",
         default=[],
-        metavar="PATH",
-        help="autoencoders whose latents to collate (repeatable): a native or SAELens folder, an "
-        "OpenAI .pt, or a folder holding several (e.g. what `make autoencoders` writes); "
-        "--layers then defaults to the layers they cover",
+        metavar="[HOOK=]PATH",
+        help="autoencoders whose latents to collate (repeatable), as for `tdb serve "
+        "--autoencoder`: a native or SAELens folder, an OpenAI .pt, or a folder holding several "
+        "(e.g. what `make autoencoders` writes); --layers then defaults to the layers they cover",
     )
     p.add_argument("--batch-size", type=int, default=32, help="windows per forward pass")
     p.add_argument("--k", type=int, default=20, help="top-activating excerpts per component")

@@ -8,8 +8,7 @@ A latent's activation is `encode()` of the activation at its autoencoder's hook 
 identity (hook point, sizes, source path, SHA-256 of the encoder weights) goes into the store's
 metadata table under the key `autoencoders` ({family: {layer: identity}}) as soon as the store has
 its first commit; resuming a store with other autoencoders is refused, like resuming with other
-settings. Readers that do not know the key ignore it (`tdb dataset-info` does not show it;
-`stored_autoencoders` reads it).
+settings. Readers that do not know the key ignore it; `tdb dataset-info` shows it.
 """
 
 from __future__ import annotations
@@ -24,52 +23,20 @@ from neuron_explainer.datasets.collate import ProgressCallback, collate
 from neuron_explainer.datasets.corpus import Corpus, TokenWindows
 from neuron_explainer.datasets.families import FAMILIES, LatentFamily, use_autoencoders
 from neuron_explainer.datasets.store import DatasetError, DatasetMetadata
-from neuron_explainer.models.autoencoders import (
-    NATIVE_CONFIG,
-    SAELENS_CONFIG,
-    SparseAutoencoder,
-    load_autoencoder,
-    openai_hook_name,
-)
+from neuron_explainer.models.autoencoders import SparseAutoencoder, load_autoencoder_specs
 from neuron_explainer.models.transformer import HookedTransformer
 
 AUTOENCODERS_KEY = "autoencoders"
 
 
-def autoencoder_paths(path: str | Path) -> list[Path]:
-    """The autoencoders `path` holds: itself when it is one (a native or SAELens folder, an OpenAI
-    `.pt`), else every one found below it (the folders `tdb train-sae` and `make autoencoders`
-    write, OpenAI's `<location>/autoencoders/<layer>.pt`), sorted by path. Raises ValueError when
-    there is none."""
-    path = Path(path).expanduser()
-    if path.is_file() or (path / NATIVE_CONFIG).is_file() or (path / SAELENS_CONFIG).is_file():
-        return [path]
-    if not path.is_dir():
-        raise ValueError(f"no autoencoder at {path}: it does not exist")
-    found = {p.parent for name in (NATIVE_CONFIG, SAELENS_CONFIG) for p in path.rglob(name)}
-    found |= {p for p in path.rglob("*.pt") if openai_hook_name(p) is not None}
-    if not found:
-        raise ValueError(
-            f"no autoencoder under {path} (looked for {NATIVE_CONFIG}, {SAELENS_CONFIG} and "
-            "OpenAI <location>/autoencoders/<layer>.pt files)"
-        )
-    return sorted(found)
-
-
-def load_autoencoders(
-    paths: Iterable[str | Path], model: HookedTransformer | None = None
-) -> list[SparseAutoencoder]:
-    """Every autoencoder under `paths` (see `autoencoder_paths`), checked against `model` and
-    moved to its device; each remembers its path as `cfg.metadata["source"]`."""
-    out = []
-    for path in paths:
-        for found in autoencoder_paths(path):
-            ae = load_autoencoder(found, device=model.device if model is not None else None)
-            ae.cfg.metadata["source"] = str(found)
-            if model is not None:
-                ae.check_compatible(model)
-            out.append(ae)
-    return out
+def load_autoencoders(specs: Iterable[str], model: HookedTransformer) -> list[SparseAutoencoder]:
+    """Every autoencoder named by `[HOOK=]PATH` specs, as `tdb serve --autoencoder` reads them (a
+    folder may hold several; see autoencoders.load_autoencoder_specs), checked against `model`
+    and on its device."""
+    autoencoders = load_autoencoder_specs(list(specs), device=model.device)
+    for ae in autoencoders:
+        ae.check_compatible(model)
+    return autoencoders
 
 
 def stored_autoencoders(store: str | Path) -> dict[str, Any] | None:

@@ -10,6 +10,7 @@ the latents mean.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,7 +30,6 @@ from neuron_explainer.datasets.families import (
     use_autoencoders,
 )
 from neuron_explainer.datasets.latents import (
-    autoencoder_paths,
     collate_latents,
     load_autoencoders,
     stored_autoencoders,
@@ -128,7 +128,7 @@ def collated(
     assert default_model.tokenizer is not None
     windows = tokenize(folder_corpus(prose_dir), default_model.tokenizer, WINDOW)
     assert len(windows) >= N_WINDOWS
-    autoencoders = load_autoencoders([ae_folder], default_model)
+    autoencoders = load_autoencoders([str(ae_folder)], default_model)
     assert sorted(ae.hook_name for ae in autoencoders) == sorted(h for h, _ in HOOKS.values())
     path = tmp_path_factory.mktemp("latents") / "latents.sqlite"
     meta = collate_latents(
@@ -217,7 +217,8 @@ def test_store_records_the_autoencoders(collated: Collated) -> None:
 def test_resuming_with_other_autoencoders_is_refused(
     default_model: HookedTransformer, collated: Collated, tmp_path: Path
 ) -> None:
-    other = load_autoencoders([write_autoencoders(default_model, tmp_path / "other", seed=7)])
+    other_folder = write_autoencoders(default_model, tmp_path / "other", seed=7)
+    other = load_autoencoders([str(other_folder)], default_model)
     with pytest.raises(DatasetError, match="other autoencoders"):
         collate_latents(
             default_model,
@@ -258,14 +259,6 @@ def test_latent_families_need_an_autoencoder_per_layer_and_side(
         collate_latents(default_model, windows, out, [ae], families=["mlp_neuron"])
 
 
-def test_autoencoder_paths_find_every_autoencoder_of_a_folder(ae_folder: Path) -> None:
-    found = autoencoder_paths(ae_folder)
-    assert [p.name for p in found] == sorted(h for h, _ in HOOKS.values())
-    assert autoencoder_paths(found[0]) == [found[0]]
-    with pytest.raises(ValueError, match="no autoencoder"):
-        autoencoder_paths(ae_folder.parent / "missing")
-
-
 def test_collate_cli_with_autoencoders(
     tiny_model: HookedTransformer,
     tiny_model_dir: Path,
@@ -284,6 +277,9 @@ def test_collate_cli_with_autoencoders(
     args = ["collate", "--model", str(tiny_model_dir), "--corpus", str(prose_dir)]
     args += ["--tokens", "512", "--window-length", "16", "--batch-size", "8", "--quiet"]
     assert datasets_cli([*args, "--out", str(out), "--autoencoder", str(folder)]) == 0
+    assert datasets_cli(["dataset-info", str(out)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert list(info["autoencoders"]["attention_autoencoder_latent"]) == ["0", "1"]
     with DatasetStore(out) as store:
         meta = store.metadata()
         assert meta.families == ["attention_autoencoder_latent"] and meta.layers == [0, 1]
