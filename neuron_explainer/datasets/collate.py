@@ -559,6 +559,7 @@ def _run(
             progress.update((next_window - start) * length, " (committed)")
         else:
             progress.update((next_window - start) * length)
+    writer.leave_wal()
     commit(end, "complete")
     progress.update((end - start) * length, force=True)
     progress.finish()

@@ -336,6 +336,19 @@ class StoreWriter:
         self._checkpointer.request()
         return kept
 
+    def leave_wal(self) -> bool:
+        """Before the last commit: copy the WAL into the file and switch to a rollback journal,
+        so the final (largest) commit is written once, into the file, instead of into the WAL
+        and then copied (~2 s less at the end of a 30-layer collation here). Needs exclusive
+        access: while another connection reads the store it stays in WAL mode (returns False)."""
+        self._checkpointer.close()
+        self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        try:
+            mode = self.conn.execute("PRAGMA journal_mode = DELETE").fetchone()[0]
+        except sqlite3.OperationalError:
+            return False
+        return str(mode).lower() == "delete"
+
     def finish(self, kept: set[int] | None = None) -> None:
         """Drop windows no component keeps any more (`kept`: the windows the committed samples
         hold, read from the store when not given), then make the file a plain single file."""
