@@ -9,15 +9,16 @@ import type {
 import { onJobsChanged } from "../lib/events";
 import { formatNumber as fmt, quantileBinLabels } from "../lib/histogram";
 import { LatestOnly } from "../lib/latest";
+import { latentSide, type ComponentKind } from "../lib/nodes";
 import { attendedFrom, attendsTo, tokensForPairs } from "../lib/pairs";
 import { displayToken } from "../lib/tokens";
 import { Card } from "./Card";
 import { Histogram } from "./Histogram";
 import { TokenHeatmap } from "./Tokens";
 
-export type RecordKind = "mlp_neuron" | "attention_head";
+/** Per-token records (neurons, latents) or per-token-pair ones (heads). */
 type RecordData =
-  | { kind: "mlp_neuron"; data: NeuronRecordResponse }
+  | { kind: "per_token"; data: NeuronRecordResponse }
   | { kind: "attention_head"; data: AttentionHeadRecordResponse };
 /** Head excerpts coloured by how much each token is read (in) or reads (out). */
 type HeadMode = "in" | "out";
@@ -25,29 +26,36 @@ type HeadMode = "in" | "out";
 const FEW = 5;
 
 async function fetchRecord(
-  kind: RecordKind,
+  kind: ComponentKind,
   layer: number,
   index: number,
   dataset: string | null,
   signal: AbortSignal,
 ): Promise<RecordData> {
   const datasetName = dataset ?? undefined;
-  if (kind === "mlp_neuron") {
-    const data = await api.neuronRecord(
-      { datasetName, nodeType: "mlp_neuron", layerIndex: layer, componentIndex: index },
+  if (kind === "attention_head") {
+    const data = await api.attentionHeadRecord(
+      { datasetName, layerIndex: layer, headIndex: index },
       signal,
     );
     return { kind, data };
   }
-  const data = await api.attentionHeadRecord(
-    { datasetName, layerIndex: layer, headIndex: index },
+  const side = latentSide(kind);
+  const data = await api.neuronRecord(
+    {
+      datasetName,
+      nodeType: side ? "autoencoder_latent" : "mlp_neuron",
+      autoencoderSide: side,
+      layerIndex: layer,
+      componentIndex: index,
+    },
     signal,
   );
-  return { kind, data };
+  return { kind: "per_token", data };
 }
 
 /** The component's record, refetched when a background job changes status (a dataset done). */
-function useRecord(kind: RecordKind, layer: number, index: number, dataset: string | null) {
+function useRecord(kind: ComponentKind, layer: number, index: number, dataset: string | null) {
   const [state, setState] = useState<{
     record: RecordData | null;
     error: string | null;
@@ -226,7 +234,7 @@ function sampleValues(record: RecordData): number[] {
 
 /** The node page's dataset card: statistics, top / random / by-quantile excerpts, histogram. */
 export function DatasetExamples(props: {
-  kind: RecordKind;
+  kind: ComponentKind;
   layer: number;
   index: number;
   dataset: string | null;

@@ -1,7 +1,7 @@
 import { Fragment, useMemo, useState } from "react";
 import type { AttentionTraceType, NodeIndex, NodeRow, ScoredToken } from "../api/types";
 import { cellColor, maxAbs, textColor } from "../lib/colors";
-import { componentName, TRACE_TYPES } from "../lib/nodes";
+import { componentName, nodeKind, TRACE_TYPES, type NodeKind } from "../lib/nodes";
 import {
   filterRows,
   METRIC_LABELS,
@@ -24,11 +24,14 @@ export interface NodeActions {
   setDownstream?: (node: NodeIndex) => void; // when tracing through a head's value
 }
 
-const TYPE_LABELS: Record<string, string> = {
+const TYPE_LABELS: Record<NodeKind, string> = {
   embedding: "embeddings",
   mlp_neuron: "MLP neurons",
   attention_head: "attention heads",
+  mlp_autoencoder_latent: "MLP latents",
+  attention_autoencoder_latent: "attention latents",
 };
+const ALWAYS_LISTED: NodeKind[] = ["embedding", "mlp_neuron", "attention_head"];
 const TRACE_LABELS: Record<AttentionTraceType, string> = {
   query: "Trace query",
   key: "Trace key",
@@ -46,7 +49,7 @@ export function nodeHref(modelName: string, node: NodeIndex, prompt: string): st
   const index = node.componentIndex ?? 0;
   const q = new URLSearchParams({ prompt, token: String(node.tokenIndex) });
   if (node.attendedTokenIndex != null) q.set("attended", String(node.attendedTokenIndex));
-  return `/${encodeURIComponent(modelName)}/${node.nodeType}/${node.layerIndex ?? 0}/${index}?${q}`;
+  return `/${encodeURIComponent(modelName)}/${nodeKind(node)}/${node.layerIndex ?? 0}/${index}?${q}`;
 }
 
 function TokenList({ title, tokens }: { title: string; tokens: ScoredToken[] }) {
@@ -80,6 +83,15 @@ function Details({ row }: { row: NodeRow | null }) {
       {head && (
         <TokenList title="Input tokens that upvote the key side" tokens={v.upvotingKeyTokens} />
       )}
+      {(v.tokenPairAttributions ?? []).length > 0 && (
+        <TokenList
+          title="Key tokens its input came from"
+          tokens={(v.tokenPairAttributions ?? []).map((t) => ({
+            ...t,
+            text: `${t.text} (${t.keyTokenIndex})`,
+          }))}
+        />
+      )}
     </div>
   );
 }
@@ -87,7 +99,7 @@ function Details({ row }: { row: NodeRow | null }) {
 function Actions({ node, actions }: { node: NodeIndex; actions: NodeActions }) {
   const [open, setOpen] = useState(false);
   const items: [string, () => void][] = [["Ablate", () => actions.ablate(node)]];
-  if (node.nodeType === "mlp_neuron")
+  if (node.nodeType === "mlp_neuron" || node.nodeType === "autoencoder_latent")
     items.push(["Trace upstream", () => actions.trace(node, null)]);
   if (node.nodeType === "attention_head") {
     for (const t of TRACE_TYPES) items.push([TRACE_LABELS[t], () => actions.trace(node, t)]);
@@ -150,13 +162,23 @@ export function NodeTable(props: {
     [props.twoSides],
   );
 
+  // Latent kinds are listed when the table has latents (a debugger switch is on).
+  const listed = useMemo(() => {
+    const present = new Set(props.rows.map((r) => nodeKind(r.node)));
+    return (Object.keys(TYPE_LABELS) as NodeKind[]).filter(
+      (t) => ALWAYS_LISTED.includes(t) || present.has(t),
+    );
+  }, [props.rows]);
+
   const visible = useMemo(() => {
+    // A filter on kinds no longer in the table (latents switched off) shows everything.
+    const active = new Set([...types].filter((t) => listed.includes(t as NodeKind)));
     const filtered = filterRows(props.rows, {
-      nodeTypes: types,
+      nodeTypes: active,
       layer: layer === "" ? null : Number(layer),
     });
     return sortRows(topKPerColumn(filtered, k, sides), sort);
-  }, [props.rows, types, layer, k, sort, sides]);
+  }, [props.rows, listed, types, layer, k, sort, sides]);
 
   const scales = useMemo(() => {
     const out: Record<string, number> = {};
@@ -177,19 +199,22 @@ export function NodeTable(props: {
   return (
     <div>
       <div className="row controls">
-        {Object.entries(TYPE_LABELS).map(([t, label]) => (
+        {listed.map((t) => (
           <label key={t}>
             <input
               type="checkbox"
-              checked={types.size === 0 || types.has(t)}
+              data-testid="node-type-filter"
+              data-kind-label={TYPE_LABELS[t]}
+              checked={!listed.some((l) => types.has(l)) || types.has(t)}
               onChange={(e) => {
-                const next = new Set(types.size === 0 ? Object.keys(TYPE_LABELS) : types);
+                const shown = listed.filter((l) => types.has(l));
+                const next = new Set<string>(shown.length === 0 ? listed : shown);
                 if (e.target.checked) next.add(t);
                 else next.delete(t);
-                setTypes(next.size === Object.keys(TYPE_LABELS).length ? new Set() : next);
+                setTypes(listed.every((k) => next.has(k)) ? new Set() : next);
               }}
             />
-            {label}
+            {TYPE_LABELS[t]}
           </label>
         ))}
         <label>

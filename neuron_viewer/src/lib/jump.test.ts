@@ -19,6 +19,14 @@ describe("parseJump", () => {
     expect(parseJump("1:1", { layers: [0, 1], width: 9 })).toEqual([1, 1]);
   });
 
+  it("checks latents against the autoencoder of their layer", () => {
+    const width = (layer: number) => (layer === 2 ? 512 : null);
+    const limits = { layers: [2], layersHolder: "the loaded autoencoders", width };
+    expect(parseJump("2:511", limits)).toEqual([2, 511]);
+    expect(parseJump("2:512", limits)).toMatch(/index 512 is out of range \(0–511\)/);
+    expect(parseJump("1:0", limits)).toMatch(/layer 1 is not in the loaded autoencoders/);
+  });
+
   it("formats layer lists as ranges", () => {
     expect(formatLayers([8, 0, 1, 2, 5, 7])).toBe("0–2, 5, 7–8");
     expect(formatLayers([3])).toBe("3");

@@ -46,6 +46,28 @@ describe("node table diffing", () => {
     expect(asc.at(-1)?.right?.directEffect ?? asc.at(-1)?.left?.directEffect).toBeDefined();
   });
 
+  it("filters latents by the side of their autoencoder", () => {
+    const latent = (side: "mlp" | "attention", layer: number, j: number): NodeRow["node"] => ({
+      nodeType: "autoencoder_latent",
+      autoencoderSide: side,
+      layerIndex: layer,
+      tokenIndex: 1,
+      componentIndex: j,
+    });
+    const rows = alignRows(
+      [row(latent("mlp", 1, 5), 1), row(latent("attention", 1, 5), 2), row(neuron(2, 5), 3)],
+      null,
+    );
+    expect(rows.map((r) => r.key)).toEqual(["mlp-latent:1:1:5", "attn-latent:1:1:5", "mlp:2:1:5"]);
+    const only = (kind: string) =>
+      filterRows(rows, { nodeTypes: new Set([kind]), layer: null }).map((r) => r.key);
+    expect(only("attention_autoencoder_latent")).toEqual(["attn-latent:1:1:5"]);
+    expect(only("mlp_autoencoder_latent")).toEqual(["mlp-latent:1:1:5"]);
+    expect(toCsv(rows, ["a", "b"], false).split("\n")[1]).toMatch(
+      /^mlp latent L1 #5,mlp_autoencoder_latent,1,1,b,5,/,
+    );
+  });
+
   it("filters by node type and layer", () => {
     const rows = alignRows(left, null);
     expect(filterRows(rows, { nodeTypes: new Set(["attention_head"]), layer: null })).toHaveLength(

@@ -1,7 +1,7 @@
 // The node table's logic: line up left and right sub-responses by node, diff them, sort, filter,
 // keep the top k per column, export.
 import type { NodeIndex, NodeRow } from "../api/types";
-import { componentName, nodeKey } from "./nodes";
+import { componentName, nodeKey, nodeKind } from "./nodes";
 
 export const METRICS = [
   "activation",
@@ -73,14 +73,14 @@ export function sortRows(rows: TableRow[], sort: SortSpec): TableRow[] {
 }
 
 export interface Filter {
-  nodeTypes: Set<string>; // empty: all
+  nodeTypes: Set<string>; // node kinds (nodes.ts: latents by side); empty: all
   layer: number | null;
 }
 
 export function filterRows(rows: TableRow[], f: Filter): TableRow[] {
   return rows.filter(
     (r) =>
-      (f.nodeTypes.size === 0 || f.nodeTypes.has(r.node.nodeType)) &&
+      (f.nodeTypes.size === 0 || f.nodeTypes.has(nodeKind(r.node))) &&
       (f.layer == null || (r.node.layerIndex ?? 0) === f.layer),
   );
 }
@@ -128,7 +128,7 @@ export function toCsv(rows: TableRow[], tokens: string[], twoSides: boolean): st
     lines.push(
       [
         componentName(n),
-        n.nodeType,
+        nodeKind(n),
         n.layerIndex ?? 0,
         n.tokenIndex,
         tokens[n.tokenIndex] ?? null,

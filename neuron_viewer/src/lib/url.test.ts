@@ -27,6 +27,17 @@ const full: DebuggerState = {
       },
       value: -1.5,
     },
+    {
+      node: {
+        nodeType: "autoencoder_latent",
+        autoencoderSide: "attention",
+        layerIndex: 7,
+        tokenIndex: 3,
+        componentIndex: 1999,
+        attendedTokenIndex: null,
+      },
+      value: 0,
+    },
   ],
   trace: {
     node: {
@@ -46,6 +57,7 @@ const full: DebuggerState = {
     },
   },
   topK: 25,
+  latents: ["mlp", "attention"],
 };
 
 describe("URL state", () => {
@@ -71,6 +83,13 @@ describe("URL state", () => {
     expect(s.ablations).toEqual([]);
     expect(s.trace).toBeNull();
     expect(s.topK).toBe(10);
+  });
+
+  it("keeps the latent switches per side, in a fixed order, ignoring unknown sides", () => {
+    const s = paramsToState(new URLSearchParams("prompt=hi&latents=attention&latents=resid"));
+    expect(s.latents).toEqual(["attention"]);
+    const both = stateToParams({ ...s, latents: ["attention", "mlp"] }).getAll("latents");
+    expect(both).toEqual(["mlp", "attention"]);
   });
 
   it("encodes prompts so that & # ? and newlines survive", () => {

@@ -1,7 +1,7 @@
 // The debugger's whole state lives in the URL, so an investigation can be shared or reloaded.
 // Every field round-trips through URLSearchParams (which percent-encodes prompts safely).
 import type { AttentionTraceType, NodeAblation, NodeIndex } from "../api/types";
-import { nodeKey, parseNodeKey, TRACE_TYPES } from "./nodes";
+import { nodeKey, parseNodeKey, TRACE_TYPES, type AutoencoderSide } from "./nodes";
 
 export interface Trace {
   node: NodeIndex;
@@ -17,6 +17,8 @@ export interface DebuggerState {
   ablations: NodeAblation[];
   trace: Trace | null;
   topK: number;
+  /** Sides whose layers show autoencoder latents instead of neurons / heads. */
+  latents: AutoencoderSide[];
 }
 
 export const DEFAULT_STATE: DebuggerState = {
@@ -27,7 +29,10 @@ export const DEFAULT_STATE: DebuggerState = {
   ablations: [],
   trace: null,
   topK: 10,
+  latents: [],
 };
+
+const SIDES: AutoencoderSide[] = ["mlp", "attention"];
 
 export function stateToParams(s: DebuggerState): URLSearchParams {
   const p = new URLSearchParams();
@@ -45,6 +50,7 @@ export function stateToParams(s: DebuggerState): URLSearchParams {
     p.set("trace", v);
   }
   if (s.topK !== DEFAULT_STATE.topK) p.set("k", String(s.topK));
+  for (const side of SIDES) if (s.latents.includes(side)) p.append("latents", side);
   return p;
 }
 
@@ -82,5 +88,6 @@ export function paramsToState(p: URLSearchParams): DebuggerState {
       .filter((a): a is NodeAblation => a !== null),
     trace: p.has("trace") ? parseTrace(p.get("trace") ?? "") : null,
     topK: Number.isInteger(k) && k >= 1 && k <= 1000 ? k : DEFAULT_STATE.topK,
+    latents: SIDES.filter((side) => p.getAll("latents").includes(side)),
   };
 }

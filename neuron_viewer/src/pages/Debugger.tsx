@@ -13,7 +13,14 @@ import { download, JsonInspector } from "../components/JsonInspector";
 import { NodeTable } from "../components/NodeTable";
 import { TokenHeatmap, TokenTable } from "../components/Tokens";
 import { LatestOnly } from "../lib/latest";
-import { describeNode, nodeKey, sameNode } from "../lib/nodes";
+import { formatLayers } from "../lib/jump";
+import {
+  autoencoderLayers,
+  describeNode,
+  nodeKey,
+  sameNode,
+  type AutoencoderSide,
+} from "../lib/nodes";
 import { alignRows, toCsv } from "../lib/table";
 import { differingPositions, displayToken, tokenWarnings } from "../lib/tokens";
 import { paramsToState, stateToParams, type DebuggerState, type Trace } from "../lib/url";
@@ -33,6 +40,10 @@ export function buildRequest(s: DebuggerState): Sides {
     distractorTokens: s.distractors,
     lossFn: s.targets.length ? "logit_diff" : "zero",
     topAndBottomKForNodeTable: s.topK,
+    componentTypeForMlp: s.latents.includes("mlp") ? "autoencoder_latent" : "neuron",
+    componentTypeForAttention: s.latents.includes("attention")
+      ? "autoencoder_latent"
+      : "attention_head",
     nodeAblations: withAblations ? s.ablations : [],
     upstreamNodeToTrace: trace
       ? { node: trace.node, attentionTraceType: trace.attentionTraceType }
@@ -278,6 +289,14 @@ export default function Debugger({ model }: { model: ModelState }) {
               Remove second prompt
             </button>
           )}
+          <LatentSwitches
+            model={model}
+            latents={draft.latents}
+            onChange={(latents) => {
+              setDraft({ ...draft, latents });
+              if (state.prompt) commit({ ...state, latents });
+            }}
+          />
           <label>
             top k
             <input
@@ -439,6 +458,50 @@ export default function Debugger({ model }: { model: ModelState }) {
   );
 }
 
+const SIDE_LABEL: Record<AutoencoderSide, string> = { mlp: "MLP", attention: "attention" };
+
+/** "Use autoencoder latents" for MLP and attention layers: enabled for a side when the server
+ * loaded autoencoders of that side (tdb serve --autoencoder); switching re-runs the request. */
+function LatentSwitches(props: {
+  model: ModelState;
+  latents: AutoencoderSide[];
+  onChange: (latents: AutoencoderSide[]) => void;
+}) {
+  const sides: AutoencoderSide[] = ["mlp", "attention"];
+  return (
+    <span className="latent-switches" data-testid="latent-switches">
+      {sides.map((side) => {
+        const layers = autoencoderLayers(props.model.info, side);
+        const on = props.latents.includes(side);
+        const title = layers.length
+          ? `replace ${SIDE_LABEL[side]} components by autoencoder latents in layers ${formatLayers(layers)}`
+          : `no ${SIDE_LABEL[side]}-side autoencoders loaded (start the server with --autoencoder PATH)`;
+        return (
+          <label key={side} title={title} className={layers.length ? "" : "muted"}>
+            <input
+              type="checkbox"
+              checked={on}
+              disabled={!layers.length && !on}
+              data-testid={`latents-${side}`}
+              onChange={(e) =>
+                props.onChange(
+                  e.target.checked
+                    ? sides.filter((s) => s === side || props.latents.includes(s))
+                    : props.latents.filter((s) => s !== side),
+                )
+              }
+            />
+            {SIDE_LABEL[side]} latents
+            {layers.length > 0 && layers.length < (props.model.info?.nLayers ?? 0) && (
+              <span className="muted"> (layers {formatLayers(layers)})</span>
+            )}
+          </label>
+        );
+      })}
+    </span>
+  );
+}
+
 function Summary(props: {
   left: TdbSubResponse;
   right: TdbSubResponse | null;
@@ -528,6 +591,8 @@ function Heatmaps({ side }: { side: TdbSubResponse }) {
     ["mlp_neuron", "MLP neurons"],
     ["attention_head_attended_from", "Attention (attended from)"],
     ["attention_head_attended_to", "Attention (attended to)"],
+    ["mlp_autoencoder_latent", "MLP latents"],
+    ["attention_autoencoder_latent", "Attention latents"],
   ];
   return (
     <div className="heatmaps">

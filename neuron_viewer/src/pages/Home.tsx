@@ -4,6 +4,14 @@ import { api } from "../api/client";
 import type { DatasetInfo, ModelInfo } from "../api/types";
 import { onJobsChanged } from "../lib/events";
 import { formatLayers, parseJump } from "../lib/jump";
+import {
+  autoencoderLayers,
+  COMPONENT_KINDS,
+  componentWidth,
+  kindLayers,
+  latentSide,
+  type ComponentKind,
+} from "../lib/nodes";
 import { linkClick, navigate } from "../router";
 import { stateToParams, DEFAULT_STATE } from "../lib/url";
 
@@ -22,16 +30,22 @@ const EXAMPLES = [
   },
 ];
 
-type Browsable = "mlp_neuron" | "attention_head";
-const BROWSABLE: Browsable[] = ["mlp_neuron", "attention_head"];
-const KIND_LABEL: Record<Browsable, string> = {
+const KIND_LABEL: Record<ComponentKind, string> = {
   mlp_neuron: "MLP neuron",
   attention_head: "attention head",
+  mlp_autoencoder_latent: "MLP latent",
+  attention_autoencoder_latent: "attention latent",
 };
 
-function widthOf(info: ModelInfo | null, kind: Browsable): number | null {
-  if (!info) return null;
-  return kind === "mlp_neuron" ? info.dMlp : info.nHeads;
+/** The model's autoencoders, one line per side: "MLP side: layers 0–29, 2,048 latents". */
+function autoencoderSummary(info: ModelInfo): string[] {
+  return (["mlp", "attention"] as const).flatMap((side) => {
+    const mine = (info.autoencoders ?? []).filter((a) => a.autoencoderSide === side);
+    if (!mine.length) return [];
+    const widths = [...new Set(mine.map((a) => a.nLatents.toLocaleString()))].join(" / ");
+    const layers = formatLayers(autoencoderLayers(info, side));
+    return [`${side === "mlp" ? "MLP" : "attention"} side: layers ${layers}, ${widths} latents`];
+  });
 }
 
 /** One collated dataset: what it holds, and a layer:index box that opens a component's page. */
@@ -44,8 +58,8 @@ function DatasetRow({
   info: ModelInfo | null;
   many: boolean;
 }) {
-  const kinds = BROWSABLE.filter((k) => ds.families.includes(k));
-  const [kind, setKind] = useState<Browsable>(kinds[0] ?? "mlp_neuron");
+  const kinds = COMPONENT_KINDS.filter((k) => ds.families.includes(k));
+  const [kind, setKind] = useState<ComponentKind>(kinds[0] ?? "mlp_neuron");
   const [jump, setJump] = useState("");
   const [error, setError] = useState<string | null>(null);
   // The dataset's own model names the page; the loaded model's shape checks the range when it
@@ -57,7 +71,7 @@ function DatasetRow({
     const parsed = parseJump(jump, {
       nLayers: sameModel ? info.nLayers : null,
       layers: ds.layers ?? null,
-      width: sameModel ? widthOf(info, kind) : null,
+      width: sameModel ? (layer) => componentWidth(info, kind, layer) : null,
     });
     if (typeof parsed === "string") return setError(parsed);
     const query = many ? `?dataset=${encodeURIComponent(ds.name)}` : "";
@@ -92,7 +106,7 @@ function DatasetRow({
           <select
             value={kind}
             onChange={(e) => {
-              setKind(e.target.value as Browsable);
+              setKind(e.target.value as ComponentKind);
               setError(null);
             }}
             aria-label={`component type in ${ds.name}`}
@@ -174,13 +188,23 @@ function Datasets({ info }: { info: ModelInfo | null }) {
 export default function Home({ model }: { model: ModelState }) {
   const info = model.info;
   const [jump, setJump] = useState("");
-  const [kind, setKind] = useState<"mlp_neuron" | "attention_head">("mlp_neuron");
+  const [kind, setKind] = useState<ComponentKind>("mlp_neuron");
   const [jumpError, setJumpError] = useState<string | null>(null);
+  // Latent kinds are offered when the server loaded autoencoders of that side.
+  const kinds = COMPONENT_KINDS.filter((k) => {
+    const side = latentSide(k);
+    return side == null || autoencoderLayers(info, side).length > 0;
+  });
 
   const go = () => {
     if (!info) return;
-    const width = kind === "mlp_neuron" ? info.dMlp : info.nHeads;
-    const parsed = parseJump(jump, { nLayers: info.nLayers, width });
+    const latents = latentSide(kind) != null;
+    const parsed = parseJump(jump, {
+      nLayers: info.nLayers,
+      layers: latents ? kindLayers(info, kind) : null,
+      layersHolder: "the loaded autoencoders",
+      width: (layer) => componentWidth(info, kind, layer),
+    });
     if (typeof parsed === "string") setJumpError(parsed);
     else navigate(`/${encodeURIComponent(info.name)}/${kind}/${parsed[0]}/${parsed[1]}`);
   };
@@ -231,6 +255,16 @@ export default function Home({ model }: { model: ModelState }) {
                   {info.device}, {info.dtype}
                 </td>
               </tr>
+              {autoencoderSummary(info).length > 0 && (
+                <tr>
+                  <th>autoencoders</th>
+                  <td data-testid="model-autoencoders">
+                    {autoencoderSummary(info).map((line) => (
+                      <div key={line}>{line}</div>
+                    ))}
+                  </td>
+                </tr>
+              )}
             </tbody>
           </table>
         )}
@@ -265,8 +299,11 @@ export default function Home({ model }: { model: ModelState }) {
             onChange={(e) => setKind(e.target.value as typeof kind)}
             aria-label="component type"
           >
-            <option value="mlp_neuron">MLP neuron</option>
-            <option value="attention_head">attention head</option>
+            {kinds.map((k) => (
+              <option key={k} value={k}>
+                {KIND_LABEL[k]}
+              </option>
+            ))}
           </select>
           <input
             placeholder="layer:index, e.g. 5:123"

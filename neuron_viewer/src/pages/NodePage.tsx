@@ -12,17 +12,26 @@ import { DatasetExamples } from "../components/DatasetExamples";
 import { TokenHeatmap } from "../components/Tokens";
 import { maxAbs } from "../lib/colors";
 import { LatestOnly } from "../lib/latest";
-import { componentName } from "../lib/nodes";
+import { formatLayers } from "../lib/jump";
+import {
+  COMPONENT_KINDS,
+  componentName,
+  componentWidth,
+  kindLayers,
+  latentSide,
+  makeNode,
+  type ComponentKind,
+} from "../lib/nodes";
 import { displayToken } from "../lib/tokens";
 import { navigate, useLocation } from "../router";
 
-type Kind = "mlp_neuron" | "attention_head";
+/** Per-token activations (neurons, latents) or per token pair (heads). */
 type Activations =
-  | { kind: "mlp_neuron"; data: DerivedScalarsResponse }
+  | { kind: "per_token"; data: DerivedScalarsResponse }
   | { kind: "attention_head"; data: DerivedAttentionScalarsResponse };
 
 async function rawOrNormalized(
-  kind: Kind,
+  kind: ComponentKind,
   layer: number,
   index: number,
   prompt: string,
@@ -33,24 +42,32 @@ async function rawOrNormalized(
   const norm = normalize
     ? { normalizeByDatasetMax: true, datasetName: dataset ?? undefined }
     : { normalizeByDatasetMax: false };
-  if (kind === "mlp_neuron") {
-    const data = await api.derivedScalars(
-      { prompt, nodeType: "mlp_neuron", layerIndex: layer, componentIndex: index, ...norm },
+  if (kind === "attention_head") {
+    const data = await api.derivedAttentionScalars(
+      { prompt, layerIndex: layer, headIndex: index, ...norm },
       signal,
     );
     return { kind, data };
   }
-  const data = await api.derivedAttentionScalars(
-    { prompt, layerIndex: layer, headIndex: index, ...norm },
+  const side = latentSide(kind);
+  const data = await api.derivedScalars(
+    {
+      prompt,
+      nodeType: side ? "autoencoder_latent" : "mlp_neuron",
+      autoencoderSide: side,
+      layerIndex: layer,
+      componentIndex: index,
+      ...norm,
+    },
     signal,
   );
-  return { kind, data };
+  return { kind: "per_token", data };
 }
 
 /** A prompt's activations scaled by the component's dataset max (so they are coloured like the
  * dataset examples), or the raw values when no dataset holds the component (a 404). */
 async function activations(
-  kind: Kind,
+  kind: ComponentKind,
   layer: number,
   index: number,
   prompt: string,
@@ -78,7 +95,7 @@ function ScaleNote({ datasetMax }: { datasetMax: number | null | undefined }) {
 /** A prompt's activations: per token for neurons; for heads, hover a token to see its attention. */
 function ActivationView({ acts }: { acts: Activations }) {
   const [hover, setHover] = useState<number | null>(null);
-  if (acts.kind === "mlp_neuron") {
+  if (acts.kind === "per_token") {
     const v = acts.data.values;
     const top = v.reduce((b, x, i) => (x > v[b] ? i : b), 0);
     return (
@@ -127,7 +144,7 @@ function ActivationView({ acts }: { acts: Activations }) {
 }
 
 function useActivations(
-  kind: Kind,
+  kind: ComponentKind,
   layer: number,
   index: number,
   prompt: string,
@@ -172,19 +189,24 @@ export default function NodePage(props: {
   const info = props.model.info;
   const layer = Number(props.layer);
   const index = Number(props.index);
-  const kind = props.nodeType as Kind;
+  const kind = props.nodeType as ComponentKind;
   const valid =
-    (kind === "mlp_neuron" || kind === "attention_head") &&
+    COMPONENT_KINDS.includes(kind) &&
     Number.isInteger(layer) &&
     Number.isInteger(index) &&
     layer >= 0 &&
     index >= 0;
   const nLayers = info?.nLayers ?? 0;
-  const width = kind === "mlp_neuron" ? (info?.dMlp ?? 0) : (info?.nHeads ?? 0);
-  const inRange = info == null || (layer < nLayers && index < width);
+  // Layers holding this kind (for latents: those with an autoencoder of its side), and the
+  // components of each.
+  const layers = valid ? kindLayers(info, kind) : null;
+  const width = valid ? (componentWidth(info, kind, layer) ?? 0) : 0;
+  const inRange = info == null || (layers != null && layers.includes(layer) && index < width);
+  const prevLayer = layers?.filter((l) => l < layer).at(-1) ?? null;
+  const nextLayer = layers?.find((l) => l > layer) ?? null;
 
-  const go = (l: number, i: number) => {
-    if (!info || l < 0 || l >= nLayers || i < 0 || i >= width) return;
+  const go = (l: number | null, i: number) => {
+    if (!info || l == null || i < 0 || i >= (componentWidth(info, kind, l) ?? 0)) return;
     navigate(`/${encodeURIComponent(props.modelName)}/${kind}/${l}/${i}${search}`, {
       replace: true,
     });
@@ -195,8 +217,8 @@ export default function NodePage(props: {
       if (t.tagName === "INPUT" || t.tagName === "TEXTAREA" || t.isContentEditable) return; // typing
       if (e.key === "ArrowLeft") go(layer, index - 1);
       else if (e.key === "ArrowRight") go(layer, index + 1);
-      else if (e.key === "ArrowUp") go(layer - 1, index);
-      else if (e.key === "ArrowDown") go(layer + 1, index);
+      else if (e.key === "ArrowUp") go(prevLayer, index);
+      else if (e.key === "ArrowDown") go(nextLayer, index);
     };
     window.addEventListener("keydown", onKey);
     return () => window.removeEventListener("keydown", onKey);
@@ -213,14 +235,13 @@ export default function NodePage(props: {
   });
   useEffect(() => {
     if (!valid || !inRange || !info) return;
-    const node: NodeIndex = {
-      nodeType: kind,
-      layerIndex: layer,
-      tokenIndex: prompt ? token : 0,
-      componentIndex: index,
-      attendedTokenIndex:
-        kind === "attention_head" ? (attended != null ? Number(attended) : 0) : null,
-    };
+    const node: NodeIndex = makeNode(
+      kind,
+      layer,
+      prompt ? token : 0,
+      index,
+      attended != null ? Number(attended) : 0,
+    );
     const controller = new AbortController();
     api
       .batched(
@@ -247,21 +268,23 @@ export default function NodePage(props: {
         Not a component: {props.nodeType}/{props.layer}/{props.index}
       </p>
     );
+  const name = componentName(makeNode(kind, layer, 0, index));
   if (!inRange) {
+    const side = latentSide(kind);
     return (
       <p className="error">
-        {componentName({ nodeType: kind, layerIndex: layer, tokenIndex: 0, componentIndex: index })}{" "}
-        is out of range for {info?.name} ({nLayers} layers, {width} per layer).
+        {name} is out of range for {info?.name}
+        {side && !layers?.includes(layer)
+          ? `: no ${side === "mlp" ? "MLP" : "attention"}-side autoencoder is loaded for layer ${layer}` +
+            (layers?.length
+              ? ` (layers ${formatLayers(layers)})`
+              : " (start the server with --autoencoder PATH)")
+          : ` (${nLayers} layers, ${width} per layer)`}
+        .
       </p>
     );
   }
   const views = lens.data?.subResponses[0]?.processingResultsByName.views?.tokenViews?.[0];
-  const name = componentName({
-    nodeType: kind,
-    layerIndex: layer,
-    tokenIndex: 0,
-    componentIndex: index,
-  });
 
   return (
     <div className="node-page">
@@ -282,15 +305,15 @@ export default function NodePage(props: {
           next →
         </button>
         <button
-          onClick={() => go(layer - 1, index)}
-          disabled={layer === 0}
+          onClick={() => go(prevLayer, index)}
+          disabled={prevLayer == null}
           aria-label="previous layer"
         >
           ↑ layer
         </button>
         <button
-          onClick={() => go(layer + 1, index)}
-          disabled={layer >= nLayers - 1}
+          onClick={() => go(nextLayer, index)}
+          disabled={nextLayer == null}
           aria-label="next layer"
         >
           ↓ layer
