@@ -32,7 +32,7 @@ import math
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +52,7 @@ from neuron_explainer.datasets.store import (
 )
 from neuron_explainer.models.hooks import HookPoint
 from neuron_explainer.models.transformer import HookedTransformer
+from neuron_explainer.progress import Progress, ProgressCallback
 
 DEFAULT_FAMILIES = ("mlp_neuron", "attention_head")
 # Metadata fields that must agree for a run to resume a store, or for shards to merge.
@@ -238,60 +239,6 @@ class ActivationRunner:
         with torch.no_grad(), self.model.hooks(fwd=hooks), contextlib.suppress(_StopForward):
             self.model(tokens.to(self.model.device))
         return spent
-
-
-# (tokens done, tokens in total, tokens/s since this run started), after every batch.
-ProgressCallback = Callable[[int, int, float], None]
-
-
-@dataclass
-class _Progress:
-    """A one-line progress report on stderr: tokens, tokens/s, ETA."""
-
-    total: int
-    done: int
-    enabled: bool = True
-    interval: float = 10.0
-    callback: ProgressCallback | None = None
-
-    def __post_init__(self) -> None:
-        self.start_done, self.start = self.done, time.monotonic()
-        self.last_print = 0.0
-        self.tty = sys.stderr.isatty()
-
-    def update(self, done: int, note: str = "", force: bool = False) -> None:
-        self.done = done
-        now = time.monotonic()
-        if self.callback is not None:
-            rate = (done - self.start_done) / max(now - self.start, 1e-9)
-            self.callback(done, self.total, rate)
-        if not self.enabled or not (force or self.tty or now - self.last_print >= self.interval):
-            return
-        self.last_print = now
-        elapsed = max(now - self.start, 1e-9)
-        rate = (done - self.start_done) / elapsed
-        eta = (self.total - done) / rate if rate > 0 else float("inf")
-        line = (
-            f"collate: {done:,}/{self.total:,} tokens ({100 * done / max(self.total, 1):.1f}%) "
-            f"{rate:,.0f} tok/s ETA {_duration(eta)}{note}"
-        )
-        print(
-            ("\r" + line + "\033[K") if self.tty else line,
-            end="" if self.tty else "\n",
-            file=sys.stderr,
-            flush=True,
-        )
-
-    def finish(self) -> None:
-        if self.enabled and self.tty:
-            print(file=sys.stderr)
-
-
-def _duration(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    s = int(seconds)
-    return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
 def collate(
@@ -515,7 +462,8 @@ def _run(
 
         return on_acts
 
-    progress = _Progress(
+    progress = Progress(
+        "collate",
         total=(end - start) * length,
         done=(metadata.nextWindow - start) * length,
         enabled=show_progress,

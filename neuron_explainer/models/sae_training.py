@@ -75,6 +75,7 @@ from neuron_explainer.models.autoencoders import (
 )
 from neuron_explainer.models.hooks import HookPoint
 from neuron_explainer.models.transformer import HookedTransformer
+from neuron_explainer.progress import Progress
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.json"
@@ -401,7 +402,8 @@ def train_autoencoders(
             torch.save(state, tmp)
 
     tokens_per_step = config.batch_size * config.window_length
-    reporter = _Progress(
+    reporter = Progress(
+        "train-sae",
         total=len(train_ids) * config.window_length,
         done=min(start_step * tokens_per_step, len(train_ids) * config.window_length),
         enabled=progress,
@@ -597,48 +599,3 @@ def _check_same(identity: dict[str, Any], found: dict[str, Any], path: Path) -> 
             f"{path} was written with different settings ({detail}); pass the same arguments to "
             "resume, or choose another --out"
         )
-
-
-@dataclass
-class _Progress:
-    """A one-line progress report on stderr: tokens, tokens/s, ETA (every 10 s; every step on a
-    terminal)."""
-
-    total: int
-    done: int
-    enabled: bool = True
-    interval: float = 10.0
-
-    def __post_init__(self) -> None:
-        self.start_done, self.start = self.done, time.monotonic()
-        self.last_print = 0.0
-        self.tty = sys.stderr.isatty()
-
-    def update(self, done: int, note: str = "") -> None:
-        now = time.monotonic()
-        if not self.enabled or not (self.tty or now - self.last_print >= self.interval):
-            return
-        self.last_print = now
-        rate = (done - self.start_done) / max(now - self.start, 1e-9)
-        eta = (self.total - done) / rate if rate > 0 else float("inf")
-        line = (
-            f"train-sae: {done:,}/{self.total:,} tokens ({100 * done / max(self.total, 1):.1f}%) "
-            f"{rate:,.0f} tok/s ETA {_duration(eta)}{note}"
-        )
-        print(
-            ("\r" + line + "\033[K") if self.tty else line,
-            end="" if self.tty else "\n",
-            file=sys.stderr,
-            flush=True,
-        )
-
-    def finish(self) -> None:
-        if self.enabled and self.tty:
-            print(file=sys.stderr)
-
-
-def _duration(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    s = int(seconds)
-    return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
