@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import time
 from collections.abc import Sequence
 
 from neuron_explainer.datasets.jobs import DEFAULT_BUDGET_TOKENS, datasets_dir
@@ -97,15 +96,9 @@ def serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     model = None
     if not args.no_model:
-        from neuron_explainer.models import load_model
+        from neuron_explainer.cli import load_from_args
 
-        start = time.perf_counter()
-        model = load_model(args.model, device=args.device, dtype=args.dtype)
-        print(
-            f"loaded {model.cfg.name} ({model.device}, {model.dtype}) in "
-            f"{time.perf_counter() - start:.1f}s",
-            file=sys.stderr,
-        )
+        model = load_from_args(args)
         from neuron_explainer.models.autoencoders import load_autoencoder_specs
 
         for ae in load_autoencoder_specs(args.autoencoder, device=model.device):

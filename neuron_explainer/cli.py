@@ -25,7 +25,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16")
 
 
-def _load(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+def load_from_args(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    """The model named by `--model`/`--device`/`--dtype`, saying on stderr what was loaded and
+    how long it took (every command that loads a model does it this way)."""
     from neuron_explainer.models import load_model
 
     start = time.perf_counter()
@@ -40,7 +42,7 @@ def _load(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 def cmd_top_tokens(args: argparse.Namespace) -> int:
     import torch
 
-    model = _load(args)
+    model = load_from_args(args)
     tok = model.tokenizer
     assert tok is not None
     for prompt in args.prompt or DEMO_PROMPTS:
@@ -55,7 +57,7 @@ def cmd_top_tokens(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    model = _load(args)
+    model = load_from_args(args)
     assert model.tokenizer is not None
     new = model.generate(
         args.prompt,
@@ -70,7 +72,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    model = _load(args)
+    model = load_from_args(args)
     info = model.cfg.to_dict() | {"device": str(model.device), "dtype": str(model.dtype)}
     if args.hooks:
         info["hook_points"] = model.hook_names()
@@ -81,7 +83,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_export_hf(args: argparse.Namespace) -> int:
     from neuron_explainer.models import export_hf
 
-    model = _load(args)
+    model = load_from_args(args)
     out = export_hf(model, args.out_dir)
     print(f"wrote a Hugging Face folder to {out}")
     return 0

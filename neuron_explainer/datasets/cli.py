@@ -48,22 +48,16 @@ def _csv(text: str | None) -> list[str] | None:
 def cmd_collate(args: argparse.Namespace) -> int:
     import torch
 
+    from neuron_explainer.cli import load_from_args
     from neuron_explainer.datasets.collate import collate, parse_layers, parse_shard
     from neuron_explainer.datasets.corpus import load_corpus
     from neuron_explainer.datasets.families import LATENT_FAMILY_OF_SIDE
     from neuron_explainer.datasets.latents import collate_latents, load_autoencoders
-    from neuron_explainer.models import load_model
 
     corpus = load_corpus(args.corpus, text_field=args.text_field)  # fail fast, before the model
-    start = time.perf_counter()
-    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    model = load_from_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(
-        f"loaded {model.cfg.name} ({model.device}, {model.dtype}) in "
-        f"{time.perf_counter() - start:.1f}s",
-        file=sys.stderr,
-    )
     options: dict[str, Any] = dict(
         n_tokens=args.tokens,
         layers=parse_layers(args.layers, model.cfg.n_layers) if args.layers else None,

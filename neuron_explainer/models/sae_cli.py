@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from typing import Any
 
 from neuron_explainer.models.registry import DEFAULT_MODEL
@@ -19,21 +18,15 @@ from neuron_explainer.models.registry import DEFAULT_MODEL
 def cmd_train_sae(args: argparse.Namespace) -> int:
     import torch
 
+    from neuron_explainer.cli import load_from_args
     from neuron_explainer.datasets.collate import parse_layers
     from neuron_explainer.datasets.corpus import load_corpus
-    from neuron_explainer.models import load_model
     from neuron_explainer.models.sae_training import TrainingConfig, train_autoencoders
 
     corpus = load_corpus(args.corpus, text_field=args.text_field)  # fail fast, before the model
     if args.threads:
         torch.set_num_threads(args.threads)
-    start = time.perf_counter()
-    model = load_model(args.model, device=args.device, dtype=args.dtype)
-    print(
-        f"loaded {model.cfg.name} ({model.device}, {model.dtype}) in "
-        f"{time.perf_counter() - start:.1f}s",
-        file=sys.stderr,
-    )
+    model = load_from_args(args)
     config = TrainingConfig(
         hook=args.hook,
         layers=tuple(parse_layers(args.layers, model.cfg.n_layers)),
