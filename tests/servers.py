@@ -3,6 +3,7 @@ local ports (the fixtures are in tests/conftest.py)."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -12,6 +13,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_PROMPT_TOKENS = 1024
@@ -67,3 +69,26 @@ def stop_server(server: Server) -> None:
         server.process.wait(timeout=20)
     except subprocess.TimeoutExpired:
         server.process.kill()
+
+
+def call(server: Server, path: str, body: Any = None, timeout: float = 120) -> tuple[int, Any]:
+    """GET `path` (body None) or POST `body` as JSON; (status, decoded JSON body), errors too."""
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(
+        server.url + path,
+        data=data,
+        method="GET" if body is None else "POST",
+        headers={"content-type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def post(server: Server, path: str, body: dict[str, object]) -> Any:
+    """POST `body` as JSON and return the decoded answer; an error status fails the test."""
+    status, answer = call(server, path, body, timeout=60)
+    assert status == 200, f"{path}: {status} {answer}"
+    return answer

@@ -42,8 +42,7 @@ from neuron_explainer.models.autoencoders import (
     save_autoencoder,
 )
 from tests.datasets.test_collate import cache_until
-from tests.datasets.test_read_api import call
-from tests.servers import Server, start_server, stop_server
+from tests.servers import Server, call, start_server, stop_server
 
 WINDOW = 32
 N_WINDOWS = 64

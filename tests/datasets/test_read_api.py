@@ -8,8 +8,6 @@ import json
 import math
 import os
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,22 +18,7 @@ from neuron_explainer.datasets import DatasetStore
 from neuron_explainer.datasets.corpus import default_corpus, default_corpus_dir
 from neuron_explainer.datasets.families import pair_of_position
 from neuron_explainer.datasets.jobs import default_store_path
-from tests.servers import Server, start_server, stop_server
-
-
-def call(server: Server, path: str, body: Any = None) -> tuple[int, Any]:
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(
-        server.url + path,
-        data=data,
-        method="GET" if body is None else "POST",
-        headers={"content-type": "application/json"},
-    )
-    try:
-        with urllib.request.urlopen(req, timeout=120) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
+from tests.servers import Server, call, start_server, stop_server
 
 
 @pytest.fixture(scope="module")

@@ -8,12 +8,9 @@ test_jobs.py (after the debugger tests) that it finished."""
 
 from __future__ import annotations
 
-import json
 import re
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from playwright.sync_api import Browser, Page, Route, expect
@@ -26,19 +23,9 @@ from tests.e2e.conftest import (
     open_page,
     screenshot,
 )
-from tests.servers import Server, start_server, stop_server
+from tests.servers import Server, post, start_server, stop_server
 
 FULL_RED = "rgba(220, 38, 38, 0.85)"  # lib/colors.ts at intensity 1 (the dataset max)
-
-
-def post(server: Server, path: str, body: dict[str, object]) -> Any:
-    request = urllib.request.Request(
-        server.url + path,
-        data=json.dumps(body).encode(),
-        headers={"content-type": "application/json"},
-    )
-    with urllib.request.urlopen(request, timeout=60) as resp:
-        return json.loads(resp.read())
 
 
 @pytest.fixture(scope="module")

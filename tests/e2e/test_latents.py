@@ -7,13 +7,10 @@ tokens of the default corpus with `tdb collate --autoencoder`, and starts a serv
 
 from __future__ import annotations
 
-import json
 import re
 import subprocess
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 from urllib.parse import parse_qs, urlparse
 
 import pytest
@@ -21,7 +18,7 @@ from playwright.sync_api import Browser, Page, expect
 
 from tests.e2e.conftest import MODEL, open_page, screenshot, tdb_command
 from tests.e2e.test_debugger import IOI_URL, node_keys, wait_for_table
-from tests.servers import ROOT, Server, start_server, stop_server
+from tests.servers import ROOT, Server, post, start_server, stop_server
 
 LAYERS = (0, 1)
 N_LATENTS = 256
@@ -101,16 +98,6 @@ def latent_server(
 @pytest.fixture
 def lpage(browser: Browser, latent_server: Server) -> Iterator[Page]:
     yield from open_page(browser, latent_server)
-
-
-def post(server: Server, path: str, body: dict[str, object]) -> Any:
-    request = urllib.request.Request(
-        server.url + path,
-        data=json.dumps(body).encode(),
-        headers={"content-type": "application/json"},
-    )
-    with urllib.request.urlopen(request, timeout=60) as resp:
-        return json.loads(resp.read())
 
 
 def show_only(page: Page, label: str) -> None:
