@@ -79,16 +79,13 @@ def sample_keys(component_hash: torch.Tensor, windows: torch.Tensor) -> torch.Te
 
 
 @contextlib.contextmanager
-def _one_thread() -> Iterator[None]:
-    """Run the block on one torch intra-op thread. Some float reductions over few components
-    (a head's third moment over [32, 1, 2080] values, say) round differently when split over
-    2 threads, so the moments are always summed on one: a store is then the same bit for bit
-    whatever thread count the rest of the collation used (resumed runs included)."""
+def intra_op_threads(n: int | None) -> Iterator[None]:
+    """Run the block with `n` torch intra-op threads (None: as configured), then restore them."""
     before = torch.get_num_threads()
-    if before == 1:
+    if n is None or before == n:
         yield
         return
-    torch.set_num_threads(1)
+    torch.set_num_threads(n)
     try:
         yield
     finally:
@@ -262,7 +259,11 @@ class LayerAccumulator:
             raise ValueError("window indices must stay below 2^31")
         windows = torch.arange(first_window, first_window + b, device=self.device)
         scores = acts.amax(dim=2).T.float().nan_to_num(nan=float("-inf"))  # [C, b]
-        with _one_thread() if self.device.type == "cpu" else contextlib.nullcontext():
+        # Some float reductions over few components (a head's third moment over [32, 1, 2080]
+        # values, say) round differently when split over 2 threads, so the moments are always
+        # summed on one: a store is the same bit for bit whatever thread count the rest of the
+        # collation used (resumed runs included).
+        with intra_op_threads(1 if self.device.type == "cpu" else None):
             self._add_moments(acts)
         win = windows.expand(c, b)
         self.dirty |= self.top.merge(score_order(scores, win), win, scores, acts)

@@ -31,14 +31,19 @@ import itertools
 import math
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from neuron_explainer.datasets.accumulators import QUANTILES, AccumulatorConfig, LayerAccumulator
+from neuron_explainer.datasets.accumulators import (
+    QUANTILES,
+    AccumulatorConfig,
+    LayerAccumulator,
+    intra_op_threads,
+)
 from neuron_explainer.datasets.corpus import DEFAULT_WINDOW_LENGTH, Corpus, TokenWindows, tokenize
 from neuron_explainer.datasets.families import ComponentFamily, get_family
 from neuron_explainer.datasets.store import (
@@ -134,20 +139,6 @@ def shard_range(n_windows: int, batch_size: int, shard: tuple[int, int] | None) 
     )
 
 
-@contextlib.contextmanager
-def _intra_op_threads(n: int | None) -> Iterator[None]:
-    """Run the block with `n` torch intra-op threads (None: as configured), then restore them."""
-    before = torch.get_num_threads()
-    if n is None or before == n:
-        yield
-        return
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 class _UpdateThreads:
     """Chooses, by timing, the torch intra-op thread count of the accumulator updates and commits
     on CPU: the configured count or 1.
@@ -159,7 +150,7 @@ class _UpdateThreads:
     So each count is timed on whole batches, the faster one is used, and every `explore_every`-th
     batch tries the other again. The store does not depend on the choice: selection, sampling and
     rounding are exact whatever the threads, and the moments are always summed on one thread
-    (see `accumulators._one_thread`).
+    (see `LayerAccumulator.update`).
     """
 
     def __init__(self, configured: int, explore_every: int = 8) -> None:
@@ -229,7 +220,7 @@ class ActivationRunner:
                     self.model, {h: cache[h] for h in family.hook_names(layer)}, layer
                 )
                 start = time.perf_counter()
-                with _intra_op_threads(threads):
+                with intra_op_threads(threads):
                     on_activations(family, layer, acts)
                 spent += time.perf_counter() - start
             if hp.name == self.last:
@@ -482,7 +473,7 @@ def _run(
         metadata.nTokens = (next_window - start) * length
         metadata.status = status
         metadata.updatedAt = _now()
-        with _intra_op_threads(threads.best() if threads else None):
+        with intra_op_threads(threads.best() if threads else None):
             kept = writer.commit(metadata, accumulators.values(), pending, tokenizer.token_display)
         pending.clear()
         last_commit, batches_since = time.monotonic(), 0
