@@ -9,7 +9,7 @@ import type {
 import { onJobsChanged } from "../lib/events";
 import { formatNumber as fmt, quantileBinLabels } from "../lib/histogram";
 import { LatestOnly } from "../lib/latest";
-import { latentSide, type ComponentKind } from "../lib/nodes";
+import { tokenComponent, type ComponentKind } from "../lib/nodes";
 import { attendedFrom, attendsTo, tokensForPairs } from "../lib/pairs";
 import { displayToken } from "../lib/tokens";
 import { Card } from "./Card";
@@ -40,14 +40,10 @@ async function fetchRecord(
     );
     return { kind, data };
   }
-  const side = latentSide(kind);
   const data = await api.neuronRecord(
     {
       datasetName,
-      nodeType: side ? "autoencoder_latent" : "mlp_neuron",
-      autoencoderSide: side,
-      layerIndex: layer,
-      componentIndex: index,
+      ...tokenComponent(kind, layer, index),
     },
     signal,
   );

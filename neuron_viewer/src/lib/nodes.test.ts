@@ -10,6 +10,7 @@ import {
   nodeKey,
   nodeKind,
   parseNodeKey,
+  tokenComponent,
 } from "./nodes";
 
 const info = {
@@ -70,5 +71,22 @@ describe("component ranges", () => {
     expect(componentWidth(info, "attention_autoencoder_latent", 2)).toBe(128);
     expect(componentWidth(info, "attention_head", 1)).toBe(3);
     expect(componentWidth(null, "mlp_neuron", 1)).toBeNull();
+  });
+});
+
+describe("tokenComponent", () => {
+  it("names neurons and latents the way the read and scalar endpoints take them", () => {
+    expect(tokenComponent("mlp_neuron", 5, 7)).toEqual({
+      nodeType: "mlp_neuron",
+      autoencoderSide: null,
+      layerIndex: 5,
+      componentIndex: 7,
+    });
+    expect(tokenComponent("attention_autoencoder_latent", 2, 9)).toEqual({
+      nodeType: "autoencoder_latent",
+      autoencoderSide: "attention",
+      layerIndex: 2,
+      componentIndex: 9,
+    });
   });
 });

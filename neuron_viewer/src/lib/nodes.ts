@@ -65,6 +65,17 @@ export function makeNode(
   return node;
 }
 
+/** How the read and scalar endpoints name a per-token component (a neuron or a latent). */
+export function tokenComponent(kind: NodeKind, layerIndex: number, componentIndex: number) {
+  const side = latentSide(kind);
+  return {
+    nodeType: side ? ("autoencoder_latent" as const) : ("mlp_neuron" as const),
+    autoencoderSide: side,
+    layerIndex,
+    componentIndex,
+  };
+}
+
 /** "attn:23:13:4:1" — kind, layer, token, component[, attended token]; latents are
  * "mlp-latent:5:3:123" or "attn-latent:…". Stable and URL-safe. */
 export function nodeKey(n: NodeIndex): string {

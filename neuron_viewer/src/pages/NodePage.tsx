@@ -19,6 +19,7 @@ import {
   componentWidth,
   kindLayers,
   latentSide,
+  tokenComponent,
   makeNode,
   type ComponentKind,
 } from "../lib/nodes";
@@ -49,14 +50,10 @@ async function rawOrNormalized(
     );
     return { kind, data };
   }
-  const side = latentSide(kind);
   const data = await api.derivedScalars(
     {
       prompt,
-      nodeType: side ? "autoencoder_latent" : "mlp_neuron",
-      autoencoderSide: side,
-      layerIndex: layer,
-      componentIndex: index,
+      ...tokenComponent(kind, layer, index),
       ...norm,
     },
     signal,
