@@ -17,12 +17,12 @@ from starlette.types import Scope
 
 from activation_server import schemas as s
 from activation_server.errors import RequestIdMiddleware, install_error_handlers
+from activation_server.jobs import CollationJob, default_store_path
 from activation_server.routes import inference, read
 from activation_server.state import ServerState, Settings, server_state
 from activation_server.worker import ModelWorker
 from neuron_explainer.activations import Engine
 from neuron_explainer.datasets import DatasetError, DatasetStore
-from neuron_explainer.datasets.jobs import CollationJob, default_store_path
 from neuron_explainer.datasets.sources import DatasetRegistry
 from neuron_explainer.models import HookedTransformer
 

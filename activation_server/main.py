@@ -7,7 +7,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from neuron_explainer.datasets.jobs import DEFAULT_BUDGET_TOKENS, datasets_dir
+from activation_server.jobs import DEFAULT_BUDGET_TOKENS, datasets_dir
 from neuron_explainer.models.registry import DEFAULT_MODEL
 
 
@@ -96,9 +96,9 @@ def serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     model = None
     if not args.no_model:
-        from neuron_explainer.cli import load_from_args
+        from neuron_explainer.models import load_model_reporting
 
-        model = load_from_args(args)
+        model = load_model_reporting(args.model, device=args.device, dtype=args.dtype)
         from neuron_explainer.models.autoencoders import load_autoencoder_specs
 
         for ae in load_autoencoder_specs(args.autoencoder, device=model.device):

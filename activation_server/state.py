@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 from fastapi import Request
 
 from activation_server.errors import NoModelError
+from activation_server.jobs import DEFAULT_BUDGET_TOKENS, CollationJob
 from activation_server.worker import ModelWorker
 from neuron_explainer.activations import Engine
-from neuron_explainer.datasets.jobs import DEFAULT_BUDGET_TOKENS, CollationJob
 from neuron_explainer.datasets.sources import DatasetRegistry
 from neuron_explainer.models import HookedTransformer
 

@@ -22,7 +22,7 @@ import torch
 from neuron_explainer.datasets.collate import parse_layers
 from neuron_explainer.datasets.corpus import default_corpus, tokenize
 from neuron_explainer.models import load_model
-from neuron_explainer.models.sae_training import LayerTrainer, TrainingConfig, capture
+from neuron_explainer.training.autoencoders import LayerTrainer, TrainingConfig, capture
 
 
 def main() -> None:

@@ -1,7 +1,7 @@
 """Hooked transformer models, their loaders and tokenizers."""
 
 from neuron_explainer.models.hooks import BLOCK_HOOKS, GLOBAL_HOOKS, HookPoint
-from neuron_explainer.models.loading import export_hf, load_model
+from neuron_explainer.models.loading import export_hf, load_model, load_model_reporting
 from neuron_explainer.models.registry import DEFAULT_MODEL, ModelNotFoundError
 from neuron_explainer.models.tokenizer import Tokenizer, TokenizerError
 from neuron_explainer.models.transformer import HookedTransformer, ModelConfig, pad_right
@@ -18,5 +18,6 @@ __all__ = [
     "TokenizerError",
     "export_hf",
     "load_model",
+    "load_model_reporting",
     "pad_right",
 ]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -61,6 +62,23 @@ def load_model(
     model.requires_grad_(False)
     model.eval()
     log.info("loaded %s from %s in %.1fs", name, path, time.perf_counter() - start)
+    return model
+
+
+def load_model_reporting(
+    name_or_path: str | Path = DEFAULT_MODEL,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | str | None = None,
+) -> HookedTransformer:
+    """`load_model`, then one line on stderr saying what was loaded, where and how long it took
+    (what `tdb` and the server print when they start)."""
+    start = time.perf_counter()
+    model = load_model(name_or_path, device=device, dtype=dtype)
+    print(
+        f"loaded {model.cfg.name} ({model.device}, {model.dtype}) "
+        f"in {time.perf_counter() - start:.1f}s",
+        file=sys.stderr,
+    )
     return model
 
 

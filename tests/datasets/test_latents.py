@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 import torch
 
+from neuron_explainer.cli import main as datasets_cli
 from neuron_explainer.datasets import DatasetError, DatasetStore, TokenWindows, tokenize
-from neuron_explainer.datasets.cli import main as datasets_cli
 from neuron_explainer.datasets.corpus import folder_corpus
 from neuron_explainer.datasets.families import (
     FAMILIES,

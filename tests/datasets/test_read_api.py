@@ -14,10 +14,10 @@ from typing import Any
 
 import pytest
 
+from activation_server.jobs import default_store_path
 from neuron_explainer.datasets import DatasetStore
 from neuron_explainer.datasets.corpus import default_corpus, default_corpus_dir
 from neuron_explainer.datasets.families import pair_of_position
-from neuron_explainer.datasets.jobs import default_store_path
 from tests.servers import Server, call, start_server, stop_server
 
 

@@ -1,6 +1,6 @@
 """Resuming and sharding give the same store as one uninterrupted run.
 
-`tdb collate` runs in a subprocess (python -m neuron_explainer.datasets.cli) on a tiny random
+`tdb collate` runs in a subprocess (python -m neuron_explainer.cli) on a tiny random
 model, is killed with SIGKILL once its first commit is visible in the SQLite file, and is started
 again with the same arguments; every table of the result equals an uninterrupted run's.
 """
@@ -29,7 +29,7 @@ def cli_args(model_dir: Path, corpus: Path, out: Path) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "neuron_explainer.datasets.cli",
+        "neuron_explainer.cli",
         "collate",
         "--model",
         str(model_dir),

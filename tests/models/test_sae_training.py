@@ -22,7 +22,7 @@ from neuron_explainer.models.autoencoders import (
     SparseAutoencoder,
     load_autoencoder,
 )
-from neuron_explainer.models.sae_training import (
+from neuron_explainer.training.autoencoders import (
     TrainingConfig,
     TrainingInterrupted,
     capture,

@@ -1,4 +1,5 @@
-"""`tdb train-sae`: train TopK sparse autoencoders on a model's activations (sae_training.py).
+"""`tdb train-sae`: TopK sparse autoencoders trained on a model's activations
+(`neuron_explainer.training.autoencoders`).
 
     tdb train-sae --hook 'blocks.{L}.hook_mlp_out' --layers 0-29 --latents 2048 --k 32 \\
         --tokens 400000 --out autoencoders/smollm2-mlp
@@ -12,16 +13,16 @@ import argparse
 import sys
 from typing import Any
 
+from neuron_explainer.cli.models import load_from_args
 from neuron_explainer.models.registry import DEFAULT_MODEL
 
 
 def cmd_train_sae(args: argparse.Namespace) -> int:
     import torch
 
-    from neuron_explainer.cli import load_from_args
     from neuron_explainer.datasets.collate import parse_layers
     from neuron_explainer.datasets.corpus import load_corpus
-    from neuron_explainer.models.sae_training import TrainingConfig, train_autoencoders
+    from neuron_explainer.training.autoencoders import TrainingConfig, train_autoencoders
 
     corpus = load_corpus(args.corpus, text_field=args.text_field)  # fail fast, before the model
     if args.threads:

@@ -1,54 +1,31 @@
-"""Command-line entry points for collated datasets.
+"""`tdb` commands for collated datasets: collate, export-tdb, merge-datasets, dataset-info.
 
-The `tdb` command registers these with `add_parser(subparsers)`; they also run on their own:
-
-    python -m neuron_explainer.datasets.cli collate --out smollm2.tdb.sqlite --tokens 100000
-    python -m neuron_explainer.datasets.cli export-tdb smollm2.tdb.sqlite tdb-json/
-    python -m neuron_explainer.datasets.cli merge-datasets all.sqlite shard-*.sqlite
-    python -m neuron_explainer.datasets.cli dataset-info smollm2.tdb.sqlite
+tdb collate --out smollm2.tdb.sqlite --tokens 100000
+tdb export-tdb smollm2.tdb.sqlite tdb-json/
+tdb merge-datasets all.sqlite shard-*.sqlite
+tdb dataset-info smollm2.tdb.sqlite
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from neuron_explainer.cli.models import load_from_args
 from neuron_explainer.models.registry import DEFAULT_MODEL
-
-CommandFn = Callable[[argparse.Namespace], int]
-
-
-def _reports_errors(fn: CommandFn) -> CommandFn:
-    """Print expected errors (bad input, missing files) as one line and return 2."""
-
-    @functools.wraps(fn)
-    def run(args: argparse.Namespace) -> int:
-        from neuron_explainer.datasets.store import DatasetError
-        from neuron_explainer.models import ModelNotFoundError, TokenizerError
-
-        try:
-            return fn(args)
-        except (DatasetError, ModelNotFoundError, TokenizerError, ValueError) as e:
-            print(f"tdb: error: {e}", file=sys.stderr)
-            return 2
-
-    return run
 
 
 def _csv(text: str | None) -> list[str] | None:
     return None if not text else [part.strip() for part in text.split(",") if part.strip()]
 
 
-@_reports_errors
 def cmd_collate(args: argparse.Namespace) -> int:
     import torch
 
-    from neuron_explainer.cli import load_from_args
     from neuron_explainer.datasets.collate import collate, parse_layers, parse_shard
     from neuron_explainer.datasets.corpus import load_corpus
     from neuron_explainer.datasets.families import LATENT_FAMILY_OF_SIDE
@@ -119,7 +96,6 @@ def _layer_ranges(layers: Sequence[int]) -> str:
     return ",".join(parts)
 
 
-@_reports_errors
 def cmd_export_tdb(args: argparse.Namespace) -> int:
     from neuron_explainer.datasets.tdb_format import export_tdb
 
@@ -129,7 +105,6 @@ def cmd_export_tdb(args: argparse.Namespace) -> int:
     return 0
 
 
-@_reports_errors
 def cmd_merge(args: argparse.Namespace) -> int:
     from neuron_explainer.datasets.collate import merge_stores
     from neuron_explainer.datasets.latents import record_autoencoders, shared_autoencoders
@@ -142,7 +117,6 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
-@_reports_errors
 def cmd_info(args: argparse.Namespace) -> int:
     from neuron_explainer.datasets.latents import stored_autoencoders
     from neuron_explainer.datasets.store import DatasetStore
@@ -236,16 +210,3 @@ def add_parser(subparsers: Any) -> None:
     p = subparsers.add_parser("dataset-info", help="print a store's metadata as JSON")
     p.add_argument("store")
     p.set_defaults(fn=cmd_info)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m neuron_explainer.datasets.cli", description="Collated activation datasets"
-    )
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return int(args.fn(args))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Training on a model's activations: sparse autoencoders (`training.autoencoders`)."""
