@@ -76,6 +76,7 @@ lint: install
 	$(VENV)/bin/ruff check neuron_explainer activation_server tests bench
 	$(VENV)/bin/ruff format --check neuron_explainer activation_server tests bench
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 	cd $(UI) && npm run check-types && npm run lint
 
 format: install
