@@ -99,7 +99,7 @@ def serve(args: argparse.Namespace) -> int:
         from neuron_explainer.models import load_model_reporting
 
         model = load_model_reporting(args.model, device=args.device, dtype=args.dtype)
-        from neuron_explainer.models.autoencoders import load_autoencoder_specs
+        from neuron_explainer.models.autoencoder_formats import load_autoencoder_specs
 
         for ae in load_autoencoder_specs(args.autoencoder, device=model.device):
             model.attach_autoencoder(ae)

@@ -4,9 +4,10 @@ GPT-2: LayerNorm, GELU MLP, learned positions, biases everywhere.
 Llama family (Llama, SmolLM2, Mistral, Qwen2): RMSNorm, SwiGLU MLP, rotary positions, grouped-query
 attention, optional q/k/v biases (Qwen2), tied or untied embeddings.
 
-Every internal quantity passes through a named `HookPoint` (see hooks.py for the table). Weights live
-in `nn.Linear` modules in PyTorch's (out, in) layout; per-head and per-neuron views used by the
-interpretability code (`W_O`, `W_out`, `W_U`) are properties.
+Sizes and architecture choices come from a `ModelConfig` (config.py). Every internal quantity passes
+through a named `HookPoint` (see hooks.py for the table). Weights live in `nn.Linear` modules in
+PyTorch's (out, in) layout; per-head and per-neuron views used by the interpretability code (`W_O`,
+`W_out`, `W_U`) are properties.
 """
 
 from __future__ import annotations
@@ -14,87 +15,22 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, cast
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from neuron_explainer.models.autoencoders import AutoencoderSide, SparseAutoencoder
+from neuron_explainer.models.config import ModelConfig, expected_hook_names
 from neuron_explainer.models.hooks import (
-    BLOCK_HOOKS,
-    GLOBAL_HOOKS,
     BackwardHookFn,
     ForwardHookFn,
     HookPoint,
     NameFilter,
     matches,
 )
-
-if TYPE_CHECKING:
-    from neuron_explainer.models.autoencoders import AutoencoderSide, SparseAutoencoder
-    from neuron_explainer.models.tokenizer import Tokenizer
-
-Activation = Literal["gelu_new", "gelu", "silu", "relu"]
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    n_layers: int
-    d_model: int
-    n_heads: int
-    d_mlp: int
-    vocab_size: int
-    n_ctx: int
-    d_head: int = 0  # 0: d_model // n_heads
-    n_kv_heads: int = 0  # 0: n_heads (no grouped-query attention)
-    norm: Literal["layernorm", "rmsnorm"] = "rmsnorm"
-    norm_eps: float = 1e-5
-    positional: Literal["learned", "rotary"] = "rotary"
-    rope_theta: float = 10000.0
-    gated_mlp: bool = True  # SwiGLU: act(gate(x)) * up(x)
-    activation: Activation = "silu"
-    attn_qkv_bias: bool = False
-    attn_out_bias: bool = False
-    mlp_bias: bool = False
-    tied_embeddings: bool = True
-    name: str = ""
-    extra: dict[str, Any] = field(default_factory=dict, compare=False)
-
-    def __post_init__(self) -> None:
-        if self.d_head == 0:
-            object.__setattr__(self, "d_head", self.d_model // self.n_heads)
-        if self.n_kv_heads == 0:
-            object.__setattr__(self, "n_kv_heads", self.n_heads)
-        if self.n_heads % self.n_kv_heads:
-            raise ValueError(
-                f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}"
-            )
-
-    @property
-    def architecture(self) -> str:
-        return "gpt2" if self.positional == "learned" else "llama"
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d.pop("extra")
-        return d
-
-    @classmethod
-    def gpt2(cls, **kw: Any) -> ModelConfig:
-        """A GPT-2 family config; pass sizes as keyword arguments."""
-        defaults: dict[str, Any] = dict(
-            norm="layernorm",
-            positional="learned",
-            gated_mlp=False,
-            activation="gelu_new",
-            attn_qkv_bias=True,
-            attn_out_bias=True,
-            mlp_bias=True,
-            tied_embeddings=True,
-        )
-        return cls(**(defaults | kw))
-
+from neuron_explainer.models.tokenizer import Tokenizer
 
 _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
@@ -558,17 +494,3 @@ def pad_right(
         tokens[i, : len(r)] = torch.tensor(list(r), dtype=torch.long)
         mask[i, : len(r)] = 1
     return tokens.to(device), mask.to(device)
-
-
-def expected_hook_names(cfg: ModelConfig) -> list[str]:
-    """The hook names a model with this config has, from the table in hooks.py."""
-    names = ["hook_embed"] + (["hook_pos_embed"] if cfg.positional == "learned" else [])
-    for layer in range(cfg.n_layers):
-        for suffix in BLOCK_HOOKS:
-            if "rot_" in suffix and cfg.positional != "rotary":
-                continue
-            if suffix == "mlp.hook_pre_linear" and not cfg.gated_mlp:
-                continue
-            names.append(f"blocks.{layer}.{suffix}")
-    names += [n for n in GLOBAL_HOOKS if n.startswith("ln_final")] + ["hook_logits"]
-    return names

@@ -37,15 +37,11 @@ to `<out>/checkpoint.pt` through a temporary file and a rename. Started again wi
 arguments, training loads it and goes on from the next step; as batches are a function of the
 seed and the step, the result equals an uninterrupted run's.
 
-**Evaluation** on the held-out windows, per layer: normalized MSE Σ‖x̂−x‖² / Σ‖x−x̄‖² (x̄ the
-held-out mean; the fraction of variance explained is 1 − that), L0 (mean number of active latents
-per token), the fraction of dead latents (no activation in the last min(dead_after_tokens, tokens
-trained) training tokens), and the model's next-token loss (mean cross-entropy over every
-predicted position) with the hooked activation replaced by x̂ at positions >= skip_positions,
-against the clean loss.
+**Evaluation** on the held-out windows once training ends: evaluation.py (normalized MSE, L0, dead
+latents, the model's loss with each autoencoder spliced in).
 
-**Output.** `<out>/<hook name>/` per autoencoder in the native format (autoencoders.py), with the
-training settings and metrics in its metadata, and `<out>/metrics.json` for the whole run.
+**Output.** `<out>/<hook name>/` per autoencoder in the native format (autoencoder_formats.py), with
+the training settings and metrics in its metadata, and `<out>/metrics.json` for the whole run.
 """
 
 from __future__ import annotations
@@ -57,7 +53,7 @@ import math
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -66,16 +62,13 @@ import torch
 import torch.nn.functional as F
 
 from neuron_explainer.datasets.corpus import DEFAULT_WINDOW_LENGTH, Corpus, TokenWindows, tokenize
-from neuron_explainer.models.autoencoders import (
-    AutoencoderConfig,
-    SparseAutoencoder,
-    atomic_path,
-    hook_width,
-    save_autoencoder,
-)
+from neuron_explainer.models.autoencoder_formats import atomic_path, save_autoencoder
+from neuron_explainer.models.autoencoders import AutoencoderConfig, SparseAutoencoder
+from neuron_explainer.models.config import hook_width
 from neuron_explainer.models.hooks import HookPoint
 from neuron_explainer.models.transformer import HookedTransformer
 from neuron_explainer.progress import Progress
+from neuron_explainer.training.evaluation import LayerMetrics, evaluate, per_token
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.json"
@@ -120,24 +113,6 @@ class TrainingConfig:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self) | {"layers": list(self.layers)}
-
-
-@dataclass
-class LayerMetrics:
-    """Held-out metrics of one autoencoder (see the module doc for the definitions)."""
-
-    hook_name: str
-    nmse: float
-    fraction_variance_explained: float
-    l0: float
-    dead_fraction: float
-    dead_window_tokens: int
-    loss_clean: float
-    loss_spliced: float
-    loss_increase: float
-    train_nmse_first: float
-    train_nmse_last: float
-    train_nmse: list[float] = field(repr=False)
 
 
 ProgressCallback = Callable[[int, int, float], None]  # (step done, steps in total, tokens/s)
@@ -298,21 +273,6 @@ def capture(
     return cache
 
 
-def _per_token(value: torch.Tensor, skip: int) -> torch.Tensor:
-    """A hook value [b, n, ...] -> [b * (n - skip), features] (trailing dimensions flattened)."""
-    return value[:, skip:].reshape(-1, math.prod(value.shape[2:]))
-
-
-def next_token_loss_sum(logits: torch.Tensor, tokens: torch.Tensor) -> tuple[float, int]:
-    """(Σ cross-entropy of each next token, number of predictions) for logits [b, n, V]."""
-    loss = F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(),
-        tokens[:, 1:].flatten().to(logits.device),
-        reduction="sum",
-    )
-    return float(loss), tokens[:, 1:].numel()
-
-
 # ---- the training run --------------------------------------------------------------------------
 
 
@@ -416,7 +376,7 @@ def train_autoencoders(
         values = capture(model, tokens, names)
         nmse = []
         for layer, name in zip(config.layers, names, strict=True):
-            x = _per_token(values.pop(name), config.skip_positions)
+            x = per_token(values.pop(name), config.skip_positions)
             if step == 0:
                 trainers[layer].initialize(x)
             nmse.append(trainers[layer].step(x))
@@ -495,87 +455,6 @@ def train_autoencoders(
         tmp.write_text(json.dumps(summary, indent=2) + "\n")
     checkpoint_path.unlink(missing_ok=True)
     return summary
-
-
-@torch.no_grad()
-def evaluate(
-    model: HookedTransformer,
-    autoencoders: dict[str, SparseAutoencoder],
-    tokens: np.ndarray,
-    skip_positions: int = 1,
-    batch_size: int = 8,
-    progress: bool = False,
-) -> dict[str, Any]:
-    """Held-out metrics of autoencoders (by hook name) on windows `tokens` [w, n] (module doc):
-    {"loss_clean", "layers": {hook name: {"nmse", "l0", "loss_spliced"}}}."""
-    names = list(autoencoders)
-    sums = {name: _EvalSums() for name in names}
-    clean_loss, predictions = 0.0, 0
-    batches = [
-        torch.from_numpy(tokens[i : i + batch_size].astype(np.int64))
-        for i in range(0, len(tokens), batch_size)
-    ]
-    cache: dict[str, torch.Tensor] = {}
-
-    def save(x: torch.Tensor, hook: HookPoint) -> None:
-        cache[hook.name] = x
-
-    for b, batch in enumerate(batches):
-        batch = batch.to(model.device)
-        with model.hooks(fwd=[(n, save) for n in names]):
-            loss, count = next_token_loss_sum(model(batch), batch)
-        clean_loss, predictions = clean_loss + loss, predictions + count
-        for name, ae in autoencoders.items():
-            x = _per_token(cache[name], skip_positions).double()
-            z, recon = ae(x.float())
-            s = sums[name]
-            s.squared_error += float((recon.double() - x).pow(2).sum())
-            s.squared_norm += float(x.pow(2).sum())
-            s.total = x.sum(0) if s.total is None else s.total + x.sum(0)
-            s.count += len(x)
-            s.active += int((z > 0).sum())
-            with model.hooks(fwd=[(name, _splice_hook(ae, skip_positions))]):
-                s.loss += next_token_loss_sum(model(batch), batch)[0]
-        if progress:
-            print(f"train-sae: evaluated batch {b + 1}/{len(batches)}", file=sys.stderr)
-    layers = {}
-    for name, s in sums.items():
-        assert s.total is not None
-        mean = s.total / s.count
-        total_variance = s.squared_norm - s.count * float(mean.pow(2).sum())
-        layers[name] = {
-            "nmse": s.squared_error / max(total_variance, 1e-30),
-            "l0": s.active / s.count,
-            "loss_spliced": s.loss / predictions,
-        }
-    return {"loss_clean": clean_loss / predictions, "layers": layers}
-
-
-@dataclass
-class _EvalSums:
-    """Running sums over held-out tokens for one autoencoder (float64 where it matters)."""
-
-    squared_error: float = 0.0  # Σ ‖x̂ − x‖²
-    squared_norm: float = 0.0  # Σ ‖x‖²
-    total: torch.Tensor | None = None  # Σ x
-    count: int = 0
-    active: int = 0  # Σ number of nonzero latents
-    loss: float = 0.0  # Σ next-token cross-entropy with the splice
-
-
-def _splice_hook(
-    ae: SparseAutoencoder, skip: int
-) -> Callable[[torch.Tensor, HookPoint], torch.Tensor]:
-    """A forward hook replacing the value at positions >= skip by its reconstruction."""
-
-    def replace(value: torch.Tensor, hook: HookPoint) -> torch.Tensor:
-        x = value[:, skip:]
-        _, recon = ae(x.reshape(*x.shape[:2], -1).float())
-        out = value.clone()
-        out[:, skip:] = recon.reshape(x.shape).to(value.dtype)
-        return out
-
-    return replace
 
 
 def _check_hooks(model: HookedTransformer, names: Sequence[str]) -> dict[str, int]:

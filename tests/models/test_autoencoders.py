@@ -12,14 +12,13 @@ import torch
 from safetensors.torch import save_file
 
 from neuron_explainer.models import HookedTransformer, ModelConfig
-from neuron_explainer.models.autoencoders import (
-    AutoencoderConfig,
+from neuron_explainer.models.autoencoder_formats import (
     AutoencoderFormatError,
-    SparseAutoencoder,
     load_autoencoder,
     openai_hook_name,
     save_autoencoder,
 )
+from neuron_explainer.models.autoencoders import AutoencoderConfig, SparseAutoencoder
 
 D_IN, N_LATENTS, K = 24, 96, 6
 

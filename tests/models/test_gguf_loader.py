@@ -19,7 +19,7 @@ from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize, quantize
 
 from neuron_explainer.models import load_model
-from neuron_explainer.models.tokenizer import bytes_to_unicode
+from neuron_explainer.models.tokenizer_files import bytes_to_unicode
 
 D, D_MLP, HEADS, KV_HEADS, LAYERS = 64, 128, 4, 2, 2
 HEAD_DIM = D // HEADS

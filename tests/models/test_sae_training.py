@@ -17,18 +17,15 @@ import torch
 from neuron_explainer.cli import main
 from neuron_explainer.datasets.corpus import Corpus, TokenWindows, tokenize
 from neuron_explainer.models import HookedTransformer, ModelConfig, export_hf
-from neuron_explainer.models.autoencoders import (
-    AutoencoderConfig,
-    SparseAutoencoder,
-    load_autoencoder,
-)
+from neuron_explainer.models.autoencoder_formats import load_autoencoder
+from neuron_explainer.models.autoencoders import AutoencoderConfig, SparseAutoencoder
 from neuron_explainer.training.autoencoders import (
     TrainingConfig,
     TrainingInterrupted,
     capture,
-    evaluate,
     train_autoencoders,
 )
+from neuron_explainer.training.evaluation import evaluate
 
 PROSE_MODULES = ("argparse", "difflib", "heapq", "json", "random", "statistics", "unittest")
 

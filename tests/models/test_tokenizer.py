@@ -18,11 +18,11 @@ from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tok
 from tokenizers import Tokenizer as HFTokenizer
 
 from neuron_explainer.models.registry import smollm2_gguf_path
-from neuron_explainer.models.tokenizer import (
+from neuron_explainer.models.tokenizer import Tokenizer
+from neuron_explainer.models.tokenizer_files import (
     GGUF_PRE_PATTERNS,
     GPT2_PATTERN,
     SMOLLM_PATTERN,
-    Tokenizer,
     TokenizerError,
 )
 
