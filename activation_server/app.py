@@ -15,7 +15,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 from starlette.types import Scope
 
+from activation_server import convert
 from activation_server import schemas as s
+from activation_server.datasets import DatasetRegistry
 from activation_server.errors import RequestIdMiddleware, install_error_handlers
 from activation_server.jobs import CollationJob, default_store_path
 from activation_server.routes import inference, read
@@ -23,7 +25,6 @@ from activation_server.state import ServerState, Settings, server_state
 from activation_server.worker import ModelWorker
 from neuron_explainer.activations import Engine
 from neuron_explainer.datasets import DatasetError, DatasetStore
-from neuron_explainer.datasets.sources import DatasetRegistry
 from neuron_explainer.models import HookedTransformer
 
 log = logging.getLogger("activation_server")
@@ -43,6 +44,13 @@ async def health(request: Request) -> s.HealthResponse:
         batches_run=state.worker.batches_run if state.worker is not None else 0,
         requests_merged=state.worker.requests_merged if state.worker is not None else 0,
     )
+
+
+@ops.get("/node_types", response_model=s.NodeTypesResponse)
+async def node_types(request: Request) -> s.NodeTypesResponse:
+    """Every node type the server knows, described (labels, metrics, how the API names it);
+    with a model loaded, where its nodes are. Answers without a model too (the dataset viewer)."""
+    return s.NodeTypesResponse(node_types=convert.node_type_infos(server_state(request).model))
 
 
 def create_app(model: HookedTransformer | None, settings: Settings | None = None) -> FastAPI:

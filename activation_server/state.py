@@ -6,11 +6,11 @@ from dataclasses import dataclass, field
 
 from fastapi import Request
 
+from activation_server.datasets import DatasetRegistry
 from activation_server.errors import NoModelError
 from activation_server.jobs import DEFAULT_BUDGET_TOKENS, CollationJob
 from activation_server.worker import ModelWorker
 from neuron_explainer.activations import Engine
-from neuron_explainer.datasets.sources import DatasetRegistry
 from neuron_explainer.models import HookedTransformer
 
 
@@ -20,7 +20,7 @@ class Settings:
     cors_origins: list[str] = field(default_factory=list)
     max_merged_rows: int = 16  # 1 disables merging of concurrent debugger requests
     ui_dir: str | None = None  # built UI files; default neuron_viewer/dist when present
-    datasets: list[str] = field(default_factory=list)  # [FAMILY=]PATH|URL specs (sources.py)
+    datasets: list[str] = field(default_factory=list)  # [FAMILY=]PATH|URL specs (datasets.py)
     # Build a store of the default corpus for the model in the background when none is complete:
     # the model spec to collate (None: never), and the token budget.
     auto_dataset_model: str | None = None

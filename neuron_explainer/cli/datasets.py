@@ -28,7 +28,7 @@ def cmd_collate(args: argparse.Namespace) -> int:
 
     from neuron_explainer.datasets.collate import collate, parse_layers, parse_shard
     from neuron_explainer.datasets.corpus import load_corpus
-    from neuron_explainer.datasets.families import LATENT_FAMILY_OF_SIDE
+    from neuron_explainer.datasets.families import FAMILIES, LatentFamily
     from neuron_explainer.datasets.latents import collate_latents, load_autoencoders
 
     corpus = load_corpus(args.corpus, text_field=args.text_field)  # fail fast, before the model
@@ -57,12 +57,12 @@ def cmd_collate(args: argparse.Namespace) -> int:
         print(f"loaded {len(autoencoders)} autoencoders", file=sys.stderr)
         meta = collate_latents(model, corpus, args.out, autoencoders, **options)
     else:
-        latent = [f for f in options["families"] or [] if f in LATENT_FAMILY_OF_SIDE.values()]
+        latent = [f for f in options["families"] or [] if isinstance(FAMILIES.get(f), LatentFamily)]
         if latent:
             raise ValueError(f"collating {', '.join(latent)} needs --autoencoder PATH")
         meta = collate(model, corpus, args.out, **options)
     print(
-        f"{args.out}: {meta.nTokens:,} tokens, families {', '.join(meta.families)}, "
+        f"{args.out}: {meta.n_tokens:,} tokens, families {', '.join(meta.families)}, "
         f"layers {_layer_ranges(meta.layers)}, status {meta.status}",
         file=sys.stderr,
     )
@@ -106,14 +106,14 @@ def cmd_export_tdb(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from neuron_explainer.datasets.collate import merge_stores
     from neuron_explainer.datasets.latents import record_autoencoders, shared_autoencoders
+    from neuron_explainer.datasets.merge import merge_stores
 
     autoencoders = shared_autoencoders(args.inputs)
     meta = merge_stores(args.inputs, args.out)
     if autoencoders is not None:
         record_autoencoders(args.out, autoencoders)
-    print(f"{args.out}: {meta.nTokens:,} tokens, windows {meta.windowRanges}", file=sys.stderr)
+    print(f"{args.out}: {meta.n_tokens:,} tokens, windows {meta.window_ranges}", file=sys.stderr)
     return 0
 
 

@@ -3,36 +3,33 @@
     collate(model, corpus, "smollm2.tdb.sqlite", n_tokens=100_000, layers=[0, 5])
 
 The corpus is cut into fixed windows (corpus.py); windows go through the model in batches with
-hooks on the values the requested families read (families.py). Each (family, layer)'s activations
-are folded into its `LayerAccumulator` (accumulators.py: exact top-k, hash-keyed random samples,
-quantile-binned samples, moments) as soon as its hooks fire, then dropped; the forward stops after
-the last hook needed, so the layers above and the unembedding are never computed.
+hooks on the values the requested families read (families.py, runner.py). Each (family, layer)'s
+activations are folded into its `LayerAccumulator` (accumulators.py: exact top-k, hash-keyed random
+samples, quantile-binned samples, moments) as soon as its hooks fire, then dropped; the forward
+stops after the last hook needed, so the layers above and the unembedding are never computed.
 
 Every `commit_every_batches` batches (or `commit_every_seconds`, stretched to 10x the last commit's
 duration so that commits never take more than about a tenth of the run), the whole running state
-and the next window index are written to the SQLite store in one transaction (store.py). Started again with
-the same arguments, `collate` loads that state and goes on from the next window; the finished
-store is identical to an uninterrupted run's (keys are hashes of window indices, not RNG draws, and
-batches keep their composition because they are aligned to the range start).
+and the next window index are written to the SQLite store in one transaction (store_writer.py).
+Started again with the same arguments, `collate` loads that state and goes on from the next
+window; the finished store is identical to an uninterrupted run's (keys are hashes of window
+indices, not RNG draws, and batches keep their composition because they are aligned to the range
+start).
 
 Shards: `shard=(i, n)` processes the i-th of n contiguous window ranges (aligned to whole batches,
-so each batch has the same windows as in a single run), and `merge_stores` folds complete shard
-stores into one, exactly (top-k and samples by their keys, moments pairwise). Quantile boundaries
-come from the first `calibration_windows` windows of the corpus; a shard that does not start there
-first runs those windows to compute the same boundaries.
+so each batch has the same windows as in a single run), and `merge_stores` (merge.py) folds
+complete shard stores into one, exactly. Quantile boundaries come from the first
+`calibration_windows` windows of the corpus; a shard that does not start there first runs those
+windows to compute the same boundaries.
 """
 
 from __future__ import annotations
 
-import contextlib
-import datetime
 import importlib.metadata
-import itertools
 import math
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -45,43 +42,24 @@ from neuron_explainer.datasets.accumulators import (
     intra_op_threads,
 )
 from neuron_explainer.datasets.corpus import DEFAULT_WINDOW_LENGTH, Corpus, TokenWindows, tokenize
-from neuron_explainer.datasets.families import ComponentFamily, get_family
+from neuron_explainer.datasets.families import FAMILIES, ComponentFamily, LatentFamily, get_family
+from neuron_explainer.datasets.records import DatasetError
+from neuron_explainer.datasets.runner import ActivationRunner, UpdateThreads
 from neuron_explainer.datasets.store import (
     FORMAT_VERSION,
-    DatasetError,
+    RESUME_FIELDS,
     DatasetMetadata,
-    StoreWriter,
+    StoreStatus,
     connect,
-    load_accumulator,
-    read_metadata,
+    utc_now,
 )
-from neuron_explainer.models.hooks import HookPoint
+from neuron_explainer.datasets.store_writer import StoreWriter, load_accumulator
 from neuron_explainer.models.transformer import HookedTransformer
 from neuron_explainer.progress import Progress, ProgressCallback
 
-DEFAULT_FAMILIES = ("mlp_neuron", "attention_head")
-# Metadata fields that must agree for a run to resume a store, or for shards to merge.
-_SAME_RUN_FIELDS = (
-    "model",
-    "corpus",
-    "windowLength",
-    "nWindowsTotal",
-    "families",
-    "layers",
-    "k",
-    "randomSampleSize",
-    "quantileSampleSize",
-    "quantiles",
-    "calibrationWindows",
-    "seed",
-    "activeThreshold",
-    "dtype",
-)
-_RESUME_FIELDS = (*_SAME_RUN_FIELDS, "windowRanges", "batchSize", "shard")
-
-
-class _StopForward(Exception):
-    """Raised by the last hook needed, to skip the rest of the forward pass."""
+# What `collate` collates unless told: the families of the node types that live in the model itself
+# (mlp_neuron, attention_head); latent families need autoencoders (latents.py).
+DEFAULT_FAMILIES = tuple(name for name, f in FAMILIES.items() if not isinstance(f, LatentFamily))
 
 
 def tool_version() -> str:
@@ -89,10 +67,6 @@ def tool_version() -> str:
         return importlib.metadata.version("transformer-debugger")
     except importlib.metadata.PackageNotFoundError:
         return "unknown"
-
-
-def _now() -> str:
-    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
 
 
 def parse_layers(spec: str, n_layers: int) -> list[int]:
@@ -137,99 +111,6 @@ def shard_range(n_windows: int, batch_size: int, shard: tuple[int, int] | None) 
         min(n_windows, i * n_batches // n * batch_size),
         min(n_windows, (i + 1) * n_batches // n * batch_size),
     )
-
-
-class _UpdateThreads:
-    """Chooses, by timing, the torch intra-op thread count of the accumulator updates and commits
-    on CPU: the configured count or 1.
-
-    Updates and commits are hundreds of small, memory-bound ops per layer. On an idle CPU the
-    configured threads are faster (an MLP layer's update on the 2-core machine: ~35 ms with 2
-    threads, ~65 ms with 1); on a busy one (a server beside the collation, other jobs) every op
-    waits at a barrier for a thread that is not scheduled (~1 s with 2 threads, ~0.1 s with 1).
-    So each count is timed on whole batches, the faster one is used, and every `explore_every`-th
-    batch tries the other again. The store does not depend on the choice: selection, sampling and
-    rounding are exact whatever the threads, and the moments are always summed on one thread
-    (see `LayerAccumulator.update`).
-    """
-
-    def __init__(self, configured: int, explore_every: int = 8) -> None:
-        self.options = [configured, 1] if configured > 1 else [configured]
-        self.explore_every = explore_every
-        self.seconds: dict[int, float] = {}  # the last timed batch's update seconds, per count
-        self.batches = 0
-        self.current = configured
-
-    def best(self) -> int:
-        return min(self.seconds, key=self.seconds.__getitem__) if self.seconds else self.current
-
-    def next_batch(self) -> int:
-        untried = [n for n in self.options if n not in self.seconds]
-        if self.batches == 0 or untried:
-            choice = untried[0] if self.batches and untried else self.current
-        elif len(self.options) > 1 and self.batches % self.explore_every == 0:
-            choice = next(n for n in self.options if n != self.best())
-        else:
-            choice = self.best()
-        self.current = choice
-        self.batches += 1
-        return choice
-
-    def record(self, seconds: float) -> None:
-        if self.batches == 1:
-            return  # the first batch also allocates the state: not representative
-        self.seconds[self.current] = seconds  # the latest: machine load changes quickly
-
-
-class ActivationRunner:
-    """Runs the model on a batch and calls `on_activations(family, layer, acts [b, C, P])` for
-    each requested (family, layer) as soon as its hooks have fired; stops the forward after the
-    last hook needed."""
-
-    def __init__(self, model: HookedTransformer, targets: Sequence[tuple[ComponentFamily, int]]):
-        self.model = model
-        order = {name: i for i, name in enumerate(model.hook_names())}
-        self.finishing: dict[str, list[tuple[ComponentFamily, int]]] = {}
-        names: set[str] = set()
-        for family, layer in targets:
-            hooks = family.hook_names(layer)
-            unknown = [h for h in hooks if h not in order]
-            if unknown:
-                raise ValueError(f"{family.name} needs hook points {unknown} this model lacks")
-            names.update(hooks)
-            self.finishing.setdefault(max(hooks, key=order.__getitem__), []).append((family, layer))
-        self.names = sorted(names, key=order.__getitem__)
-        self.last = self.names[-1] if self.names else None
-
-    def run(
-        self,
-        tokens: torch.Tensor,
-        on_activations: Callable[[ComponentFamily, int, torch.Tensor], None],
-        threads: int | None = None,
-    ) -> float:
-        """Returns the seconds spent in `on_activations`, which runs with `threads` intra-op
-        threads (None: as configured; the forward and the family functions always are)."""
-        cache: dict[str, torch.Tensor] = {}
-        spent = 0.0
-
-        def hook(x: torch.Tensor, hp: HookPoint) -> None:
-            nonlocal spent
-            cache[hp.name] = x
-            for family, layer in self.finishing.get(hp.name, []):
-                acts = family.activations(
-                    self.model, {h: cache[h] for h in family.hook_names(layer)}, layer
-                )
-                start = time.perf_counter()
-                with intra_op_threads(threads):
-                    on_activations(family, layer, acts)
-                spent += time.perf_counter() - start
-            if hp.name == self.last:
-                raise _StopForward
-
-        hooks = [(name, hook) for name in self.names]
-        with torch.no_grad(), self.model.hooks(fwd=hooks), contextlib.suppress(_StopForward):
-            self.model(tokens.to(self.model.device))
-        return spent
 
 
 def collate(
@@ -306,8 +187,8 @@ def collate(
     )
     cfg = model.cfg
     metadata = DatasetMetadata(
-        formatVersion=FORMAT_VERSION,
-        toolVersion=tool_version(),
+        format_version=FORMAT_VERSION,
+        tool_version=tool_version(),
         model={
             "name": cfg.name,
             "nLayers": cfg.n_layers,
@@ -317,27 +198,27 @@ def collate(
             "vocabSize": cfg.vocab_size,
         },
         corpus={"name": windows.corpus_name, "hash": windows.corpus_hash},
-        windowLength=window_length,
-        nWindowsTotal=n_windows,
-        windowRanges=[[start, end]],
-        nTokens=0,
+        window_length=window_length,
+        n_windows_total=n_windows,
+        window_ranges=[[start, end]],
+        n_tokens=0,
         families=[f.name for f in family_list],
         layers=layers,
         k=config.k,
-        randomSampleSize=config.random_sample_size,
-        quantileSampleSize=config.quantile_sample_size,
+        random_sample_size=config.random_sample_size,
+        quantile_sample_size=config.quantile_sample_size,
         quantiles=list(config.quantiles),
-        calibrationWindows=config.calibration_windows,
+        calibration_windows=config.calibration_windows,
         seed=seed,
-        activeThreshold=float(active_threshold),
-        batchSize=batch_size,
+        active_threshold=float(active_threshold),
+        batch_size=batch_size,
         dtype=str(model.dtype).removeprefix("torch."),
         status="in_progress",
-        nextWindow=start,
-        createdAt=_now(),
-        updatedAt=_now(),
+        next_window=start,
+        created_at=utc_now(),
+        updated_at=utc_now(),
         shard=None if shard is None else f"{shard[0]}/{shard[1]}",
-        tokenDtype="uint16" if model.tokenizer.vocab_size <= 2**16 else "int32",
+        token_dtype="uint16" if model.tokenizer.vocab_size <= 2**16 else "int32",
     )
 
     out_path = Path(out_path)
@@ -346,7 +227,7 @@ def collate(
         existing = writer.existing_metadata()
         targets = [(f, layer) for layer in layers for f in family_list]
         if existing is not None:
-            _check_same(existing, metadata, _RESUME_FIELDS, f"{out_path} was started with")
+            existing.check_same(metadata, RESUME_FIELDS, f"{out_path} was started with")
             metadata = existing
             if existing.status == "complete":
                 if progress:
@@ -403,16 +284,6 @@ def _open_writer(out_path: Path) -> StoreWriter:
     return StoreWriter(out_path)
 
 
-def _check_same(a: DatasetMetadata, b: DatasetMetadata, fields: Sequence[str], what: str) -> None:
-    ja, jb = a.to_json(), b.to_json()
-    differ = [f for f in fields if ja[f] != jb[f]]
-    if differ:
-        detail = "; ".join(f"{f}: {ja[f]!r} vs {jb[f]!r}" for f in differ)
-        raise DatasetError(
-            f"{what} different settings ({detail}); pass the same arguments, or write to a new file"
-        )
-
-
 def _run(
     model: HookedTransformer,
     windows: TokenWindows,
@@ -427,12 +298,12 @@ def _run(
 ) -> None:
     tokenizer = model.tokenizer
     assert tokenizer is not None
-    [[start, end]] = metadata.windowRanges
-    bs, length = metadata.batchSize, metadata.windowLength
+    [[start, end]] = metadata.window_ranges
+    bs, length = metadata.batch_size, metadata.window_length
     runner = ActivationRunner(model, targets)
-    threads = _UpdateThreads(torch.get_num_threads()) if model.device.type == "cpu" else None
+    threads = UpdateThreads(torch.get_num_threads()) if model.device.type == "cpu" else None
     first_acc = next(iter(accumulators.values()))
-    n_cal = metadata.calibrationWindows
+    n_cal = metadata.calibration_windows
 
     if first_acc.boundaries is None and not (start == 0 and end >= n_cal):
         # This shard does not see all calibration windows: run them first (scores only), in the
@@ -456,7 +327,7 @@ def _run(
     progress = Progress(
         "collate",
         total=(end - start) * length,
-        done=(metadata.nextWindow - start) * length,
+        done=(metadata.next_window - start) * length,
         enabled=show_progress,
         callback=on_progress,
     )
@@ -466,20 +337,20 @@ def _run(
 
     kept: set[int] | None = None  # windows the committed samples hold
 
-    def commit(next_window: int, status: str) -> None:
+    def commit(next_window: int, status: StoreStatus) -> None:
         nonlocal last_commit, batches_since, kept, interval
         started = time.monotonic()
-        metadata.nextWindow = next_window
-        metadata.nTokens = (next_window - start) * length
+        metadata.next_window = next_window
+        metadata.n_tokens = (next_window - start) * length
         metadata.status = status
-        metadata.updatedAt = _now()
+        metadata.updated_at = utc_now()
         with intra_op_threads(threads.best() if threads else None):
             kept = writer.commit(metadata, accumulators.values(), pending, tokenizer.token_display)
         pending.clear()
         last_commit, batches_since = time.monotonic(), 0
         interval = max(commit_every_seconds, 10 * (last_commit - started))
 
-    for first, tokens in windows.batches(bs, metadata.nextWindow, end):
+    for first, tokens in windows.batches(bs, metadata.next_window, end):
         if threads is None:
             runner.run(tokens, update(first))
         else:
@@ -503,82 +374,3 @@ def _run(
     progress.update((end - start) * length, force=True)
     progress.finish()
     writer.finish(kept)
-
-
-def merge_stores(inputs: Sequence[str | Path], out_path: str | Path) -> DatasetMetadata:
-    """Fold complete shard stores (same settings, disjoint window ranges) into a new store.
-
-    The result equals a single run over the union of their windows: top-k and samples are
-    re-selected from the union by the same keys, moments merged pairwise, in input order.
-    """
-    if len(inputs) < 1:
-        raise ValueError("merge_stores needs at least one input store")
-    out_path = Path(out_path)
-    if out_path.exists():
-        raise DatasetError(f"{out_path} already exists; merge into a new file")
-    metas: list[DatasetMetadata] = []
-    conns = [connect(p, readonly=True) for p in inputs]
-    try:
-        for path, conn in zip(inputs, conns, strict=True):
-            meta = read_metadata(conn, str(path))
-            if meta.status != "complete":
-                raise DatasetError(
-                    f"{path} is not complete (status {meta.status}); finish it first"
-                )
-            if metas:
-                _check_same(metas[0], meta, _SAME_RUN_FIELDS, f"{inputs[0]} and {path} have")
-            metas.append(meta)
-        ranges = sorted(r for m in metas for r in m.windowRanges)
-        for (_, a_end), (b_start, _) in itertools.pairwise(ranges):
-            if b_start < a_end:
-                raise DatasetError(f"the inputs' window ranges overlap: {ranges}")
-        merged_ranges: list[list[int]] = []
-        for a, b in ranges:
-            if merged_ranges and merged_ranges[-1][1] == a:
-                merged_ranges[-1][1] = b
-            else:
-                merged_ranges.append([a, b])
-
-        window_tokens: dict[int, np.ndarray] = {}
-        vocabulary: dict[int, str] = {}
-        for meta, conn in zip(metas, conns, strict=True):
-            for w, blob in conn.execute("SELECT window_index, tokens FROM windows"):
-                window_tokens[int(w)] = np.frombuffer(
-                    blob, dtype=np.dtype(meta.tokenDtype).newbyteorder("<")
-                )
-            vocabulary.update(conn.execute("SELECT token_id, token FROM vocabulary"))
-        out = replace(
-            metas[0],
-            windowRanges=merged_ranges,
-            nTokens=sum(m.nTokens for m in metas),
-            shard=None,
-            status="complete",
-            nextWindow=merged_ranges[-1][1],
-            mergedFrom=[str(p) for p in inputs],
-            createdAt=_now(),
-            updatedAt=_now(),
-        )
-        writer = StoreWriter(out_path)
-        try:
-            for family in out.families:
-                for layer in out.layers:
-                    n = (
-                        conns[0]
-                        .execute(
-                            "SELECT count(*) FROM components WHERE family = ? AND layer = ?",
-                            (family, layer),
-                        )
-                        .fetchone()[0]
-                    )
-                    merged = load_accumulator(conns[0], metas[0], family, layer, n)
-                    for meta, conn in zip(metas[1:], conns[1:], strict=True):
-                        merged.merge(load_accumulator(conn, meta, family, layer, n))
-                    merged.dirty.fill_(True)
-                    writer.commit(out, [merged], window_tokens, vocabulary.__getitem__)
-            writer.finish()
-        finally:
-            writer.close()
-        return out
-    finally:
-        for conn in conns:
-            conn.close()

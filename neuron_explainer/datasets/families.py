@@ -1,19 +1,20 @@
-"""Component families that can be collated: a name, the hook values they read, and a function
-from those values to one activation per component and token (or token pair).
+"""Component families that can be collated: one per node type whose description names a metric
+to collate (`NodeTypeDescription.dataset_metric`, activations/node_types/), computed by that node
+type's own derived scalar, so a new node type needs nothing here:
 
-    mlp_neuron      blocks.L.mlp.hook_post: the neuron's post-activation a[t, i]
+    mlp_neuron      the neuron's post-activation a[t, i] (blocks.L.mlp.hook_post)
     attention_head  per (query q, key k <= q) pair, the head's write magnitude
-                    A[q, k, h] * ||v[k, h] W_O[h]|| (derived_scalars.head_write_magnitude, which
-                    never builds the n^2 * H * d tensor of write vectors)
+                    A[q, k, h] * ||v[k, h] W_O[h]|| (never building the n^2 * H * d write vectors)
     mlp_autoencoder_latent        z[t, j] = encode(x[t])[j] of layer L's MLP-side autoencoder
     attention_autoencoder_latent  (hook_mlp_out or mlp.hook_post) or attention-side one
-                                  (hook_attn_out), x the activation at its hook point
+                                  (hook_attn_out), x the activation at its hook point; these
+                                  families are bound to the autoencoders given to the collation
+                                  (`use_autoencoders`), which need not be attached to the model
 
 A family function takes (model, acts, layer), where `acts` maps the family's hook names (with
 "{L}" filled in) to the values cached in this forward pass, and returns [b, C, P]: b windows, C
 components in the layer, P positions per window (n tokens, or n(n+1)/2 token pairs flattened row by
-row over the lower triangle: (0,0), (1,0), (1,1), (2,0), ...). A later family (autoencoder
-latents) registers itself with `register_family` and needs no change elsewhere.
+row over the lower triangle: (0,0), (1,0), (1,1), (2,0), ...).
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ from typing import Any, TypeVar
 
 import torch
 
-from neuron_explainer.activations.derived_scalars import PassState, head_write_magnitude
+from neuron_explainer.activations import describe, node_types
+from neuron_explainer.activations.derived_scalars import PassState, scalar
+from neuron_explainer.activations.nodes import NodeType, by_api_name
 from neuron_explainer.models.autoencoders import AutoencoderSide, SparseAutoencoder
 from neuron_explainer.models.transformer import HookedTransformer
 
@@ -83,45 +86,42 @@ def pair_of_position(position: int) -> tuple[int, int]:
     return q, position - q * (q + 1) // 2
 
 
-def _mlp_neuron(
-    model: HookedTransformer, acts: Mapping[str, torch.Tensor], layer: int
-) -> torch.Tensor:
-    return acts[f"blocks.{layer}.mlp.hook_post"].transpose(1, 2)  # [b, n, m] -> [b, m, n]
+def _node_type_family(node_type: NodeType) -> ComponentFamily:
+    """The family of a node type that lives in the model itself: its dataset metric as its
+    derived scalar computes it, from the hook values that scalar reads."""
+    desc = describe(node_type)
+    assert desc.dataset_metric is not None
+    fn = scalar(node_type, desc.dataset_metric)
+    assert not callable(fn.acts), "hook names that depend on the model need a bound family"
 
+    def activations(
+        model: HookedTransformer, acts: Mapping[str, torch.Tensor], layer: int
+    ) -> torch.Tensor:
+        values = fn.fn(PassState(model=model, acts=dict(acts)), layer)
+        if desc.per_token_pair:
+            return lower_triangle(values)  # [b, H, q, k] -> [b, H, P]
+        return values.transpose(1, 2)  # [b, n, C] -> [b, C, n]
 
-def _attention_head(
-    model: HookedTransformer, acts: Mapping[str, torch.Tensor], layer: int
-) -> torch.Tensor:
-    state = PassState(model=model, acts=dict(acts))
-    return lower_triangle(head_write_magnitude(state, layer))  # [b, H, q, k] -> [b, H, P]
-
-
-register_family(
-    ComponentFamily(
-        name="mlp_neuron",
-        hooks=("blocks.{L}.mlp.hook_post",),
-        activations=_mlp_neuron,
-        n_components=lambda model: model.cfg.d_mlp,
-        description="MLP neuron post-activation a[t, i]",
+    return ComponentFamily(
+        name=desc.name,
+        hooks=tuple(fn.acts),
+        activations=activations,
+        n_components=lambda model: desc.width(model, 0),
+        per_token_pair=desc.per_token_pair,
+        description=f"{desc.label} {desc.dataset_metric}",
     )
-)
-register_family(
-    ComponentFamily(
-        name="attention_head",
-        hooks=("blocks.{L}.attn.hook_v", "blocks.{L}.attn.hook_pattern"),
-        activations=_attention_head,
-        n_components=lambda model: model.cfg.n_heads,
-        per_token_pair=True,
-        description="attention head write magnitude A[q,k,h]·‖v[k,h] W_O[h]‖ per token pair",
-    )
-)
+
+
+for _type in node_types():
+    if describe(_type).dataset_metric is not None and describe(_type).splice is None:
+        register_family(_node_type_family(_type))
 
 
 # ---- autoencoder latents -----------------------------------------------------------------------
 
+# The latent family of each autoencoder side: the name of that side's latent node type.
 LATENT_FAMILY_OF_SIDE: dict[AutoencoderSide, str] = {
-    "mlp": "mlp_autoencoder_latent",
-    "attention": "attention_autoencoder_latent",
+    side: by_api_name("autoencoder_latent", side)[0].value for side in ("mlp", "attention")
 }
 
 

@@ -22,8 +22,10 @@ from typing import Any
 from neuron_explainer.datasets.collate import ProgressCallback, collate
 from neuron_explainer.datasets.corpus import Corpus, TokenWindows
 from neuron_explainer.datasets.families import FAMILIES, LatentFamily, use_autoencoders
-from neuron_explainer.datasets.store import DatasetError, DatasetMetadata
-from neuron_explainer.models.autoencoders import SparseAutoencoder, load_autoencoder_specs
+from neuron_explainer.datasets.records import DatasetError
+from neuron_explainer.datasets.store import DatasetMetadata
+from neuron_explainer.models.autoencoder_formats import load_autoencoder_specs
+from neuron_explainer.models.autoencoders import SparseAutoencoder
 from neuron_explainer.models.transformer import HookedTransformer
 
 AUTOENCODERS_KEY = "autoencoders"
@@ -31,7 +33,7 @@ AUTOENCODERS_KEY = "autoencoders"
 
 def load_autoencoders(specs: Iterable[str], model: HookedTransformer) -> list[SparseAutoencoder]:
     """Every autoencoder named by `[HOOK=]PATH` specs, as `tdb serve --autoencoder` reads them (a
-    folder may hold several; see autoencoders.load_autoencoder_specs), checked against `model`
+    folder may hold several; see autoencoder_formats.load_autoencoder_specs), checked against `model`
     and on its device."""
     autoencoders = load_autoencoder_specs(list(specs), device=model.device)
     for ae in autoencoders:
@@ -144,7 +146,7 @@ def _collate_bound(
         raise ValueError("collate_latents needs at least one autoencoder")
     names = list(families) if families else list(bound)
     latent = [bound[n] for n in names if n in bound]
-    unbound = [n for n in names if n not in bound and n.endswith("_autoencoder_latent")]
+    unbound = [n for n in names if n not in bound and isinstance(FAMILIES.get(n), LatentFamily)]
     if unbound:
         raise ValueError(f"no autoencoder given for {', '.join(unbound)}")
     if not latent:

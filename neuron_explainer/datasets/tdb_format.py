@@ -33,30 +33,28 @@ from urllib.parse import unquote, urlparse
 
 import aiohttp
 
-from neuron_explainer.datasets.families import FAMILIES
-from neuron_explainer.datasets.store import (
+from neuron_explainer.datasets.records import (
     ActivationRecord,
     ComponentNotFoundError,
     ComponentRecord,
     DatasetError,
     DatasetNotFoundError,
-    DatasetStore,
+    is_per_pair,
 )
+from neuron_explainer.datasets.store import DatasetStore
 
 
-def _is_url(dataset: str) -> bool:
-    return dataset.startswith(("http://", "https://"))
+def is_url(location: str) -> bool:
+    """Whether a dataset location is an http(s) URL (else a local path or file:// URL)."""
+    return location.startswith(("http://", "https://"))
 
 
-def _local_dir(dataset: str | Path) -> Path:
-    text = str(dataset)
+def local_path(location: str | Path) -> Path:
+    """The path of a local dataset location: a path (`~` expanded) or a file:// URL."""
+    text = str(location)
     if text.startswith("file://"):
         return Path(unquote(urlparse(text).path))
     return Path(text).expanduser()
-
-
-def _per_pair(family: str) -> bool:
-    return FAMILIES[family].per_token_pair if family in FAMILIES else "attention" in family
 
 
 # ---- JSON <-> records -----------------------------------------------------------------------------
@@ -79,17 +77,17 @@ def to_tdb_json(record: ComponentRecord) -> dict[str, Any]:
             "layer_index": record.layer,
             "neuron_index": record.index,
         },
-        "random_sample": [_record_json(r) for r in record.randomSample],
+        "random_sample": [_record_json(r) for r in record.random_sample],
         "random_sample_by_quantile": None
-        if record.randomSampleByQuantile is None
-        else [[_record_json(r) for r in group] for group in record.randomSampleByQuantile],
-        "quantile_boundaries": record.quantileBoundaries,
+        if record.random_sample_by_quantile is None
+        else [[_record_json(r) for r in group] for group in record.random_sample_by_quantile],
+        "quantile_boundaries": record.quantile_boundaries,
         "mean": record.mean,
         "variance": record.variance,
         "skewness": record.skewness,
         "kurtosis": record.kurtosis,
         "most_positive_activation_records": [
-            _record_json(r) for r in record.mostPositiveActivationRecords
+            _record_json(r) for r in record.most_positive_activation_records
         ],
     }
 
@@ -144,7 +142,7 @@ def from_tdb_json(
     """A TDB NeuronRecord JSON object as a ComponentRecord (fraction active and dead unknown)."""
     if not isinstance(data, dict) or "most_positive_activation_records" not in data:
         raise DatasetError(f"{where} is not a TDB NeuronRecord")
-    per_pair = _per_pair(family)
+    per_pair = is_per_pair(family)
 
     def records(items: Any) -> list[ActivationRecord]:
         return [_parse_activation_record(r, per_pair, where) for r in items or []]
@@ -156,11 +154,13 @@ def from_tdb_json(
         family=family,
         layer=int(layer),
         index=int(index),
-        maxActivation=max((max(r.activations) for r in top if r.activations), default=math.nan),
-        mostPositiveActivationRecords=top,
-        randomSample=records(data.get("random_sample")),
-        randomSampleByQuantile=None if by_quantile is None else [records(g) for g in by_quantile],
-        quantileBoundaries=None if boundaries is None else [float(b) for b in boundaries],
+        max_activation=max((max(r.activations) for r in top if r.activations), default=math.nan),
+        most_positive_activation_records=top,
+        random_sample=records(data.get("random_sample")),
+        random_sample_by_quantile=None
+        if by_quantile is None
+        else [records(g) for g in by_quantile],
+        quantile_boundaries=None if boundaries is None else [float(b) for b in boundaries],
         mean=_optional_float(data.get("mean")),
         variance=_optional_float(data.get("variance")),
         skewness=_optional_float(data.get("skewness")),
@@ -185,8 +185,8 @@ async def read_tdb_record_async(
     DatasetNotFoundError when a local dataset folder does not exist, DatasetError otherwise.
     """
     text = str(dataset)
-    if not _is_url(text):
-        return await asyncio.to_thread(_read_local, _local_dir(text), layer, index, family)
+    if not is_url(text):
+        return await asyncio.to_thread(_read_local, local_path(text), layer, index, family)
     url = f"{text.rstrip('/')}/{int(layer)}/{int(index)}.json"
     own_session = session is None
     client = session or aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout))
@@ -231,7 +231,7 @@ def read_tdb_record(
 
 def list_tdb_components(dataset: str | Path) -> list[tuple[int, int]]:
     """(layer, index) of every record in a local TDB dataset folder, sorted."""
-    folder = _local_dir(dataset)
+    folder = local_path(dataset)
     if not folder.is_dir():
         raise DatasetNotFoundError(f"no TDB dataset folder at {folder}")
     found = []

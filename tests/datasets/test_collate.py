@@ -112,10 +112,10 @@ def collated(
         window_length=WINDOW,
         progress=False,
     )
-    assert meta.status == "complete" and meta.nTokens == N_WINDOWS * WINDOW
+    assert meta.status == "complete" and meta.n_tokens == N_WINDOWS * WINDOW
     tokens = [default_model.tokenizer.display_tokens(row) for row in windows.tokens.tolist()]
     acts = brute_force(default_model, windows)
-    return Collated(path, windows, acts, meta.calibrationWindows, tokens)
+    return Collated(path, windows, acts, meta.calibration_windows, tokens)
 
 
 def fp16(x: np.ndarray) -> np.ndarray:
@@ -144,7 +144,7 @@ def test_top_k_max_and_moments_match_brute_force(collated: Collated, family: str
             values = acts[:, index]  # [W, P]
             scores = values.max(axis=1)
             expected = sorted(range(len(scores)), key=lambda w: (-scores[w], w))[:K]
-            got = [r.windowIndex for r in record.mostPositiveActivationRecords]
+            got = [r.window_index for r in record.most_positive_activation_records]
             assert len(got) == K
             if exact:
                 assert got == expected
@@ -152,13 +152,13 @@ def test_top_k_max_and_moments_match_brute_force(collated: Collated, family: str
             np.testing.assert_allclose(
                 scores[got], scores[expected], rtol=max(rtol, 1e-12), atol=1e-7
             )
-            for r in record.mostPositiveActivationRecords:
-                assert r.windowIndex is not None
-                assert r.tokens == collated.tokens[r.windowIndex]
+            for r in record.most_positive_activation_records:
+                assert r.window_index is not None
+                assert r.tokens == collated.tokens[r.window_index]
                 np.testing.assert_allclose(
-                    r.activations, fp16(values[r.windowIndex]), rtol=1e-3, atol=1e-4
+                    r.activations, fp16(values[r.window_index]), rtol=1e-3, atol=1e-4
                 )
-            assert record.maxActivation == pytest.approx(values.max(), rel=max(rtol, 1e-7))
+            assert record.max_activation == pytest.approx(values.max(), rel=max(rtol, 1e-7))
             flat = values.ravel()
             centred = flat - flat.mean()
             var = (centred**2).mean()
@@ -166,7 +166,7 @@ def test_top_k_max_and_moments_match_brute_force(collated: Collated, family: str
             assert record.variance == pytest.approx(var, rel=1e-5)
             assert record.skewness == pytest.approx((centred**3).mean() / var**1.5, rel=1e-4)
             assert record.kurtosis == pytest.approx((centred**4).mean() / var**2 - 3, rel=1e-4)
-            assert record.fractionActive == pytest.approx((flat > 0).mean(), abs=1e-3)
+            assert record.fraction_active == pytest.approx((flat > 0).mean(), abs=1e-3)
             assert record.dead == (not (flat > 0).any())
 
 
@@ -185,12 +185,12 @@ def test_random_samples_are_the_smallest_keys_over_the_corpus(collated: Collated
     with DatasetStore(collated.path) as store:
         for index in components_to_check(collated, family, layer):
             record = store.record(family, layer, index)
-            got = [r.windowIndex for r in record.randomSample]
+            got = [r.window_index for r in record.random_sample]
             expected = smallest_keys(keys[index].numpy(), np.ones(n_windows, bool), RANDOM)
             assert sorted(got) == expected  # type: ignore[type-var]
-            for r in record.randomSample:
+            for r in record.random_sample:
                 np.testing.assert_allclose(
-                    r.activations, fp16(acts[r.windowIndex, index]), rtol=1e-3, atol=1e-4
+                    r.activations, fp16(acts[r.window_index, index]), rtol=1e-3, atol=1e-4
                 )
 
 
@@ -211,13 +211,13 @@ def test_quantile_samples_follow_calibrated_boundaries(collated: Collated):
             expected_bounds = torch.quantile(
                 torch.from_numpy(scores[:cal, index]).float(), quantiles
             )
-            assert record.quantileBoundaries == pytest.approx(expected_bounds.tolist(), rel=1e-6)
-            assert record.randomSampleByQuantile is not None
-            assert len(record.randomSampleByQuantile) == 5
-            bins = np.searchsorted(record.quantileBoundaries, scores[:, index], side="right")
-            for j, group in enumerate(record.randomSampleByQuantile):
+            assert record.quantile_boundaries == pytest.approx(expected_bounds.tolist(), rel=1e-6)
+            assert record.random_sample_by_quantile is not None
+            assert len(record.random_sample_by_quantile) == 5
+            bins = np.searchsorted(record.quantile_boundaries, scores[:, index], side="right")
+            for j, group in enumerate(record.random_sample_by_quantile):
                 eligible = (bins == j) & (np.arange(n_windows) >= cal)
-                got = sorted(r.windowIndex for r in group)  # type: ignore[type-var]
+                got = sorted(r.window_index for r in group)  # type: ignore[type-var]
                 assert got == smallest_keys(keys[index], eligible, PER_BIN)
 
 
@@ -268,9 +268,9 @@ def test_reading_a_component_takes_milliseconds(collated: Collated):
 def test_update_threads_follow_the_faster_count() -> None:
     """On CPU, accumulator updates run with whichever intra-op thread count (the configured one
     or 1) was faster on recent batches, and the other is retried now and then."""
-    from neuron_explainer.datasets.collate import _UpdateThreads
+    from neuron_explainer.datasets.runner import UpdateThreads
 
-    chooser = _UpdateThreads(configured=4, explore_every=5)
+    chooser = UpdateThreads(configured=4, explore_every=5)
     cost = {4: 1.0, 1: 0.1}  # a busy machine: one thread is faster
     choices = []
     for _ in range(20):
@@ -284,4 +284,4 @@ def test_update_threads_follow_the_faster_count() -> None:
     for _ in range(10):
         chooser.record(cost[chooser.next_batch()])
     assert chooser.best() == 4
-    assert _UpdateThreads(configured=1).next_batch() == 1
+    assert UpdateThreads(configured=1).next_batch() == 1

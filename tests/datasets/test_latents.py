@@ -35,12 +35,9 @@ from neuron_explainer.datasets.latents import (
     stored_autoencoders,
 )
 from neuron_explainer.models import HookedTransformer
-from neuron_explainer.models.autoencoders import (
-    AutoencoderConfig,
-    SparseAutoencoder,
-    hook_width,
-    save_autoencoder,
-)
+from neuron_explainer.models.autoencoder_formats import save_autoencoder
+from neuron_explainer.models.autoencoders import AutoencoderConfig, SparseAutoencoder
+from neuron_explainer.models.config import hook_width
 from tests.datasets.test_collate import cache_until
 from tests.servers import Server, call, start_server, stop_server
 
@@ -170,25 +167,25 @@ def test_latent_top_k_and_statistics_match_brute_force_encode(
             record = store.record(family, layer, index)
             s = scores[:, index]
             expected = sorted(range(N_WINDOWS), key=lambda w: (-s[w], w))[:K]
-            got = [r.windowIndex for r in record.mostPositiveActivationRecords]
+            got = [r.window_index for r in record.most_positive_activation_records]
             # The collation encodes the same activations in the same batches: same top-k, and
             # the kept windows' scores are the top-k scores whatever the ties.
             np.testing.assert_array_equal(s[got], s[expected])
             if s[expected[-1]] > 0:
                 assert got == expected
-            for r in record.mostPositiveActivationRecords:
-                assert r.windowIndex is not None
-                assert r.tokens == collated.tokens[r.windowIndex]
+            for r in record.most_positive_activation_records:
+                assert r.window_index is not None
+                assert r.tokens == collated.tokens[r.window_index]
                 np.testing.assert_allclose(
                     r.activations,
-                    acts[r.windowIndex, index].astype(np.float16),
+                    acts[r.window_index, index].astype(np.float16),
                     rtol=1e-3,
                     atol=1e-4,
                 )
             values = acts[:, index].ravel()
-            assert record.maxActivation == pytest.approx(values.max(), rel=1e-6, abs=1e-12)
+            assert record.max_activation == pytest.approx(values.max(), rel=1e-6, abs=1e-12)
             assert record.mean == pytest.approx(values.mean(), rel=1e-5, abs=1e-9)
-            assert record.fractionActive == pytest.approx((values > 0).mean(), abs=1e-6)
+            assert record.fraction_active == pytest.approx((values > 0).mean(), abs=1e-6)
             assert record.dead == (not (values > 0).any())
 
 
@@ -283,7 +280,7 @@ def test_collate_cli_with_autoencoders(
         meta = store.metadata()
         assert meta.families == ["attention_autoencoder_latent"] and meta.layers == [0, 1]
         record = store.record("attention_autoencoder_latent", 1, 0)
-        assert len(record.mostPositiveActivationRecords[0].activations) == 16  # per token
+        assert len(record.most_positive_activation_records[0].activations) == 16  # per token
     missing = ["--out", str(tmp_path / "x.sqlite"), "--families", "mlp_autoencoder_latent"]
     assert datasets_cli([*args, *missing]) == 2
     assert "needs --autoencoder PATH" in capsys.readouterr().err
@@ -313,8 +310,8 @@ def test_read_api_serves_latent_records_by_side(latent_server: Server, collated:
             want = store.record(family, layer, index)
         assert out["autoencoderSide"] == side and out["nodeType"] == "autoencoder_latent"
         got_top = [(r["tokens"], r["activations"]) for r in out["mostPositiveActivationRecords"]]
-        assert got_top == [(r.tokens, r.activations) for r in want.mostPositiveActivationRecords]
-        assert out["maxActivation"] == pytest.approx(want.maxActivation)
+        assert got_top == [(r.tokens, r.activations) for r in want.most_positive_activation_records]
+        assert out["maxActivation"] == pytest.approx(want.max_activation)
     # Both sides are collated at layer 1: a request must say which.
     body = {"nodeType": "autoencoder_latent", "layerIndex": 1, "componentIndex": 0}
     status, out = call(latent_server, "/neuron_record", body)
@@ -342,7 +339,7 @@ def test_prompt_activations_of_a_latent_scaled_by_its_dataset_max(
     status, out = call(latent_server, "/derived_scalars", body)
     assert status == 200, out
     with DatasetStore(collated.path) as store:
-        scale = store.record(family, layer, index).maxActivation
+        scale = store.record(family, layer, index).max_activation
     hook = HOOKS[(family, layer)][0]
     tokens = torch.tensor([out["tokenIds"]])
     expected = collated.autoencoders[hook].encode(cache_until(default_model, tokens, [hook])[hook])

@@ -59,7 +59,7 @@ def test_metadata_lists_every_dataset(read_server: Server, tiny_store: Path) -> 
     store = out["datasets"][0]
     with DatasetStore(tiny_store) as s:
         meta = s.metadata()
-    assert store["status"] == "complete" and store["nTokens"] == meta.nTokens
+    assert store["status"] == "complete" and store["nTokens"] == meta.n_tokens
     assert store["modelName"] == meta.model["name"] and store["layers"] == [0, 1]
     assert call(read_server, "/neuron_datasets_metadata", {})[1] == out  # POST as TDB's clients
 
@@ -91,7 +91,7 @@ def test_records_from_the_store_and_its_tdb_export_over_http_agree(
             status, out = call(read_server, path, body)
             assert status == 200, out
             got[name] = out
-        want_top = [(r.tokens, r.activations) for r in original.mostPositiveActivationRecords]
+        want_top = [(r.tokens, r.activations) for r in original.most_positive_activation_records]
         for name, out in got.items():
             assert out["dataset"]["name"] == name
             assert flat(out)[: len(want_top)] == want_top
@@ -99,7 +99,7 @@ def test_records_from_the_store_and_its_tdb_export_over_http_agree(
             for field in ("mean", "variance", "skewness", "kurtosis"):
                 assert out[field] == pytest.approx(getattr(original, field), rel=1e-6), field
             scale = out["maxActivation"]
-            assert scale == pytest.approx(original.maxActivation, rel=1e-3)
+            assert scale == pytest.approx(original.max_activation, rel=1e-3)
             for r in out["mostPositiveActivationRecords"]:
                 assert r["normalizedActivations"] == pytest.approx(
                     [max(-1.0, min(1.0, a / scale)) for a in r["activations"]]
@@ -163,8 +163,8 @@ def test_missing_components_and_datasets_are_404_with_a_message(
 
 def test_custom_prompt_normalized_by_the_dataset_max(read_server: Server, tiny_store: Path) -> None:
     with DatasetStore(tiny_store) as store:
-        neuron_max = store.record("mlp_neuron", 1, 3).maxActivation
-        head_max = store.record("attention_head", 0, 2).maxActivation
+        neuron_max = store.record("mlp_neuron", 1, 3).max_activation
+        head_max = store.record("attention_head", 0, 2).max_activation
     prompt = "It is a truth universally acknowledged"
     status, out = call(
         read_server,

@@ -176,8 +176,8 @@ def test_shards_merge_into_the_single_run_store(
         assert row_a[4:8] == pytest.approx(row_b[4:8], rel=1e-9, nan_ok=True)
     with DatasetStore(merged) as store:
         meta = store.metadata()
-        assert meta.windowRanges == [[0, N_TOKENS // 16]] and meta.status == "complete"
-        assert meta.nTokens == N_TOKENS and len(meta.mergedFrom) == 3
+        assert meta.window_ranges == [[0, N_TOKENS // 16]] and meta.status == "complete"
+        assert meta.n_tokens == N_TOKENS and len(meta.merged_from) == 3
 
     with pytest.raises(DatasetError, match="overlap"):
         merge_stores([shards[0], single], tmp_path / "bad.sqlite")

@@ -10,42 +10,37 @@ import numpy as np
 import torch
 
 from neuron_explainer.datasets.accumulators import AccumulatorConfig, LayerAccumulator
-from neuron_explainer.datasets.store import (
-    FORMAT_VERSION,
-    DatasetMetadata,
-    StoreWriter,
-    connect,
-    load_accumulator,
-)
+from neuron_explainer.datasets.store import FORMAT_VERSION, DatasetMetadata, connect
+from neuron_explainer.datasets.store_writer import StoreWriter, load_accumulator
 
 WINDOWS, COMPONENTS, POSITIONS = 12, 4, 5
 
 
 def _metadata(config: AccumulatorConfig) -> DatasetMetadata:
     return DatasetMetadata(
-        formatVersion=FORMAT_VERSION,
-        toolVersion="test",
+        format_version=FORMAT_VERSION,
+        tool_version="test",
         model={"name": "none"},
         corpus={"name": "random"},
-        windowLength=POSITIONS,
-        nWindowsTotal=WINDOWS,
-        windowRanges=[[0, WINDOWS]],
-        nTokens=WINDOWS * POSITIONS,
+        window_length=POSITIONS,
+        n_windows_total=WINDOWS,
+        window_ranges=[[0, WINDOWS]],
+        n_tokens=WINDOWS * POSITIONS,
         families=["mlp_neuron"],
         layers=[0],
         k=config.k,
-        randomSampleSize=config.random_sample_size,
-        quantileSampleSize=config.quantile_sample_size,
+        random_sample_size=config.random_sample_size,
+        quantile_sample_size=config.quantile_sample_size,
         quantiles=list(config.quantiles),
-        calibrationWindows=config.calibration_windows,
+        calibration_windows=config.calibration_windows,
         seed=config.seed,
-        activeThreshold=config.active_threshold,
-        batchSize=4,
+        active_threshold=config.active_threshold,
+        batch_size=4,
         dtype="float32",
         status="complete",
-        nextWindow=WINDOWS,
-        createdAt="",
-        updatedAt="",
+        next_window=WINDOWS,
+        created_at="",
+        updated_at="",
     )
 
 

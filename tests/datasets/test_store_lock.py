@@ -10,11 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from neuron_explainer.datasets.store import DatasetError, DatasetStore, StoreWriter
+from neuron_explainer.datasets.records import DatasetError
+from neuron_explainer.datasets.store import DatasetStore
+from neuron_explainer.datasets.store_writer import StoreWriter
 
 SECOND_WRITER = """
 import sys
-from neuron_explainer.datasets.store import DatasetError, StoreWriter
+from neuron_explainer.datasets.records import DatasetError
+from neuron_explainer.datasets.store_writer import StoreWriter
 try:
     StoreWriter(sys.argv[1])
 except DatasetError as e:

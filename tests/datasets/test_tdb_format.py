@@ -23,18 +23,18 @@ def same_record(a: ComponentRecord, b: ComponentRecord) -> None:
     """Equal in every field TDB's format carries (activations exactly: JSON keeps floats)."""
 
     def pairs(r: ComponentRecord) -> list[tuple[list[str], list[float]]]:
-        groups = [r.mostPositiveActivationRecords, r.randomSample]
-        groups += r.randomSampleByQuantile or []
+        groups = [r.most_positive_activation_records, r.random_sample]
+        groups += r.random_sample_by_quantile or []
         return [(x.tokens, x.activations) for g in groups for x in g]
 
     assert (a.family, a.layer, a.index) == (b.family, b.layer, b.index)
     assert pairs(a) == pairs(b)
-    assert a.quantileBoundaries == b.quantileBoundaries
+    assert a.quantile_boundaries == b.quantile_boundaries
     for field in ("mean", "variance", "skewness", "kurtosis"):
         x, y = getattr(a, field), getattr(b, field)
         assert x == y or (math.isnan(x) and math.isnan(y)), field
     # TDB has no stored max: it is the largest activation in the top records (float16-rounded).
-    assert b.maxActivation == pytest.approx(a.maxActivation, rel=1e-3)
+    assert b.max_activation == pytest.approx(a.max_activation, rel=1e-3)
 
 
 @pytest.mark.parametrize("family", ["mlp_neuron", "attention_head"])
@@ -51,8 +51,10 @@ def test_export_round_trips_from_folder_and_http(
             same_record(original, local)
             same_record(original, remote)
             if family == "attention_head":
-                n = len(local.mostPositiveActivationRecords[0].tokens)
-                assert len(local.mostPositiveActivationRecords[0].activations) == n * (n + 1) // 2
+                n = len(local.most_positive_activation_records[0].tokens)
+                assert (
+                    len(local.most_positive_activation_records[0].activations) == n * (n + 1) // 2
+                )
 
 
 def test_exported_json_is_tdb_neuron_record(exported: Path):
@@ -119,9 +121,9 @@ def test_band_limited_head_records_expand_to_the_full_triangle(tmp_path: Path):
     (tmp_path / "0").mkdir()
     (tmp_path / "0" / "0.json").write_text(json.dumps(record))
     got = read_tdb_record(tmp_path, 0, 0, "attention_head")
-    full = got.mostPositiveActivationRecords[0].activations
+    full = got.most_positive_activation_records[0].activations
     assert len(full) == n * (n + 1) // 2 and m == 2
     # row 0: (0,0); row 1: (1,0) (1,1); row 2: (2,1) (2,2); row 3: (3,2) (3,3)
     assert full == [1.0, 2.0, 3.0, 0.0, 4.0, 5.0, 0.0, 0.0, 6.0, 7.0]
-    assert got.randomSampleByQuantile is None and math.isnan(got.mean)
-    assert got.maxActivation == 7.0
+    assert got.random_sample_by_quantile is None and math.isnan(got.mean)
+    assert got.max_activation == 7.0

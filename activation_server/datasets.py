@@ -13,17 +13,14 @@ for several with a `metadata.json` listing them.
 
 A store may not exist yet (the server builds the default one in the background): it is opened on
 first use, and until then lookups say it is still being built. Records of a store are read in a
-worker thread; TDB records over HTTP with aiohttp.
-
-`annotate(record)` adds what the API serves beside raw values: activations normalized by the
-dataset max and, for token-pair families, per-token summaries.
+worker thread; TDB records over HTTP with aiohttp. What a dataset is, as /neuron_datasets_metadata
+describes it, is a `DatasetInfoModel` (schemas.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import math
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,36 +28,18 @@ from urllib.parse import urlparse
 
 import aiohttp
 
-from neuron_explainer.datasets.families import FAMILIES, pair_of_position
-from neuron_explainer.datasets.store import (
-    ActivationRecord,
+from activation_server.schemas import DatasetInfoModel
+from neuron_explainer.datasets.families import FAMILIES
+from neuron_explainer.datasets.records import (
     ComponentNotFoundError,
     ComponentRecord,
     DatasetError,
     DatasetNotFoundError,
-    DatasetStore,
 )
-from neuron_explainer.datasets.tdb_format import _is_url, _local_dir, read_tdb_record_async
+from neuron_explainer.datasets.store import DatasetStore
+from neuron_explainer.datasets.tdb_format import is_url, local_path, read_tdb_record_async
 
 DEFAULT_TDB_FAMILY = "mlp_neuron"
-
-
-@dataclass
-class DatasetInfo:
-    """What the server says about one dataset (API field names)."""
-
-    name: str
-    kind: str  # "store" or "tdb"
-    location: str
-    families: list[str]
-    available: bool  # False while a store is still to be written
-    modelName: str | None = None
-    nTokens: int | None = None
-    status: str | None = None  # a store's "in_progress" or "complete"
-    layers: list[int] | None = None
-    windowLength: int | None = None
-    corpus: str | None = None
-    updatedAt: str | None = None
 
 
 @dataclass
@@ -79,24 +58,26 @@ class _StoreSource:
                     return None  # created but not yet committed: still being built
             return self.store
 
-    def info(self) -> DatasetInfo:
+    def info(self) -> DatasetInfoModel:
         store = self.open()
         if store is None:
-            return DatasetInfo(self.name, "store", str(self.path), [], available=False)
+            return DatasetInfoModel(
+                name=self.name, kind="store", location=str(self.path), families=[], available=False
+            )
         meta = store.refresh_metadata()
-        return DatasetInfo(
-            self.name,
-            "store",
-            str(self.path),
-            list(meta.families),
+        return DatasetInfoModel(
+            name=self.name,
+            kind="store",
+            location=str(self.path),
+            families=list(meta.families),
             available=True,
-            modelName=meta.model.get("name"),
-            nTokens=meta.nTokens,
+            model_name=meta.model.get("name"),
+            n_tokens=meta.n_tokens,
             status=meta.status,
             layers=list(meta.layers),
-            windowLength=meta.windowLength,
+            window_length=meta.window_length,
             corpus=meta.corpus.get("name"),
-            updatedAt=meta.updatedAt,
+            updated_at=meta.updated_at,
         )
 
     async def record(self, family: str, layer: int, index: int) -> ComponentRecord:
@@ -116,9 +97,13 @@ class _TdbSource:
     family_locations: dict[str, str]  # family -> folder or URL prefix of <layer>/<index>.json
     session: aiohttp.ClientSession | None = None
 
-    def info(self) -> DatasetInfo:
-        return DatasetInfo(
-            self.name, "tdb", self.location, list(self.family_locations), available=True
+    def info(self) -> DatasetInfoModel:
+        return DatasetInfoModel(
+            name=self.name,
+            kind="tdb",
+            location=self.location,
+            families=list(self.family_locations),
+            available=True,
         )
 
     async def record(self, family: str, layer: int, index: int) -> ComponentRecord:
@@ -138,17 +123,17 @@ _Source = _StoreSource | _TdbSource
 
 
 def _name_of(location: str) -> str:
-    if _is_url(location):
+    if is_url(location):
         parts = [p for p in urlparse(location).path.split("/") if p]
         return parts[-1] if parts else urlparse(location).netloc
-    path = _local_dir(location)
+    path = local_path(location)
     return path.stem if path.suffix in (".sqlite", ".db") else path.name
 
 
 def _is_store(location: str) -> bool:
-    if _is_url(location):
+    if is_url(location):
         return False
-    path = _local_dir(location)
+    path = local_path(location)
     return path.suffix in (".sqlite", ".db") or path.is_file()
 
 
@@ -156,7 +141,7 @@ def _tdb_families(location: str, family: str | None) -> dict[str, str]:
     """family -> location of its `<layer>/<index>.json` files, for a local folder."""
     if family is not None:
         return {family: location}
-    folder = _local_dir(location)
+    folder = local_path(location)
     if not folder.is_dir():
         raise DatasetNotFoundError(f"no dataset at {location} (neither a store file nor a folder)")
     listed = _listed_families(folder / "metadata.json")
@@ -186,7 +171,7 @@ class DatasetRegistry:
         ValueError for an unknown family."""
         family, location = None, spec
         head, sep, rest = spec.partition("=")
-        if sep and "/" not in head and not _is_url(spec):
+        if sep and "/" not in head and not is_url(spec):
             family, location = head, rest
         if family is not None and family not in FAMILIES:
             raise ValueError(f"unknown component family {family!r} in --dataset {spec!r}")
@@ -197,8 +182,8 @@ class DatasetRegistry:
                 break
             name = f"{base}-{n}"
         if family is None and _is_store(location):
-            self._sources[name] = _StoreSource(name, _local_dir(location))
-        elif _is_url(location):
+            self._sources[name] = _StoreSource(name, local_path(location))
+        elif is_url(location):
             self._sources[name] = _TdbSource(
                 name, location, {family or DEFAULT_TDB_FAMILY: location}
             )
@@ -231,7 +216,7 @@ class DatasetRegistry:
     def names(self) -> list[str]:
         return list(self._sources)
 
-    def infos(self) -> list[DatasetInfo]:
+    def infos(self) -> list[DatasetInfoModel]:
         return [s.info() for s in self._sources.values()]
 
     def _pick(self, family: str, dataset: str | None) -> _Source:
@@ -258,7 +243,7 @@ class DatasetRegistry:
 
     async def record(
         self, family: str, layer: int, index: int, dataset: str | None = None
-    ) -> tuple[DatasetInfo, ComponentRecord]:
+    ) -> tuple[DatasetInfoModel, ComponentRecord]:
         """The record of one component from `dataset` (name or location), or from the first
         dataset holding `family`. DatasetNotFoundError / ComponentNotFoundError otherwise."""
         source = self._pick(family, dataset)
@@ -271,51 +256,3 @@ class DatasetRegistry:
                 await source.session.close()
             elif isinstance(source, _StoreSource) and source.store is not None:
                 source.store.close()
-
-
-# ---- what the API adds to a record ----------------------------------------------------------------
-
-
-@dataclass
-class TokenSummaries:
-    """Per token of a token-pair record, as /derived_attention_scalars reports them: "in" over
-    the pairs where the token is the key (read by itself and later tokens), "out" over the pairs
-    where it is the query (reading itself and earlier tokens); total and max."""
-
-    totalIn: list[float]
-    maxIn: list[float]
-    totalOut: list[float]
-    maxOut: list[float]
-
-
-def token_summaries(n_tokens: int, pair_values: list[float]) -> TokenSummaries:
-    """Summaries of one head record whose values run over pairs (q, k <= q) row by row."""
-    total_in, max_in = [0.0] * n_tokens, [0.0] * n_tokens
-    total_out, max_out = [0.0] * n_tokens, [0.0] * n_tokens
-    for position, value in enumerate(pair_values):
-        q, k = pair_of_position(position)
-        if q >= n_tokens:
-            break
-        total_in[k] += value
-        max_in[k] = max(max_in[k], value)
-        total_out[q] += value
-        max_out[q] = max(max_out[q], value)
-    return TokenSummaries(total_in, max_in, total_out, max_out)
-
-
-def normalize(values: list[float], scale: float) -> list[float]:
-    """values / scale, clipped to [-1, 1]; zeros when the scale is not a positive number."""
-    if not (math.isfinite(scale) and scale > 0):
-        return [0.0] * len(values)
-    return [max(-1.0, min(1.0, v / scale)) for v in values]
-
-
-def is_per_pair(family: str) -> bool:
-    return FAMILIES[family].per_token_pair if family in FAMILIES else family.startswith("attention")
-
-
-def all_records(record: ComponentRecord) -> list[ActivationRecord]:
-    records = list(record.mostPositiveActivationRecords) + list(record.randomSample)
-    for group in record.randomSampleByQuantile or []:
-        records += group
-    return records
