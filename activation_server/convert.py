@@ -1,8 +1,10 @@
 """Between wire schemas and the library's request/result objects. No math here.
 
-On the wire every latent is node type "autoencoder_latent" with an `autoencoderSide`; the library
-has one node type per side (mlp_autoencoder_latent, attention_autoencoder_latent). Requests may
-leave the side out where the layer holds one autoencoder only (`latent_node_type` resolves it).
+On the wire a node type is its description's `api_name` (both latent types are
+"autoencoder_latent", told apart by `autoencoderSide`; a request may leave the side out where the
+layer holds one autoencoder only). Errors raised while converting carry library field paths
+relative to the converted value; callers prefix them with `at(...)` (errors.py maps them to wire
+names).
 """
 
 from __future__ import annotations
@@ -15,13 +17,18 @@ from neuron_explainer.activations import (
     NodeTokenViews,
     NodeToTrace,
     NodeType,
-    RequestError,
+    ScoredKeyToken,
     ScoredToken,
     SubRequest,
     SubResult,
+    describe,
+    node_types,
 )
-from neuron_explainer.activations.engine import LATENT_TYPES, ScoredKeyToken, latent_node_type
+from neuron_explainer.activations.derived_scalars import METRICS, scalar
+from neuron_explainer.activations.node_types.autoencoder_latents import HOW_TO_LOAD
+from neuron_explainer.activations.nodes import RequestError, at
 from neuron_explainer.activations.processing import (
+    BatchedRow,
     DerivedScalarsQuery,
     Query,
     QueryResult,
@@ -29,32 +36,21 @@ from neuron_explainer.activations.processing import (
     TokenPairQuery,
     TopKQuery,
 )
+from neuron_explainer.activations.validation import resolve_api_node_type
 from neuron_explainer.models import HookedTransformer
 from neuron_explainer.models.autoencoders import SparseAutoencoder
 
 
 def node_type(
-    model: HookedTransformer,
-    name: str,
-    layer: int,
-    side: s.AutoencoderSideName | None,
-    fld: str,
+    model: HookedTransformer, name: str, layer: int, side: s.AutoencoderSideName | None
 ) -> NodeType:
-    """The library's node type for a wire node type (and side, for latents). `fld` is the
-    prefix of the node's fields in the request."""
-    if name == "autoencoder_latent":
-        return latent_node_type(model, layer, side, fld)
-    if side is not None:
-        raise RequestError(
-            f"{fld}.autoencoderSide" if fld else "autoencoderSide",
-            "only autoencoder latents have one",
-        )
-    return NodeType(name)
+    """The library's node type for a wire node type (and side, for latents)."""
+    return resolve_api_node_type(model, name, layer, side)
 
 
-def node_index(m: s.NodeIndexModel, fld: str, model: HookedTransformer) -> NodeIndex:
+def node_index(m: s.NodeIndexModel, model: HookedTransformer) -> NodeIndex:
     return NodeIndex(
-        node_type(model, m.node_type, m.layer_index, m.autoencoder_side, fld),
+        node_type(model, m.node_type, m.layer_index, m.autoencoder_side),
         m.layer_index,
         m.token_index,
         m.component_index,
@@ -63,40 +59,46 @@ def node_index(m: s.NodeIndexModel, fld: str, model: HookedTransformer) -> NodeI
 
 
 def node_model(n: NodeIndex) -> s.NodeIndexModel:
-    latent = n.node_type.is_latent
+    desc = describe(n.node_type)
     return s.NodeIndexModel(
-        node_type="autoencoder_latent" if latent else n.node_type.value,  # type: ignore[arg-type]
+        node_type=desc.api_name,
         layer_index=n.layer,
         token_index=n.token,
         component_index=n.component,
         attended_token_index=n.attended_token,
-        autoencoder_side=n.node_type.autoencoder_side if latent else None,
+        autoencoder_side=desc.autoencoder_side,
     )
 
 
-def _trace(m: s.NodeToTraceModel | None, fld: str, model: HookedTransformer) -> NodeToTrace | None:
+def _trace(m: s.NodeToTraceModel | None, model: HookedTransformer) -> NodeToTrace | None:
     if m is None:
         return None
     kind = AttentionTraceType(m.attention_trace_type) if m.attention_trace_type else None
-    return NodeToTrace(node_index(m.node, f"{fld}.node", model), kind)
+    with at("node"):
+        return NodeToTrace(node_index(m.node, model), kind)
 
 
-def sub_request(m: s.InferenceRequestSpec, fld: str, model: HookedTransformer) -> SubRequest:
+def ablations(items: list[s.NodeAblationModel], model: HookedTransformer) -> list[NodeAblation]:
+    out = []
+    for i, a in enumerate(items):
+        with at("node_ablations", i, "node"):
+            out.append(NodeAblation(node_index(a.node, model), a.value))
+    return out
+
+
+def sub_request(m: s.InferenceRequestSpec, model: HookedTransformer) -> SubRequest:
+    with at("upstream_node_to_trace"):
+        upstream = _trace(m.upstream_node_to_trace, model)
+    with at("downstream_node_to_trace"):
+        downstream = _trace(m.downstream_node_to_trace, model)
     req = SubRequest(
         prompt=m.prompt,
         target_tokens=list(m.target_tokens),
         distractor_tokens=list(m.distractor_tokens),
         loss_fn=m.loss_fn,
-        node_ablations=[
-            NodeAblation(node_index(a.node, f"{fld}.nodeAblations[{i}].node", model), a.value)
-            for i, a in enumerate(m.node_ablations)
-        ],
-        upstream_node_to_trace=_trace(
-            m.upstream_node_to_trace, f"{fld}.upstreamNodeToTrace", model
-        ),
-        downstream_node_to_trace=_trace(
-            m.downstream_node_to_trace, f"{fld}.downstreamNodeToTrace", model
-        ),
+        node_ablations=ablations(m.node_ablations, model),
+        upstream_node_to_trace=upstream,
+        downstream_node_to_trace=downstream,
         prepend_bos=m.prepend_bos,
     )
     if isinstance(m, s.TdbSubRequest):
@@ -108,11 +110,38 @@ def sub_request(m: s.InferenceRequestSpec, fld: str, model: HookedTransformer) -
     return req
 
 
+def tdb_sub_requests(body: s.BatchedTdbRequest, model: HookedTransformer) -> list[SubRequest]:
+    out = []
+    for i, r in enumerate(body.sub_requests):
+        with at(i):
+            out.append(sub_request(r, model))
+    return out
+
+
+def batched_rows(body: s.BatchedRequest, model: HookedTransformer) -> list[BatchedRow]:
+    rows = []
+    for i, sub in enumerate(body.sub_requests):
+        with at(i, "request"):
+            request = sub_request(sub.inference_request_spec, model)
+        queries = {}
+        for name, spec in sub.processing_request_spec_by_name.items():
+            with at(i, "queries", name):
+                queries[name] = query(spec, model)
+        rows.append(BatchedRow(request, queries))
+    return rows
+
+
 def scored(tokens: list[ScoredToken]) -> list[s.ScoredTokenModel]:
     return [
         s.ScoredTokenModel(token=t.token, text=t.text, score=t.score, probability=t.probability)
         for t in tokens
     ]
+
+
+def key_token(a: ScoredKeyToken) -> s.ScoredKeyTokenModel:
+    return s.ScoredKeyTokenModel(
+        key_token_index=a.key_token_index, token=a.token, text=a.text, score=a.score
+    )
 
 
 def token_views(v: NodeTokenViews) -> s.NodeTokenViewsModel:
@@ -124,12 +153,6 @@ def token_views(v: NodeTokenViews) -> s.NodeTokenViewsModel:
         upvoting_key_tokens=scored(v.upvoting_key_tokens),
         downvoting_key_tokens=scored(v.downvoting_key_tokens),
         token_pair_attributions=[key_token(a) for a in v.token_pair_attributions],
-    )
-
-
-def key_token(a: ScoredKeyToken) -> s.ScoredKeyTokenModel:
-    return s.ScoredKeyTokenModel(
-        key_token_index=a.key_token_index, token=a.token, text=a.text, score=a.score
     )
 
 
@@ -165,25 +188,26 @@ def tdb_response(r: SubResult) -> s.TdbSubResponse:
     )
 
 
-def query(m: s.ProcessingSpec, fld: str, model: HookedTransformer) -> Query:
+def query(m: s.ProcessingSpec, model: HookedTransformer) -> Query:
     if isinstance(m, s.DerivedScalarsSpec):
-        kind = node_type(model, m.node_type, m.layer_index, m.autoencoder_side, fld)
+        kind = node_type(model, m.node_type, m.layer_index, m.autoencoder_side)
         return DerivedScalarsQuery(kind, m.metric, m.layer_index, m.component_indices)
     if isinstance(m, s.TopKSpec):
         types: list[NodeType] = []
-        for t in m.node_types:
-            if t != "autoencoder_latent":
-                types.append(NodeType(t))
-                continue
-            held = {ae.cfg.side for ae in model.autoencoders.values()}
-            if not held:
-                raise RequestError(f"{fld}.nodeTypes", "no autoencoder is loaded (--autoencoder)")
-            types += [LATENT_TYPES[side] for side in ("mlp", "attention") if side in held]
+        for name in m.node_types:
+            present = [t for t in node_types() if describe(t).api_name == name]
+            if len(present) > 1:  # latents of every side the model holds
+                present = [t for t in present if describe(t).layers(model)]
+                if not present:
+                    raise RequestError("node_types", f"no autoencoder is loaded ({HOW_TO_LOAD})")
+            types += present
         return TopKQuery(tuple(dict.fromkeys(types)), tuple(m.metrics), m.k)
     if isinstance(m, s.ScoredTokensSpec):
-        return ScoredTokensQuery(
-            [node_index(n, f"{fld}.nodes[{i}]", model) for i, n in enumerate(m.nodes)], m.k
-        )
+        nodes = []
+        for i, n in enumerate(m.nodes):
+            with at("nodes", i):
+                nodes.append(node_index(n, model))
+        return ScoredTokensQuery(nodes, m.k)
     return TokenPairQuery(m.layer_index, m.query_token_index, m.direction)
 
 
@@ -212,3 +236,37 @@ def autoencoder_info(ae: SparseAutoencoder) -> s.AutoencoderInfo:
         format=str(cfg.metadata.get("format", "native")),
         source=cfg.metadata.get("source"),
     )
+
+
+def node_type_info(node_type: NodeType, model: HookedTransformer | None) -> s.NodeTypeInfo:
+    """A node type's description as the UI reads it; with a model, where its nodes are."""
+    desc = describe(node_type)
+    layers = desc.layers(model) if model is not None else None
+    return s.NodeTypeInfo(
+        name=desc.name,
+        node_type=desc.api_name,
+        autoencoder_side=desc.autoencoder_side,
+        label=desc.label,
+        short_name=desc.short_name,
+        key=desc.key,
+        writes=desc.writes,
+        per_token_pair=desc.per_token_pair,
+        replaces=desc.replaces.value if desc.replaces is not None else None,
+        dataset_metric=desc.dataset_metric,  # type: ignore[arg-type]
+        metrics=[
+            s.MetricInfo.model_validate(
+                {
+                    "name": m,
+                    "signed": scalar(node_type, m).signed,
+                    "ranked": scalar(node_type, m).ranked,
+                }
+            )
+            for m in METRICS
+        ],
+        layers=layers,
+        widths=None if model is None or layers is None else [desc.width(model, L) for L in layers],
+    )
+
+
+def node_type_infos(model: HookedTransformer | None) -> list[s.NodeTypeInfo]:
+    return [node_type_info(t, model) for t in node_types()]

@@ -1,7 +1,9 @@
-"""The error contract (api.md): every error is JSON `{message, detail, requestId}`.
+"""The error contract (docs/api.md): every error is JSON `{message, detail, requestId}`.
 
-- invalid input: 4xx with a message naming the field (422 for schema violations and malformed
-  JSON, 400 for values the engine rejects, 413 for prompts over the maximum);
+- invalid input: 4xx with a message naming the field and `detail.field` the same path (422 for
+  schema violations and malformed JSON; 400 for values the library rejects, 413 for what is over
+  a limit: the library's `RequestError` says which with its `kind`, and names the field by a path
+  in its own terms, which `wire_field` maps to this endpoint's field names);
 - inference without a model: 503 saying how to start one;
 - anything unexpected: 500 with a generic message; the traceback goes to the server log under the
   request id the response carries, never to the client.
@@ -21,10 +23,11 @@ import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
+from pydantic.alias_generators import to_camel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from neuron_explainer.activations import RequestError
+from neuron_explainer.activations import FieldPath, RequestError
 
 log = logging.getLogger("activation_server")
 REQUEST_ID_HEADER = "x-request-id"
@@ -64,6 +67,43 @@ def error_response(
 
 def request_id(request: Request) -> str:
     return str(getattr(request.state, "request_id", "") or "")
+
+
+# Library field names whose wire names are not just their camelCase.
+WIRE_NAMES = {
+    "layer": "layerIndex",
+    "token": "tokenIndex",
+    "component": "componentIndex",
+    "attended_token": "attendedTokenIndex",
+    "top_and_bottom_k": "topAndBottomKForNodeTable",
+    "components": "componentIndices",
+    "query_token": "queryTokenIndex",
+    "request": "inferenceRequestSpec",
+    "queries": "processingRequestSpecByName",  # followed by a query's name, kept as it is
+}
+# Per endpoint: the wire field holding what the library's paths start from (the list of
+# sub-requests), and names that differ there.
+ENDPOINT_FIELDS: dict[str, tuple[str, dict[str, str]]] = {
+    "/batched_tdb": ("subRequests", {}),
+    "/batched": ("subRequests", {}),
+    "/derived_attention_scalars": ("", {"component": "headIndex"}),
+}
+STATUS_OF_KIND = {"invalid": 400, "too_large": 413}
+
+
+def wire_field(path: FieldPath, endpoint: str) -> str:
+    """A library field path as the endpoint's request names it:
+    (1, "node_ablations", 0, "node", "layer") -> "subRequests[1].nodeAblations[0].node.layerIndex"."""
+    out, renames = ENDPOINT_FIELDS.get(endpoint, ("", {}))
+    verbatim = False
+    for part in path:
+        if isinstance(part, int):
+            out += f"[{part}]"
+            continue
+        name = part if verbatim else renames.get(part) or WIRE_NAMES.get(part) or to_camel(part)
+        verbatim = part == "queries"
+        out += f".{name}" if out else name
+    return out
 
 
 def field_path(loc: Sequence[int | str]) -> str:
@@ -110,11 +150,12 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestError)
     async def on_request_error(request: Request, exc: RequestError) -> Response:
+        field = wire_field(exc.path, request.url.path)
         return error_response(
-            exc.status_code,
-            f"{exc.field}: {exc.message}",
+            STATUS_OF_KIND.get(exc.kind, 400),
+            f"{field}: {exc.message}" if field else exc.message,
             request_id(request),
-            {"field": exc.field},
+            {"field": field, "kind": exc.kind},
         )
 
     @app.exception_handler(NotFoundError)

@@ -1,18 +1,39 @@
-"""Request and response schemas of the HTTP API (api.md), in one module.
+"""Request and response schemas of the HTTP API (docs/api.md), in one module.
 
 camelCase on the wire; requests also accept snake_case. Unknown fields are rejected (a typo in a
 field name is an error naming it, not a silently ignored option). The UI's TypeScript types are
-generated from the OpenAPI document these produce.
+generated from the OpenAPI document these produce. Node type names come from the node types'
+descriptions (`neuron_explainer.activations.describe`), never written out here.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
-NodeTypeName = Literal["embedding", "mlp_neuron", "attention_head", "autoencoder_latent"]
+from neuron_explainer.activations import describe, node_types
+from neuron_explainer.activations.request import NODE_TYPES
+
+
+def _api_names(keep: object = None) -> tuple[str, ...]:
+    """The wire names of the node types (those whose description passes `keep`), in order."""
+    descs = [describe(t) for t in node_types()]
+    return tuple(dict.fromkeys(d.api_name for d in descs if keep is None or keep(d)))  # type: ignore[operator]
+
+
+if TYPE_CHECKING:
+    NodeTypeName = str
+    TokenNodeTypeName = str
+    RecordNodeType = str
+else:
+    NodeTypeName = Literal[_api_names()]
+    # Node types with one node per token (every type but token pairs).
+    TokenNodeTypeName = Literal[_api_names(lambda d: not d.per_token_pair)]
+    # Per-token node types collated into datasets (/neuron_record).
+    RecordNodeType = Literal[_api_names(lambda d: not d.per_token_pair and d.dataset_metric)]
+DEFAULT_TABLE_NODE_TYPES = [describe(t).api_name for t in NODE_TYPES]
 MetricName = Literal["activation", "write_magnitude", "direct_effect", "estimated_total_effect"]
 LossFnName = Literal["logit_diff", "logit_minus_mean", "probs", "zero"]
 AttentionTraceTypeName = Literal["query", "key", "query_and_key", "value"]
@@ -193,7 +214,7 @@ class DerivedScalarsSpec(Schema):
     heads [component][query token][key token] (keys after the query are 0)."""
 
     spec_type: Literal["derived_scalars"] = "derived_scalars"
-    node_type: Literal["embedding", "mlp_neuron", "attention_head", "autoencoder_latent"]
+    node_type: NodeTypeName
     autoencoder_side: AutoencoderSideName | None = Field(
         None, description="latents: which autoencoder of the layer (when it holds both)"
     )
@@ -208,12 +229,10 @@ class TopKSpec(Schema):
     """The node table: top and bottom k per node type and metric, every metric per node."""
 
     spec_type: Literal["top_k"] = "top_k"
-    node_types: list[Literal["embedding", "mlp_neuron", "attention_head", "autoencoder_latent"]] = (
-        Field(
-            ["embedding", "mlp_neuron", "attention_head"],
-            description="autoencoder_latent: the latents of every loaded autoencoder, replacing "
-            "the neurons / heads of their layers",
-        )
+    node_types: list[NodeTypeName] = Field(
+        DEFAULT_TABLE_NODE_TYPES,
+        description="autoencoder_latent: the latents of every loaded autoencoder, replacing "
+        "the neurons / heads of their layers",
     )
     metrics: list[MetricName] = [
         "activation",
@@ -225,7 +244,7 @@ class TopKSpec(Schema):
 
 
 class ScoredTokensSpec(Schema):
-    """Token-space views (engine.md §6) of the given nodes."""
+    """Token-space views (docs/engine.md §6) of the given nodes."""
 
     spec_type: Literal["scored_tokens"] = "scored_tokens"
     nodes: list[NodeIndexModel] = Field(min_length=1, max_length=256)
@@ -279,7 +298,7 @@ class BatchedResponse(ResponseSchema):
 
 class DerivedScalarsRequest(Schema):
     prompt: Prompt
-    node_type: Literal["mlp_neuron", "embedding", "autoencoder_latent"] = "mlp_neuron"
+    node_type: TokenNodeTypeName = "mlp_neuron"
     autoencoder_side: AutoencoderSideName | None = Field(
         None, description="latents: which autoencoder of the layer (when it holds both)"
     )
@@ -298,7 +317,9 @@ class DerivedScalarsResponse(ResponseSchema):
     token_strings: list[str]
     values: list[float] = Field(description="the metric at every token")
     normalized_values: list[float] | None = Field(
-        None, description="values divided by the component's max activation in its dataset"
+        None,
+        description="values / the component's max activation in its dataset, clipped to "
+        "[-1, 1] (the scale of its dataset's activation records)",
     )
     dataset_max: float | None = None
 
@@ -321,7 +342,9 @@ class DerivedAttentionScalarsResponse(ResponseSchema):
     values: list[list[float]] = Field(
         description="row q holds the pairs (q, k) for k = 0..q (the lower triangle)"
     )
-    normalized_values: list[list[float]] | None = None
+    normalized_values: list[list[float]] | None = Field(
+        None, description="values / the head's max activation in its dataset, clipped to [-1, 1]"
+    )
     dataset_max: float | None = None
     total_in: list[float] = Field(description="per key token: Σ over queries")
     max_in: list[float]
@@ -352,6 +375,48 @@ class AutoencoderInfo(ResponseSchema):
     source: str | None = Field(None, description="the path it was loaded from")
 
 
+class MetricInfo(ResponseSchema):
+    name: MetricName
+    signed: bool = Field(description="takes negative values (tables rank a bottom k too)")
+    ranked: bool = Field(description="false where every node has the same value")
+
+
+class NodeTypeInfo(ResponseSchema):
+    """A node type's description: what the UI shows and sends for it. One per node type the
+    library knows (latents once per autoencoder side)."""
+
+    name: str = Field(
+        description="the library's name: the collated dataset family and the component pages' "
+        "path, e.g. mlp_neuron, mlp_autoencoder_latent"
+    )
+    node_type: NodeTypeName = Field(description="`nodeType` of its nodes on the wire")
+    autoencoder_side: AutoencoderSideName | None = Field(
+        None, description="autoencoder latents: the side (with nodeType autoencoder_latent)"
+    )
+    label: str = Field(description="e.g. MLP neuron")
+    short_name: str = Field(description="names a node: '{shortName} L5 #123'")
+    key: str = Field(description="the URL-safe prefix of node keys, e.g. mlp-latent")
+    writes: Literal["embedding", "attention", "mlp"] = Field(
+        description="where its write enters the residual stream"
+    )
+    per_token_pair: bool = Field(description="one node per (query, key <= query) token pair")
+    replaces: str | None = Field(
+        None, description="in layers holding these nodes they replace this node type in tables"
+    )
+    dataset_metric: MetricName | None = Field(
+        None, description="the metric its collated datasets record (null: not collated)"
+    )
+    metrics: list[MetricInfo]
+    layers: list[int] | None = Field(
+        None, description="layers holding nodes of this type in the loaded model (null: no model)"
+    )
+    widths: list[int] | None = Field(None, description="components in each of `layers`")
+
+
+class NodeTypesResponse(ResponseSchema):
+    node_types: list[NodeTypeInfo]
+
+
 class ModelInfo(ResponseSchema):
     name: str
     architecture: str
@@ -366,7 +431,13 @@ class ModelInfo(ResponseSchema):
     max_prompt_tokens: int
     device: str
     dtype: str
-    node_types: list[str] = Field(description="autoencoder_latent when autoencoders are loaded")
+    node_types: list[str] = Field(
+        description="the wire node types the model has nodes of (autoencoder_latent when "
+        "autoencoders are loaded)"
+    )
+    node_type_descriptions: list[NodeTypeInfo] = Field(
+        description="every node type, with where the model has its nodes"
+    )
     autoencoders: list[AutoencoderInfo] = Field(default_factory=list)
     bos_token: str | None = None
 
@@ -413,8 +484,6 @@ class HealthResponse(ResponseSchema):
 
 # ---- collated datasets (read endpoints) and background jobs ----------------------------------------
 
-RecordNodeType = Literal["mlp_neuron", "autoencoder_latent"]
-
 
 class DatasetInfoModel(ResponseSchema):
     name: str = Field(description="what `datasetName` in record requests refers to")
@@ -423,7 +492,7 @@ class DatasetInfoModel(ResponseSchema):
     families: list[str] = Field(description="component families it holds records for")
     available: bool = Field(description="false while a store is still to be written")
     model_name: str | None = None
-    n_tokens: int | None = Field(None, description="tokens collated so far")
+    n_tokens: int | None = Field(default=None, description="tokens collated so far")
     status: Literal["in_progress", "complete"] | None = None
     layers: list[int] | None = None
     window_length: int | None = None

@@ -8,7 +8,7 @@ time goes, phase by phase.
 
 Memory: each length runs in a fresh child process that loads the model, resets the kernel's peak-RSS
 mark (/proc/self/clear_refs), runs one request and reports the peak resident memory above what the
-loaded model alone used. Peak extra memory must grow like n·H·d + n²·H, never n²·H·d (engine.md §3).
+loaded model alone used. Peak extra memory must grow like n·H·d + n²·H, never n²·H·d (docs/engine.md §3).
 
     python bench/request.py                      # both parts
     python bench/request.py --skip-memory --lengths 16 64

@@ -12,13 +12,15 @@ from activation_server import schemas as s
 from activation_server.routes import read
 from activation_server.state import model_worker, server_state
 from activation_server.worker import ModelWorker
-from neuron_explainer.activations import NodeAblation, NodeType, RequestError, SubRequest
-from neuron_explainer.activations.processing import (
-    BatchedRow,
-    component_values,
-    generate,
-    run_batched,
+from neuron_explainer.activations import (
+    NodeType,
+    RequestError,
+    SubRequest,
+    describe,
+    node_types,
 )
+from neuron_explainer.activations.processing import component_values, generate, run_batched
+from neuron_explainer.datasets.normalization import normalize_by_dataset_max, token_summaries
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": s.ErrorResponse, "description": text}
@@ -37,10 +39,7 @@ Worker = Annotated[ModelWorker, Depends(model_worker)]
 async def batched_tdb(body: s.BatchedTdbRequest, worker: Worker) -> s.BatchedTdbResponse:
     """The debugger's main call: one forward and one backward over all sub-requests (for
     example left prompt, right prompt and an unablated baseline)."""
-    model = worker.engine.model
-    subs = [
-        convert.sub_request(r, f"subRequests[{i}]", model) for i, r in enumerate(body.sub_requests)
-    ]
+    subs = convert.tdb_sub_requests(body, worker.engine.model)
     results, timings = await worker.run_tdb(subs)
     return s.BatchedTdbResponse(
         sub_responses=[convert.tdb_response(r) for r in results], timings=timings
@@ -51,19 +50,8 @@ async def batched_tdb(body: s.BatchedTdbRequest, worker: Worker) -> s.BatchedTdb
 async def batched(body: s.BatchedRequest, worker: Worker) -> s.BatchedResponse:
     """The general form: per sub-request an inference spec and named processing specs
     (derived scalars, top-k, scored tokens, token-pair attribution) answered from one pass."""
-    rows = []
-    model = worker.engine.model
-    for i, sub in enumerate(body.sub_requests):
-        fld = f"subRequests[{i}]"
-        request = convert.sub_request(
-            sub.inference_request_spec, f"{fld}.inferenceRequestSpec", model
-        )
-        queries = {
-            name: convert.query(spec, f"{fld}.processingRequestSpecByName.{name}", model)
-            for name, spec in sub.processing_request_spec_by_name.items()
-        }
-        rows.append(BatchedRow(request, queries))
     engine = worker.engine
+    rows = convert.batched_rows(body, engine.model)
     answered = await worker.call(lambda: run_batched(engine, rows))
     out = []
     for sub, (result, answers) in zip(body.sub_requests, answered, strict=True):
@@ -107,15 +95,15 @@ async def _dataset_max(
     if not body.normalize_by_dataset_max:
         return None
     if isinstance(body, s.DerivedAttentionScalarsRequest):
-        family, index, field = "attention_head", body.head_index, "headIndex"
-    elif node_type == NodeType.MLP_NEURON or node_type.is_latent:
+        family, index, field = node_type.value, body.head_index, "headIndex"
+    elif describe(node_type).dataset_metric is not None:
         family, index, field = node_type.value, body.component_index, "componentIndex"
     else:
         raise RequestError("normalizeByDatasetMax", f"no collated datasets of {body.node_type}")
     _, record = await read.lookup(
         request, family, body.layer_index, index, body.dataset_name, field
     )
-    scale = record.maxActivation
+    scale = record.max_activation
     if not (math.isfinite(scale) and scale > 0):
         raise RequestError(
             "normalizeByDatasetMax",
@@ -133,7 +121,7 @@ async def derived_scalars(
     custom prompt like the dataset examples)."""
     engine = worker.engine
     node_type = convert.node_type(
-        engine.model, body.node_type, body.layer_index, body.autoencoder_side, ""
+        engine.model, body.node_type, body.layer_index, body.autoencoder_side
     )
     dataset_max = await _dataset_max(request, body, node_type)
     sub = _component_request(
@@ -154,7 +142,7 @@ async def derived_scalars(
         token_ids=result.tokens,
         token_strings=result.token_strings,
         values=flat,
-        normalized_values=[v / dataset_max for v in flat] if dataset_max else None,
+        normalized_values=normalize_by_dataset_max(flat, dataset_max) if dataset_max else None,
         dataset_max=dataset_max,
     )
 
@@ -175,19 +163,19 @@ async def derived_attention_scalars(
         )
     )
     rows: list[list[float]] = values  # type: ignore[assignment]
-    n = len(rows)
-    total_in = [sum(rows[q][k] for q in range(k, n)) for k in range(n)]
-    max_in = [max(rows[q][k] for q in range(k, n)) for k in range(n)]
+    summaries = token_summaries([v for row in rows for v in row], len(rows))
     return s.DerivedAttentionScalarsResponse(
         token_ids=result.tokens,
         token_strings=result.token_strings,
         values=rows,
-        normalized_values=[[v / dataset_max for v in r] for r in rows] if dataset_max else None,
+        normalized_values=[normalize_by_dataset_max(r, dataset_max) for r in rows]
+        if dataset_max
+        else None,
         dataset_max=dataset_max,
-        total_in=total_in,
-        max_in=max_in,
-        total_out=[sum(r) for r in rows],
-        max_out=[max(r) for r in rows],
+        total_in=summaries.total_in,
+        max_in=summaries.max_in,
+        total_out=summaries.total_out,
+        max_out=summaries.max_out,
     )
 
 
@@ -213,10 +201,7 @@ async def tokenize(body: s.TokenizeRequest, request: Request) -> s.TokenizeRespo
 async def generate_text(body: s.GenerateRequest, worker: Worker) -> s.GenerateResponse:
     """Greedy or sampled continuation, optionally with node ablations held on every step."""
     engine = worker.engine
-    ablations = [
-        NodeAblation(convert.node_index(a.node, f"nodeAblations[{i}].node", engine.model), a.value)
-        for i, a in enumerate(body.node_ablations)
-    ]
+    ablations = convert.ablations(body.node_ablations, engine.model)
     new = await worker.call(
         lambda: generate(
             engine,
@@ -258,8 +243,12 @@ def model_info(request: Request) -> s.ModelInfo:
         max_prompt_tokens=state.engine.max_prompt_tokens,
         device=str(state.model.device),
         dtype=str(state.model.dtype).removeprefix("torch."),
-        node_types=["embedding", "mlp_neuron", "attention_head"]
-        + (["autoencoder_latent"] if state.model.autoencoders else []),
+        node_types=list(
+            dict.fromkeys(
+                describe(t).api_name for t in node_types() if describe(t).layers(state.model)
+            )
+        ),
+        node_type_descriptions=convert.node_type_infos(state.model),
         autoencoders=[convert.autoencoder_info(ae) for ae in state.model.autoencoders.values()],
         bos_token=tok.token_display(tok.bos_token_id)
         if tok is not None and tok.bos_token_id is not None

@@ -1,13 +1,16 @@
-"""General requests: one engine pass per row, then named processing specs read from its state.
+"""General requests: one engine pass per batch, then named queries answered from its state.
 
-This is the library side of the server's `/batched`, `/derived_scalars` and
-`/derived_attention_scalars`: a row is an inference spec (a `SubRequest`: prompt, `D`, ablations,
-trace) plus queries answered from the same forward/backward pass:
+This is the library side of the server's `/batched`, `/derived_scalars`,
+`/derived_attention_scalars` and `/generate`. A `BatchedRow` is a `SubRequest` (prompt, `D`,
+ablations, trace) plus queries answered from the same forward/backward pass:
 
 - `DerivedScalarsQuery`: every value of one derived scalar in one layer;
 - `TopKQuery`: the node table (the engine's own top/bottom-k selection);
 - `ScoredTokensQuery`: token-space views of chosen nodes;
 - `TokenPairQuery`: token-pair attribution of a residual direction at one query token.
+
+Errors name their field from the row's index on: `(0, "request", "prompt")` for the request,
+`(0, "queries", NAME, "layer")` for a query.
 """
 
 from __future__ import annotations
@@ -18,21 +21,19 @@ from typing import Any
 
 import torch
 
-from neuron_explainer.activations.derived_scalars import (
-    METRICS,
-    REGISTRY,
-    PassState,
-    token_pair_attribution,
+from neuron_explainer.activations.derived_scalars import METRICS, PassState, scalar
+from neuron_explainer.activations.engine import Engine
+from neuron_explainer.activations.node_types.attention_head import token_pair_attribution
+from neuron_explainer.activations.nodes import (
+    NodeAblation,
+    NodeIndex,
+    NodeType,
+    RequestError,
+    at,
+    describe,
 )
-from neuron_explainer.activations.engine import (
-    NODE_TYPES,
-    Engine,
-    NodeTokenViews,
-    SubRequest,
-    SubResult,
-)
-from neuron_explainer.activations.nodes import NodeAblation, NodeIndex, NodeType, RequestError
-from neuron_explainer.activations.token_views import node_token_views
+from neuron_explainer.activations.request import NODE_TYPES, SubRequest, SubResult
+from neuron_explainer.activations.token_views import NodeTokenViews, node_token_views
 
 
 @dataclass(frozen=True)
@@ -82,77 +83,81 @@ class BatchedRow:
     queries: dict[str, Query]
 
 
-def run_batched(
-    engine: Engine, rows: Sequence[BatchedRow], field_prefix: str = "subRequests"
-) -> list[tuple[SubResult, dict[str, QueryResult]]]:
-    """Run every row in one batch and answer its queries from the shared pass."""
+def _check_metric(metric: str) -> None:
+    if metric not in METRICS:
+        raise RequestError("metric", f"unknown metric {metric!r}; use one of {METRICS}")
+
+
+def _plan(engine: Engine, row: BatchedRow) -> SubRequest:
+    """The engine request answering a row's queries (paths relative to the row's queries)."""
     cfg = engine.model.cfg
-    requests = []
-    for i, row in enumerate(rows):
-        where = f"{field_prefix}[{i}].processingRequestSpecByName"
-        top_ks = [q for q in row.queries.values() if isinstance(q, TopKQuery)]
-        if len(top_ks) > 1:
-            raise RequestError(where, "at most one top_k spec per sub-request")
-        extra: list[tuple[NodeType, str]] = []
-        wants_views = False
-        for name, q in row.queries.items():
-            fld = f"{where}.{name}"
+    top_ks = [q for q in row.queries.values() if isinstance(q, TopKQuery)]
+    if len(top_ks) > 1:
+        raise RequestError((), "at most one top_k query per sub-request")
+    extra: list[tuple[NodeType, str]] = []
+    view_types: list[NodeType] = []
+    for name, q in row.queries.items():
+        with at(name):
             if isinstance(q, DerivedScalarsQuery):
-                engine.check_layer(q.node_type, q.layer, f"{fld}.layerIndex")
-                _check_metric(q.metric, f"{fld}.metric")
-                n_comp = engine.n_components(q.node_type, q.layer)
+                engine.check_layer(q.node_type, q.layer)
+                _check_metric(q.metric)
                 for c in q.components or ():
-                    if not 0 <= c < n_comp:
-                        raise RequestError(
-                            f"{fld}.componentIndices",
-                            f"component {c} is out of range [0, {n_comp})",
-                        )
+                    with at("components"):
+                        engine.check_component(q.node_type, q.layer, c)
                 extra.append((q.node_type, q.metric))
             elif isinstance(q, ScoredTokensQuery):
-                wants_views = True
-                for nd in q.nodes:
-                    if nd.node_type == NodeType.MLP_NEURON or nd.node_type.is_latent:
-                        extra.append((nd.node_type, "activation"))
-                    elif nd.node_type == NodeType.ATTENTION_HEAD:
-                        extra.append((nd.node_type, "write_magnitude"))
-                        if nd.attended_token is None:
-                            raise RequestError(
-                                f"{fld}.nodes.attendedTokenIndex", "a head pair needs one"
-                            )
+                for j, nd in enumerate(q.nodes):
+                    if describe(nd.node_type).per_token_pair and nd.attended_token is None:
+                        raise RequestError(("nodes", j, "attended_token"), "a pair needs one")
+                    view_types.append(nd.node_type)
             elif isinstance(q, TokenPairQuery):
-                engine.check_layer(NodeType.ATTENTION_HEAD, q.layer, f"{fld}.layerIndex")
+                engine.check_layer(NodeType.ATTENTION_HEAD, q.layer)
                 if len(q.direction) != cfg.d_model:
                     raise RequestError(
-                        f"{fld}.direction",
-                        f"needs {cfg.d_model} values (d_model), got {len(q.direction)}",
+                        "direction", f"needs {cfg.d_model} values (d_model), got {len(q.direction)}"
                     )
-                extra.append((NodeType.ATTENTION_HEAD, "write_magnitude"))
+                extra.append((NodeType.ATTENTION_HEAD, "write_magnitude"))  # records A and v
             else:
                 for m in q.metrics:
-                    _check_metric(m, f"{fld}.metrics")
-        top = top_ks[0] if top_ks else None
-        requests.append(
-            replace(
-                row.request,
-                top_and_bottom_k=top.k if top else 0,
-                node_types=tuple(top.node_types) if top else (),
-                metrics=tuple(top.metrics) if top else (),
-                token_views=wants_views or (top is not None and row.request.token_views),
-                extra_scalars=tuple(dict.fromkeys(extra)),
-            )
-        )
+                    with at("metrics"):
+                        _check_metric(m)
+    top = top_ks[0] if top_ks else None
+    return replace(
+        row.request,
+        top_and_bottom_k=top.k if top else 0,
+        node_types=tuple(top.node_types) if top else (),
+        metrics=tuple(top.metrics) if top else (),
+        token_views=bool(view_types) or (top is not None and row.request.token_views),
+        extra_scalars=tuple(dict.fromkeys(extra)),
+        extra_view_types=tuple(dict.fromkeys(view_types)),
+    )
 
+
+def run_batched(
+    engine: Engine, rows: Sequence[BatchedRow]
+) -> list[tuple[SubResult, dict[str, QueryResult]]]:
+    """Run every row in one batch and answer its queries from the shared pass."""
+    requests = []
+    lengths = []
+    for i, row in enumerate(rows):
+        with at(i, "queries"):
+            requests.append(_plan(engine, row))
+        with at(i, "request"):
+            lengths.append(len(engine.prompt_tokens(requests[-1])))
     answers: list[dict[str, QueryResult]] = [{} for _ in rows]
-
-    lengths = [len(engine.prompt_tokens(i, r, field_prefix)) for i, r in enumerate(requests)]
 
     def inspect(state: PassState) -> None:
         for i, row in enumerate(rows):
             for name, q in row.queries.items():
-                fld = f"{field_prefix}[{i}].processingRequestSpecByName.{name}"
-                answers[i][name] = _answer(engine, state, i, lengths[i], q, fld)
+                with at(i, "queries", name):
+                    answers[i][name] = _answer(engine, state, i, lengths[i], q)
 
-    results = engine.run(requests, inspect=inspect, field_prefix=field_prefix)
+    try:
+        results = engine.run(requests, inspect=inspect)
+    except RequestError as e:
+        if e.path and isinstance(e.path[0], int) and e.path[1:2] != ("queries",):
+            e.path = (e.path[0], "request", *e.path[1:])  # the engine names the row's request
+        raise
     for i, row in enumerate(rows):
         for name, q in row.queries.items():
             if isinstance(q, TopKQuery):
@@ -160,10 +165,10 @@ def run_batched(
     return list(zip(results, answers, strict=True))
 
 
-def _answer(engine: Engine, state: PassState, i: int, n: int, q: Query, fld: str) -> QueryResult:
+def _answer(engine: Engine, state: PassState, i: int, n: int, q: Query) -> QueryResult:
     if isinstance(q, DerivedScalarsQuery):
-        values = REGISTRY[(q.node_type, q.metric)].fn(state, q.layer)[i]
-        if q.node_type == NodeType.ATTENTION_HEAD:  # [H, q, k]
+        values = scalar(q.node_type, q.metric).fn(state, q.layer)[i]
+        if describe(q.node_type).per_token_pair:  # [C, q, k]
             values = values[:, :n, :n]
             if q.components is not None:
                 values = values[list(q.components)]
@@ -174,23 +179,19 @@ def _answer(engine: Engine, state: PassState, i: int, n: int, q: Query, fld: str
         return QueryResult(values=values.float().tolist())
     if isinstance(q, ScoredTokensQuery):
         for j, nd in enumerate(q.nodes):
-            engine.validate_node(nd, n, f"{fld}.nodes[{j}]")
+            with at("nodes", j):
+                engine.validate_node(nd, n)
         views = node_token_views(engine.model, state, i, list(q.nodes), q.k)
         return QueryResult(token_views=[views[nd] for nd in q.nodes])
     if isinstance(q, TokenPairQuery):
         if not 0 <= q.query_token < n:
             raise RequestError(
-                f"{fld}.queryTokenIndex", f"token {q.query_token} is out of range for {n} tokens"
+                "query_token", f"token {q.query_token} is out of range for {n} tokens"
             )
         direction = torch.tensor(q.direction, device=engine.model.device)
         values = token_pair_attribution(state, q.layer, direction, q.query_token)[i]
         return QueryResult(values=values[: q.query_token + 1].float().tolist())
     return QueryResult()
-
-
-def _check_metric(metric: str, fld: str) -> None:
-    if metric not in METRICS:
-        raise RequestError(fld, f"unknown metric {metric!r}; use one of {METRICS}")
 
 
 # ---- one component on a prompt ---------------------------------------------------------------------
@@ -204,23 +205,26 @@ def component_values(
     component: int,
     metric: str = "activation",
 ) -> tuple[SubResult, list[float] | list[list[float]]]:
-    """One component's metric on a prompt: per token (neurons, latents, embeddings), or for a
-    head its lower triangle of pairs, row q holding keys 0..q."""
-    query = DerivedScalarsQuery(node_type, metric, layer, [component])
-    engine.check_layer(node_type, layer, "layerIndex")
-    n_components = engine.n_components(node_type, layer)
-    if node_type != NodeType.EMBEDDING and not 0 <= component < n_components:
-        field_name = "headIndex" if node_type == NodeType.ATTENTION_HEAD else "componentIndex"
-        raise RequestError(field_name, f"component {component} is out of range [0, {n_components})")
+    """One component's metric on a prompt: per token, or for a token-pair type the lower
+    triangle of pairs, row q holding keys 0..q. Errors name `layer`, `component`, `metric`,
+    `target_tokens` or the request's own fields (`prompt`)."""
+    engine.check_layer(node_type, layer)
+    engine.check_component(node_type, layer, component)
+    _check_metric(metric)
     loss = request.loss_fn if request.target_tokens else "zero"
     if metric in ("direct_effect", "estimated_total_effect") and loss == "zero":
-        raise RequestError("targetTokens", f"the {metric} needs at least one target token")
-    result, answers = run_batched(
-        engine, [BatchedRow(replace(request, loss_fn=loss), {"values": query})], "request"
-    )[0]
+        raise RequestError("target_tokens", f"the {metric} needs at least one target token")
+    query = DerivedScalarsQuery(node_type, metric, layer, [component])
+    try:
+        result, answers = run_batched(
+            engine, [BatchedRow(replace(request, loss_fn=loss), {"values": query})]
+        )[0]
+    except RequestError as e:
+        e.path = e.path[2:] if e.path[:2] == (0, "request") else e.path
+        raise
     values = answers["values"].values
     assert values is not None
-    if node_type == NodeType.ATTENTION_HEAD:
+    if describe(node_type).per_token_pair:
         pairs = values[0]
         return result, [pairs[t][: t + 1] for t in range(len(pairs))]
     return result, [row[0] for row in values]
@@ -241,19 +245,21 @@ def generate(
     prepend_bos: bool = False,
 ) -> list[int]:
     """A continuation of the prompt with the ablations held on every step (the positions of the
-    ablated nodes are prompt positions)."""
+    ablated nodes are prompt positions). Errors name `prompt`, `max_new_tokens` or
+    `node_ablations`."""
     request = SubRequest(
         prompt, loss_fn="zero", node_ablations=node_ablations, prepend_bos=prepend_bos
     )
-    tokens = engine.prompt_tokens(0, request, field_prefix="")
+    tokens = engine.prompt_tokens(request)
     if len(tokens) + max_new_tokens > engine.model.cfg.n_ctx:
         raise RequestError(
-            "maxNewTokens",
+            "max_new_tokens",
             f"{len(tokens)} prompt tokens + {max_new_tokens} exceed the context of "
             f"{engine.model.cfg.n_ctx}",
         )
     for j, abl in enumerate(node_ablations):
-        engine.validate_node(abl.node, len(tokens), f"nodeAblations[{j}].node")
+        with at("node_ablations", j, "node"):
+            engine.validate_node(abl.node, len(tokens))
     hooks = engine.ablation_hooks([list(node_ablations)])
     with torch.no_grad(), engine.model.hooks(fwd=hooks):
         new = engine.model.generate(

@@ -1,4 +1,4 @@
-"""Autoencoder latents as node types (engine.md §3-§6, §7 item 5) on the default model.
+"""Autoencoder latents as node types (docs/engine.md §3-§6, §7 item 5) on the default model.
 
 Four small autoencoders with seeded random weights are attached to SmolLM2-135M for this module and
 detached afterwards (other tests share the session's model):
@@ -13,7 +13,7 @@ detached afterwards (other tests share the session's model):
 The references never call the engine: a forward of the model with our own hooks that splice each
 autoencoder in literally as decode(z) + (x - decode(z_clean)), with z = encode(x) made a leaf that
 requires grad (entries set for ablations), the final norm scale detached, and the formulas of
-engine.md §3 and §6 written out here (the normalization scales included). The autoencoders' own
+docs/engine.md §3 and §6 written out here (the normalization scales included). The autoencoders' own
 encode/decode are checked against the published formats' formulas in tests/models.
 """
 
@@ -30,6 +30,7 @@ import torch
 from neuron_explainer.activations import (
     AttentionTraceType,
     Engine,
+    FieldPath,
     NodeAblation,
     NodeIndex,
     NodeToTrace,
@@ -155,7 +156,7 @@ def pre_activation_fixed_scale(ae: SparseAutoencoder, x: torch.Tensor, j: int) -
 
 
 def write_direction(model: HookedTransformer, ae: SparseAutoencoder, j: int) -> torch.Tensor:
-    """[d] latent j's write per unit of z_j·s in the residual basis (terminology.md)."""
+    """[d] latent j's write per unit of z_j·s in the residual basis (docs/terminology.md)."""
     if ae.hook_name.endswith("mlp.hook_post"):
         assert ae.cfg.layer is not None
         return model.blocks[ae.cfg.layer].mlp.w_out.weight @ ae.W_dec[j]  # [d, m] @ [m]
@@ -507,7 +508,9 @@ def test_latent_ablation_matches_plain_forward(model: HookedTransformer, tokens:
         assert abs(want - base) > 1e-3, f"ablating {abls} should move D"
         assert rel_err(res.direction_value, want) <= 1e-5
         delta = res.direction_value - results[0].direction_value
-        assert rel_err(delta, want - base, floor=1e-2 * abs(base)) <= 1e-4
+        # A difference of two float32 values of D, each good to 1e-5 of D (checked above): the
+        # same absolute tolerance, 1e-5·|D|, for the change.
+        assert rel_err(delta, want - base, floor=1e-1 * abs(base)) <= 1e-4
         # The ablated latent's activation reads the value set, where the table selected it.
         set_to = {a.node: a.value for a in abls}
         for node, value in zip(res.nodes, res.metrics["activation"], strict=True):
@@ -680,25 +683,25 @@ def test_latent_token_views(model: HookedTransformer, tokens: list[int]) -> None
 # ---- errors ------------------------------------------------------------------------------------
 
 
-def field_of(engine: Engine, request: SubRequest) -> str:
+def field_of(engine: Engine, request: SubRequest) -> FieldPath:
     with pytest.raises(RequestError) as info:
         engine.run([request])
-    return info.value.field
+    return info.value.path
 
 
 def test_request_errors_name_the_field(model: HookedTransformer, tokens: list[int]) -> None:
     engine = Engine(model)
     no_ae = NodeIndex(MLP_LATENT, 4, 2, 0)  # layer 4 holds no MLP-side autoencoder
     assert field_of(engine, latent_request(node_ablations=[NodeAblation(no_ae)])) == (
-        "subRequests[0].nodeAblations[0].node.layerIndex"
+        (0, "node_ablations", 0, "node", "layer")
     )
     too_big = NodeIndex(ATTN_LATENT, 6, 2, 384)
     assert field_of(engine, latent_request(node_ablations=[NodeAblation(too_big)])) == (
-        "subRequests[0].nodeAblations[0].node.componentIndex"
+        (0, "node_ablations", 0, "node", "component")
     )
     trace = NodeToTrace(NodeIndex(ATTN_LATENT, 6, 2, 3), AttentionTraceType.VALUE)
     assert field_of(engine, latent_request(upstream_node_to_trace=trace)) == (
-        "subRequests[0].upstreamNodeToTrace.attentionTraceType"
+        (0, "upstream_node_to_trace", "attention_trace_type")
     )
 
     # A model holding no autoencoder: asking for latents names the component type.
@@ -706,9 +709,9 @@ def test_request_errors_name_the_field(model: HookedTransformer, tokens: list[in
     small = HookedTransformer(cfg).requires_grad_(False).eval()
     bare = Engine(small)
     request = SubRequest([1, 2, 3], [4], component_type_for_mlp="autoencoder_latent")
-    assert field_of(bare, request) == "subRequests[0].componentTypeForMlp"
+    assert field_of(bare, request) == (0, "component_type_for_mlp")
     request = SubRequest([1, 2, 3], [4], component_type_for_attention="autoencoder_latent")
-    assert field_of(bare, request) == "subRequests[0].componentTypeForAttention"
+    assert field_of(bare, request) == (0, "component_type_for_attention")
 
 
 def test_attach_refuses_what_is_not_a_node_type(model: HookedTransformer) -> None:

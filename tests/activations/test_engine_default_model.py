@@ -244,6 +244,6 @@ def test_a_request_too_large_for_memory_is_refused_before_running(
     try:
         engine.run([SubRequest([5] * 8000, target_tokens=[" the"])])
     except PromptTooLongError as e:
-        assert e.status_code == 413 and "GiB" in e.message and "shorter prompts" in e.message
+        assert e.kind == "too_large" and "GiB" in e.message and "shorter prompts" in e.message
     else:
         raise AssertionError("an 8000-token request should have been refused")

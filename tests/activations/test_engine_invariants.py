@@ -1,4 +1,4 @@
-"""Engine invariants (engine.md §7 items 2, 3, 4, 6, 7) against independent references.
+"""Engine invariants (docs/engine.md §7 items 2, 3, 4, 6, 7) against independent references.
 
 Every test runs on two models: a small random GPT-2 (LayerNorm with non-trivial gains and biases,
 biases everywhere, learned positions, no tokenizer: prompts and targets are token ids) and the
@@ -6,7 +6,7 @@ default model (SmolLM2-135M: RMSNorm, SwiGLU, rotary, grouped-query attention; p
 
 The references never call the engine: they are plain forwards of the model with our own hooks
 (embeddings replaced by leaf tensors that require grad, the final norm scale detached, activations
-zeroed for ablations), `torch.autograd.grad`, and the formulas of engine.md written out here.
+zeroed for ablations), `torch.autograd.grad`, and the formulas of docs/engine.md written out here.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from neuron_explainer.activations import (
     METRICS,
     AttentionTraceType,
     Engine,
+    FieldPath,
     NodeAblation,
     NodeIndex,
     NodeToTrace,
@@ -33,7 +34,8 @@ from neuron_explainer.activations import (
     SubResult,
     run_debugger_request,
 )
-from neuron_explainer.models.transformer import HookedTransformer, ModelConfig, Norm
+from neuron_explainer.models.config import ModelConfig
+from neuron_explainer.models.transformer import HookedTransformer, Norm
 
 EMB, MLP, HEAD = NodeType.EMBEDDING, NodeType.MLP_NEURON, NodeType.ATTENTION_HEAD
 Hook = tuple[str, Callable[..., torch.Tensor | None]]
@@ -263,7 +265,7 @@ class PlainForward:
             for n, t, g in zip(names, tensors, out, strict=True)
         }
 
-    # Our own formulas (engine.md §3), per node.
+    # Our own formulas (docs/engine.md §3), per node.
 
     def total_effect(self, grads: dict[str, torch.Tensor], node: NodeIndex) -> float:
         t, c = node.token, node.component
@@ -286,7 +288,7 @@ class PlainForward:
         return num(self.act(f"blocks.{layer}.attn.hook_pattern")[c, t, node.attended_token])
 
     def write(self, node: NodeIndex) -> torch.Tensor:
-        """[d] the vector the node adds to the residual stream (terminology.md)."""
+        """[d] the vector the node adds to the residual stream (docs/terminology.md)."""
         t, c, layer = node.token, node.component, node.layer
         if node.node_type == EMB:
             return self.embedding()[t]
@@ -309,7 +311,7 @@ class PlainForward:
 
 
 def loss_d(logits: torch.Tensor, loss_fn: str, targets: list[int], distractors: list[int]):  # type: ignore[no-untyped-def]
-    """D from the logits [V] at the read position (terminology.md)."""
+    """D from the logits [V] at the read position (docs/terminology.md)."""
     if loss_fn == "logit_diff":
         return logits[targets].mean() - logits[distractors].mean()
     assert loss_fn == "logit_minus_mean"
@@ -511,7 +513,7 @@ def test_estimated_total_effect_matches_autograd(case: Case) -> None:
     report(case, "total effect", tol)
     assert tol.ratio <= 1.0
 
-    # The other node metrics of the same table, from our own formulas (engine.md §3).
+    # The other node metrics of the same table, from our own formulas (docs/engine.md §3).
     g = grads[final]  # ∂D/∂(final residual), final norm scale fixed: non-zero at the last token
     for metric, want in (
         ("direct_effect", lambda n: fw.direct_effect(g, n)),
@@ -803,35 +805,35 @@ def test_engine_runs_in_the_model_dtype(dtype: torch.dtype) -> None:
 # ---- request errors --------------------------------------------------------------------------------
 
 
-ABLATION = "subRequests[1].nodeAblations[0].node"
-# name -> (bad fields of sub-request 1, the field the error must name)
-ERRORS: dict[str, tuple[Callable[[Case], dict[str, object]], str]] = {
+ABLATION = (1, "node_ablations", 0, "node")
+# name -> (bad fields of sub-request 1, the field the error must name, in the library's terms)
+ERRORS: dict[str, tuple[Callable[[Case], dict[str, object]], FieldPath]] = {
     # A text target must be exactly one token (the random GPT-2 has no tokenizer at all).
     "target_not_one_token": (
         lambda c: {"target_tokens": [" Mary went" if c.model.tokenizer else "x"]},
-        "subRequests[1].targetTokens[0]",
+        (1, "target_tokens", 0),
     ),
     "target_outside_vocab": (
         lambda c: {"target_tokens": [c.model.cfg.vocab_size]},
-        "subRequests[1].targetTokens[0]",
+        (1, "target_tokens", 0),
     ),
     "layer_out_of_range": (
         lambda c: {"node_ablations": [NodeAblation(NodeIndex(MLP, c.model.cfg.n_layers, 0))]},
-        f"{ABLATION}.layerIndex",
+        (*ABLATION, "layer"),
     ),
     "token_out_of_range": (
         lambda c: {"node_ablations": [NodeAblation(NodeIndex(MLP, 0, len(c.main.tokens)))]},
-        f"{ABLATION}.tokenIndex",
+        (*ABLATION, "token"),
     ),
     "attended_after_query": (
         lambda c: {"node_ablations": [NodeAblation(NodeIndex(HEAD, 0, 2, 0, attended_token=3))]},
-        f"{ABLATION}.attendedTokenIndex",
+        (*ABLATION, "attended_token"),
     ),
     "trace_layer_out_of_range": (
         lambda c: {"upstream_node_to_trace": NodeToTrace(NodeIndex(MLP, c.model.cfg.n_layers, 0))},
-        "subRequests[1].upstreamNodeToTrace.node.layerIndex",
+        (1, "upstream_node_to_trace", "node", "layer"),
     ),
-    "unknown_loss": (lambda c: {"loss_fn": "cross_entropy"}, "subRequests[1].lossFn"),
+    "unknown_loss": (lambda c: {"loss_fn": "cross_entropy"}, (1, "loss_fn")),
 }
 
 
@@ -842,8 +844,8 @@ def test_request_errors(case: Case, name: str) -> None:
     reqs = [request(case.main), request(case.main, **bad_fields(case))]
     with pytest.raises(RequestError) as info:
         run(case.model, *reqs)
-    assert info.value.field == expected_field
-    assert info.value.status_code == 400
+    assert info.value.path == expected_field
+    assert info.value.kind == "invalid"
 
 
 def test_prompt_too_long(case: Case) -> None:
@@ -852,8 +854,8 @@ def test_prompt_too_long(case: Case) -> None:
     engine = Engine(case.model, max_prompt_tokens=8)
     with pytest.raises(PromptTooLongError) as info:
         engine.run([request(p)])
-    assert info.value.field == "subRequests[0].prompt"
-    assert info.value.status_code == 413
+    assert info.value.path == (0, "prompt")
+    assert info.value.kind == "too_large"
     # Exactly at the limit is fine.
     ok = Prompt(p.tokens[:8], p.tokens[:8], p.targets, p.distractors, p.targets, p.distractors)
     (res,) = engine.run([request(ok)])

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from neuron_explainer.activations import Engine, NodeType, SubRequest
-from neuron_explainer.activations.derived_scalars import PassState, token_pair_attribution
+from neuron_explainer.activations.derived_scalars import PassState
+from neuron_explainer.activations.node_types.attention_head import token_pair_attribution
 from neuron_explainer.models import HookedTransformer, ModelConfig
 from neuron_explainer.models.hooks import HookPoint
 

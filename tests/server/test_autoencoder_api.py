@@ -26,12 +26,12 @@ from neuron_explainer.activations import (
     SubRequest,
 )
 from neuron_explainer.models import HookedTransformer
-from neuron_explainer.models.autoencoders import (
-    SparseAutoencoder,
+from neuron_explainer.models.autoencoder_formats import (
     load_autoencoder_specs,
     parse_autoencoder_spec,
     save_autoencoder,
 )
+from neuron_explainer.models.autoencoders import SparseAutoencoder
 from tests.activations.test_autoencoder_latents import random_autoencoder
 from tests.server.test_api import IOI, LIB_METRICS, METRICS, http
 from tests.servers import ROOT, Server, start_server, stop_server
