@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,14 +15,16 @@ import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from neuron_explainer.datasets.corpus import default_corpus_dir
-from tests.servers import ROOT, Server, start_server, stop_server
+from tests.servers import ROOT, Server, call, start_server, stop_server
 
 MODEL = "smollm2-135m"
 AUTO_TOKENS = 8192  # --auto-dataset-tokens of the auto_server fixture
+COLLATION_LIMIT_S = 1200  # for the auto_server collation to end, however busy the CPUs are
 # A debugger request takes ~1 s here, several when the 2 CPUs are busy: wait generously.
 expect.set_options(timeout=90_000)
 SCREENSHOTS = ROOT / "test-artifacts" / "screenshots"
-# offline.md: without the background-networking flags Chromium floods the closed network.
+# Without the background-networking flags Chromium floods a closed network with connection
+# attempts (it looks up Google's hosts at every start).
 CHROMIUM_ARGS = [
     "--headless",
     "--no-sandbox",
@@ -130,6 +133,59 @@ def auto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 @pytest.fixture
 def apage(browser: Browser, auto_server: Server) -> Iterator[Page]:
     yield from open_page(browser, auto_server)
+
+
+@pytest.fixture
+def collating_page(apage: Page) -> Page:
+    """A page on auto_server for a test that watches its collation run: such tests run before the
+    other browser tests (pytest_collection_modifyitems), so the first of them starts the server
+    and sees the collation at its beginning."""
+    return apage
+
+
+@pytest.fixture(scope="session")
+def collated_auto_server(auto_server: Server) -> Server:
+    """auto_server once its collation has ended (done or failed). Tests that need it run after
+    the other browser tests (pytest_collection_modifyitems), so it overlaps them; run alone, this
+    waits for the whole collation."""
+    deadline = time.monotonic() + COLLATION_LIMIT_S
+    while True:
+        status, answer = call(auto_server, "/jobs")
+        assert status == 200, answer
+        if all(job["status"] not in ("queued", "running") for job in answer["jobs"]):
+            return auto_server
+        if time.monotonic() > deadline:
+            pytest.fail(
+                f"the collation has not ended after {COLLATION_LIMIT_S} s: {answer['jobs']}\n"
+                + auto_server.log_text()[-4000:]
+            )
+        time.sleep(2)
+
+
+@pytest.fixture
+def collated_page(browser: Browser, collated_auto_server: Server) -> Iterator[Page]:
+    yield from open_page(browser, collated_auto_server)
+
+
+# Browser tests that use these fixtures run first and last: auto_server collates once per session,
+# so a test watching the collation run must come before one waiting for it to end, whatever order
+# the tests were named in on the command line.
+RUN_FIRST, RUN_LAST = "collating_page", "collated_auto_server"
+
+
+@pytest.hookimpl(trylast=True)  # after any plugin that shuffles the tests
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Reorders the browser tests among themselves (in their own places in the session; pytest's
+    order otherwise): those using RUN_FIRST first, those using RUN_LAST last."""
+    here = Path(__file__).parent
+    slots = [i for i, item in enumerate(items) if here in item.path.parents]
+
+    def phase(item: pytest.Item) -> int:
+        names = getattr(item, "fixturenames", ())
+        return 0 if RUN_FIRST in names else 2 if RUN_LAST in names else 1
+
+    for slot, item in zip(slots, sorted((items[i] for i in slots), key=phase), strict=True):
+        items[slot] = item
 
 
 def open_jobs_panel(page: Page) -> None:

@@ -1,10 +1,11 @@
-"""Dataset examples, the datasets on the home page and the jobs panel in a real browser (ui.md),
+"""Dataset examples, the datasets on the home page and the jobs panel in a real browser (docs/ui.md),
 against servers of the real default model started with a collated store (`--dataset`) or building
 one in the background (`--auto-dataset`, conftest.py).
 
-The `--auto-dataset` server starts with the first test of this module and lives for the session,
-so its collation runs while the other tests do: this module's last test checks its progress, and
-test_jobs.py (after the debugger tests) that it finished."""
+The `--auto-dataset` server lives for the session and collates once: the test watching its
+collation start runs before every other browser test and test_jobs.py, which needs it finished,
+after them (conftest.pytest_collection_modifyitems), so the collation runs while the other tests
+do; this module's last test checks its progress."""
 
 from __future__ import annotations
 
@@ -41,15 +42,16 @@ def dpage(browser: Browser, dataset_server: Server) -> Iterator[Page]:
     yield from open_page(browser, dataset_server)
 
 
-def test_jobs_indicator_shows_the_running_collation(apage: Page) -> None:
-    """The first test of the module: starts the --auto-dataset server (for the whole session, so
-    its collation runs while the other browser tests do)."""
-    open_jobs_panel(apage)
-    job = apage.get_by_test_id("job").first
+def test_jobs_indicator_shows_the_running_collation(collating_page: Page) -> None:
+    """The first browser test to run (conftest.collating_page): starts the --auto-dataset server
+    (for the whole session, so its collation runs while the other browser tests do)."""
+    page = collating_page
+    open_jobs_panel(page)
+    job = page.get_by_test_id("job").first
     expect(job).to_have_attribute("data-status", "running")
     expect(job).to_contain_text(f"collate {AUTO_TOKENS:,} tokens")
     expect(job.get_by_test_id("job-tokens")).to_contain_text("tokens")
-    expect(apage.get_by_test_id("jobs-indicator")).to_contain_text("1 job running")
+    expect(page.get_by_test_id("jobs-indicator")).to_contain_text("1 job running")
 
 
 def test_node_page_shows_neuron_dataset_examples(dpage: Page, dataset_server: Server) -> None:

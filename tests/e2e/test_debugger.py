@@ -1,4 +1,4 @@
-"""The debugger and node pages in a real browser (ui.md), against the real default model."""
+"""The debugger and node pages in a real browser (docs/ui.md), against the real default model."""
 
 from __future__ import annotations
 

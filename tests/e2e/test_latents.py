@@ -1,4 +1,4 @@
-"""Autoencoder latents in a real browser (ui.md, issue 7): the debugger's "use autoencoder latents"
+"""Autoencoder latents in a real browser (docs/ui.md, issue 7): the debugger's "use autoencoder latents"
 switches, and a latent's node page with its dataset examples.
 
 The fixture trains small MLP-side TopK autoencoders for layers 0 and 1 of the default model with

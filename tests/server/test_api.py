@@ -1,4 +1,4 @@
-"""The REST API over real HTTP against a real uvicorn server with the default model (api.md)."""
+"""The REST API over real HTTP against a real uvicorn server with the default model (docs/api.md)."""
 
 from __future__ import annotations
 
@@ -289,7 +289,8 @@ def test_no_model_server_answers_503(no_model_server: Server) -> None:
 
 def test_concurrent_requests_equal_solo_results(server: Server) -> None:
     """16 concurrent requests with different prompts: all succeed, and each equals its result
-    when sent alone (whether or not the server merged them into shared batches)."""
+    when sent alone, whether or not the server merged them into shared batches (which ones wait
+    together depends on timing; tests/server/test_worker.py shows the merging deterministically)."""
     names = ["Mary", "Anna", "Paul", "Lucy", "Tom", "Kate", "Jack", "Emma"]
     prompts = []
     for i in range(16):
@@ -308,11 +309,9 @@ def test_concurrent_requests_equal_solo_results(server: Server) -> None:
         async with AsyncClient(server.url) as client:
             return await asyncio.gather(*(client.batched_tdb([p]) for p in prompts))
 
-    _, _, before = http(server, "/health", None, method="GET")
     # A fresh thread has no running event loop whatever other tests left in this one.
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         together = pool.submit(asyncio.run, all_at_once()).result()
-    _, _, after = http(server, "/health", None, method="GET")
     with Client(server.url) as client:
         for p, got in zip(prompts, together, strict=True):
             alone = client.batched_tdb([p])
@@ -323,9 +322,6 @@ def test_concurrent_requests_equal_solo_results(server: Server) -> None:
             for rg, ra in zip(g.node_table, a.node_table, strict=True):
                 assert rg.direct_effect is not None and ra.direct_effect is not None
                 assert math.isclose(rg.direct_effect, ra.direct_effect, rel_tol=1e-4, abs_tol=1e-5)
-    # The requests queued while the model was busy and were merged into fewer engine passes.
-    assert after["requestsMerged"] > before["requestsMerged"]
-    assert after["batchesRun"] - before["batchesRun"] < 16
 
 
 def test_openapi_describes_every_endpoint(server: Server) -> None:
