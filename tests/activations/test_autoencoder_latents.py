@@ -592,6 +592,75 @@ def test_trace_from_latent_matches_manual_backward(
     assert tol.ratio <= 1.0
 
 
+def test_value_trace_toward_a_downstream_latent(
+    model: HookedTransformer, tokens: list[int]
+) -> None:
+    """A head pair traced through its value, as it affects a latent's pre-activation: D is the
+    pair's write A·(v W_O[h]) dotted with the gradient of that pre-activation at the residual
+    stream in front of the latent (its block's ln2 and input-normalization scales fixed)."""
+    hook = "blocks.5.hook_mlp_out"
+    ae = model.autoencoders[hook]
+    t = len(tokens) - 2
+    _, cache = model.run_with_cache(torch.tensor([tokens]), names=[hook])
+    j = int(ae.encode(cache[hook][0, t]).argmax())  # an active latent
+    head = NodeIndex(NodeType.ATTENTION_HEAD, 2, t, 1, t - 1)
+    [res] = Engine(model).run(
+        [
+            latent_request(
+                target_tokens=[],
+                distractor_tokens=[],
+                upstream_node_to_trace=NodeToTrace(head, AttentionTraceType.VALUE),
+                downstream_node_to_trace=NodeToTrace(NodeIndex(MLP_LATENT, 5, t, j)),
+            )
+        ]
+    )
+    cut, v_name = "blocks.5.hook_resid_mid", "blocks.2.attn.hook_v"
+    ref = Reference(model, tokens, fixed=["blocks.5.ln2.hook_scale"], keep=[cut, v_name])
+    pre = pre_activation_fixed_scale(ae, ref.act(hook)[t], j)
+    g = ref.grads(pre, [cut])[cut][t]
+    attn = model.blocks[2].attn
+    v = ref.act(v_name)[t - 1, 1 // (attn.n_heads // attn.n_kv_heads)].detach()
+    a = ref.act("blocks.2.attn.hook_pattern")[1, t, t - 1].detach()
+    want = float(a * (v @ attn.W_O[1]) @ g)
+    assert abs(want) > 1e-6  # a non-vacuous trace
+    assert rel_err(res.direction_value, want) <= 1e-4
+    assert res.nodes and all(n.write_position <= 2 * 2 for n in res.nodes)  # upstream of layer 2
+
+
+def test_merged_groups_get_only_their_own_sums_and_metrics(
+    model: HookedTransformer, tokens: list[int]
+) -> None:
+    """In a merged batch each group gets exactly its solo result: a request without latents does
+    not get the latent token sums another group asked for, nor metrics it did not ask for."""
+    engine = Engine(model)
+    latents = latent_request(top_and_bottom_k=5)
+    plain = SubRequest(TEXT, TARGETS, DISTRACTORS, top_and_bottom_k=5, token_views=False)
+    plain = replace(plain, metrics=("direct_effect", "activation"))
+    merged = engine.run([latents, plain], groups=[0, 1])
+    for got, request in zip(merged, [latents, plain], strict=True):
+        [alone] = engine.run([request])
+        assert got.token_sums.keys() == alone.token_sums.keys()
+        assert got.metrics.keys() == alone.metrics.keys()
+        assert got.nodes == alone.nodes
+    assert not any("latent" in key for key in merged[1].token_sums)
+
+
+def test_a_downstream_node_is_traced_through_its_pre_activation(
+    model: HookedTransformer, tokens: list[int]
+) -> None:
+    head = NodeIndex(NodeType.ATTENTION_HEAD, 2, 4, 1, 3)
+    later = NodeIndex(NodeType.ATTENTION_HEAD, 7, 4, 0, 2)
+    request = latent_request(
+        upstream_node_to_trace=NodeToTrace(head, AttentionTraceType.VALUE),
+        downstream_node_to_trace=NodeToTrace(later, AttentionTraceType.VALUE),
+    )
+    assert field_of(Engine(model), request) == (
+        0,
+        "downstream_node_to_trace",
+        "attention_trace_type",
+    )
+
+
 # ---- §6: token-space views ---------------------------------------------------------------------
 
 

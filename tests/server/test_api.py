@@ -14,12 +14,15 @@ import pytest
 
 from activation_server.client import AsyncClient, Client
 from neuron_explainer.activations import (
+    REGISTRY,
     Engine,
     NodeAblation,
     NodeIndex,
     NodeType,
     SubRequest,
     SubResult,
+    describe,
+    node_types,
 )
 from neuron_explainer.models import HookedTransformer
 from tests.servers import MAX_PROMPT_TOKENS, Server
@@ -252,6 +255,9 @@ def test_error_contract(server: Server, case: str) -> None:
     for needle in needles:
         assert needle in out["message"], out["message"]
     assert "Traceback" not in json.dumps(out)
+    if got in (400, 413):  # the library's errors: the field in `detail`, as in the message
+        assert out["message"].startswith(f"{out['detail']['field']}: "), out
+        assert out["detail"]["kind"] == ("too_large" if status == 413 else "invalid")
     assert headers.get("x-request-id") == out["requestId"]
     # Error responses carry the same CORS headers as successes, so the UI can read the message.
     assert headers.get("access-control-allow-origin") == "http://localhost:5173"
@@ -283,6 +289,12 @@ def test_no_model_server_answers_503(no_model_server: Server) -> None:
         assert "--model" in out["message"] and out["requestId"]
     status, _, out = http(no_model_server, "/model_info", None, method="GET")
     assert status == 503
+    # What the node types are answers without a model (the offline dataset viewer's labels).
+    status, _, out = http(no_model_server, "/node_types", None, method="GET")
+    assert status == 200 and [d["name"] for d in out["nodeTypes"]] == [
+        t.value for t in node_types()
+    ]
+    assert all(d["layers"] is None for d in out["nodeTypes"])
     status, _, out = http(no_model_server, "/health", None, method="GET")
     assert status == 200 and out["modelLoaded"] is False
 
@@ -350,6 +362,29 @@ def test_openapi_describes_every_endpoint(server: Server) -> None:
     schemas = spec["components"]["schemas"]
     assert "targetTokens" in schemas["TdbSubRequest"]["properties"]
     assert "nodeTable" in schemas["TdbSubResponse"]["properties"]
+
+
+def test_node_types_describe_the_model(server: Server, default_model: HookedTransformer) -> None:
+    """Each node type's description, served to the UI, is the library's: names, what is signed,
+    where the loaded model has nodes of it."""
+    status, _, out = http(server, "/node_types", None, method="GET")
+    assert status == 200
+    described = {d["name"]: d for d in out["nodeTypes"]}
+    cfg = default_model.cfg
+    for node_type in node_types():
+        desc, served = describe(node_type), described[node_type.value]
+        assert (served["nodeType"], served["label"], served["perTokenPair"]) == (
+            desc.api_name,
+            desc.label,
+            desc.per_token_pair,
+        )
+        assert served["layers"] == desc.layers(default_model)
+        for metric in served["metrics"]:
+            assert metric["signed"] == REGISTRY[(node_type, metric["name"])].signed
+    neurons, heads = described["mlp_neuron"], described["attention_head"]
+    assert neurons["layers"] == list(range(cfg.n_layers)) and set(neurons["widths"]) == {cfg.d_mlp}
+    assert set(heads["widths"]) == {cfg.n_heads} and heads["datasetMetric"] == "write_magnitude"
+    assert described["mlp_autoencoder_latent"]["layers"] == []  # no autoencoder loaded
 
 
 def test_client_model_info_tokenize_generate(

@@ -186,6 +186,19 @@ def test_model_info_lists_the_autoencoders(ae_server: Server) -> None:
     )
     assert (saelens["format"], saelens["nLatents"]) == ("saelens", 384)
     assert (openai["autoencoderSide"], openai["format"], openai["dIn"]) == ("mlp", "openai", 1536)
+    # The node type descriptions say where the latents are: the layers holding an autoencoder of
+    # each side, with its width; latents replace neurons / heads there.
+    status, _, served = http(ae_server, "/node_types", None, method="GET")
+    assert status == 200 and served["nodeTypes"] == info["nodeTypeDescriptions"]
+    described = {d["name"]: d for d in served["nodeTypes"]}
+    mlp, attn = described["mlp_autoencoder_latent"], described["attention_autoencoder_latent"]
+    assert (mlp["nodeType"], mlp["autoencoderSide"], mlp["replaces"]) == (
+        "autoencoder_latent",
+        "mlp",
+        "mlp_neuron",
+    )
+    assert (mlp["layers"], mlp["widths"]) == ([3, 5], [openai["nLatents"], 512])
+    assert (attn["layers"], attn["widths"], attn["replaces"]) == ([6], [384], "attention_head")
 
 
 def test_latent_node_table_equals_library(ae_server: Server, engine: Engine) -> None:
