@@ -28,7 +28,7 @@ from neuron_explainer.activations.derived_scalars import METRICS, scalar
 from neuron_explainer.activations.node_types.autoencoder_latents import HOW_TO_LOAD
 from neuron_explainer.activations.nodes import RequestError, at
 from neuron_explainer.activations.processing import (
-    BatchedRow,
+    BatchedSubRequest,
     DerivedScalarsQuery,
     Query,
     QueryResult,
@@ -118,8 +118,10 @@ def tdb_sub_requests(body: s.BatchedTdbRequest, model: HookedTransformer) -> lis
     return out
 
 
-def batched_rows(body: s.BatchedRequest, model: HookedTransformer) -> list[BatchedRow]:
-    rows = []
+def batched_sub_requests(
+    body: s.BatchedRequest, model: HookedTransformer
+) -> list[BatchedSubRequest]:
+    subs = []
     for i, sub in enumerate(body.sub_requests):
         with at(i, "request"):
             request = sub_request(sub.inference_request_spec, model)
@@ -127,8 +129,8 @@ def batched_rows(body: s.BatchedRequest, model: HookedTransformer) -> list[Batch
         for name, spec in sub.processing_request_spec_by_name.items():
             with at(i, "queries", name):
                 queries[name] = query(spec, model)
-        rows.append(BatchedRow(request, queries))
-    return rows
+        subs.append(BatchedSubRequest(request, queries))
+    return subs
 
 
 def scored(tokens: list[ScoredToken]) -> list[s.ScoredTokenModel]:

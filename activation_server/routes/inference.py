@@ -51,8 +51,8 @@ async def batched(body: s.BatchedRequest, worker: Worker) -> s.BatchedResponse:
     """The general form: per sub-request an inference spec and named processing specs
     (derived scalars, top-k, scored tokens, token-pair attribution) answered from one pass."""
     engine = worker.engine
-    rows = convert.batched_rows(body, engine.model)
-    answered = await worker.call(lambda: run_batched(engine, rows))
+    subs = convert.batched_sub_requests(body, engine.model)
+    answered = await worker.call(lambda: run_batched(engine, subs))
     out = []
     for sub, (result, answers) in zip(body.sub_requests, answered, strict=True):
         out.append(

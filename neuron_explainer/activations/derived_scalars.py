@@ -126,6 +126,17 @@ def hook_names_for(
     return expand(scalar.acts), expand(scalar.grads)
 
 
+def act_times_grad(name: str) -> ScalarFn:
+    """The estimated total effect of nodes whose activations are the hook value `name` ("{L}"
+    for the layer): activation × the gradient of D with respect to it (docs/engine.md §3)."""
+
+    def total_effect(state: PassState, layer: int) -> torch.Tensor:
+        hook = name.format(L=layer)
+        return state.act(hook) * state.grad(hook)
+
+    return total_effect
+
+
 def scalar(node_type: NodeType, metric: str) -> DerivedScalar:
     return REGISTRY[(node_type, metric)]
 

@@ -1,7 +1,7 @@
 """General requests: one engine pass per batch, then named queries answered from its state.
 
 This is the library side of the server's `/batched`, `/derived_scalars`,
-`/derived_attention_scalars` and `/generate`. A `BatchedRow` is a `SubRequest` (prompt, `D`,
+`/derived_attention_scalars` and `/generate`. A `BatchedSubRequest` is a `SubRequest` (prompt, `D`,
 ablations, trace) plus queries answered from the same forward/backward pass:
 
 - `DerivedScalarsQuery`: every value of one derived scalar in one layer;
@@ -9,7 +9,7 @@ ablations, trace) plus queries answered from the same forward/backward pass:
 - `ScoredTokensQuery`: token-space views of chosen nodes;
 - `TokenPairQuery`: token-pair attribution of a residual direction at one query token.
 
-Errors name their field from the row's index on: `(0, "request", "prompt")` for the request,
+Errors name their field from the sub-request's index on: `(0, "request", "prompt")` for the request,
 `(0, "queries", NAME, "layer")` for a query.
 """
 
@@ -78,7 +78,7 @@ class QueryResult:
 
 
 @dataclass
-class BatchedRow:
+class BatchedSubRequest:
     request: SubRequest
     queries: dict[str, Query]
 
@@ -88,15 +88,15 @@ def _check_metric(metric: str) -> None:
         raise RequestError("metric", f"unknown metric {metric!r}; use one of {METRICS}")
 
 
-def _plan(engine: Engine, row: BatchedRow) -> SubRequest:
-    """The engine request answering a row's queries (paths relative to the row's queries)."""
+def _plan(engine: Engine, sub: BatchedSubRequest) -> SubRequest:
+    """The engine request answering a sub-request's queries (paths relative to its queries)."""
     cfg = engine.model.cfg
-    top_ks = [q for q in row.queries.values() if isinstance(q, TopKQuery)]
+    top_ks = [q for q in sub.queries.values() if isinstance(q, TopKQuery)]
     if len(top_ks) > 1:
         raise RequestError((), "at most one top_k query per sub-request")
     extra: list[tuple[NodeType, str]] = []
     view_types: list[NodeType] = []
-    for name, q in row.queries.items():
+    for name, q in sub.queries.items():
         with at(name):
             if isinstance(q, DerivedScalarsQuery):
                 engine.check_layer(q.node_type, q.layer)
@@ -123,32 +123,32 @@ def _plan(engine: Engine, row: BatchedRow) -> SubRequest:
                         _check_metric(m)
     top = top_ks[0] if top_ks else None
     return replace(
-        row.request,
+        sub.request,
         top_and_bottom_k=top.k if top else 0,
         node_types=tuple(top.node_types) if top else (),
         metrics=tuple(top.metrics) if top else (),
-        token_views=bool(view_types) or (top is not None and row.request.token_views),
+        token_views=bool(view_types) or (top is not None and sub.request.token_views),
         extra_scalars=tuple(dict.fromkeys(extra)),
         extra_view_types=tuple(dict.fromkeys(view_types)),
     )
 
 
 def run_batched(
-    engine: Engine, rows: Sequence[BatchedRow]
+    engine: Engine, subs: Sequence[BatchedSubRequest]
 ) -> list[tuple[SubResult, dict[str, QueryResult]]]:
-    """Run every row in one batch and answer its queries from the shared pass."""
+    """Run every sub-request in one batch and answer its queries from the shared pass."""
     requests = []
     lengths = []
-    for i, row in enumerate(rows):
+    for i, sub in enumerate(subs):
         with at(i, "queries"):
-            requests.append(_plan(engine, row))
+            requests.append(_plan(engine, sub))
         with at(i, "request"):
             lengths.append(len(engine.prompt_tokens(requests[-1])))
-    answers: list[dict[str, QueryResult]] = [{} for _ in rows]
+    answers: list[dict[str, QueryResult]] = [{} for _ in subs]
 
     def inspect(state: PassState) -> None:
-        for i, row in enumerate(rows):
-            for name, q in row.queries.items():
+        for i, sub in enumerate(subs):
+            for name, q in sub.queries.items():
                 with at(i, "queries", name):
                     answers[i][name] = _answer(engine, state, i, lengths[i], q)
 
@@ -158,8 +158,8 @@ def run_batched(
         if e.path and isinstance(e.path[0], int) and e.path[1:2] != ("queries",):
             e.path = (e.path[0], "request", *e.path[1:])  # the engine names the row's request
         raise
-    for i, row in enumerate(rows):
-        for name, q in row.queries.items():
+    for i, sub in enumerate(subs):
+        for name, q in sub.queries.items():
             if isinstance(q, TopKQuery):
                 answers[i][name] = QueryResult(result=results[i])
     return list(zip(results, answers, strict=True))
@@ -217,7 +217,7 @@ def component_values(
     query = DerivedScalarsQuery(node_type, metric, layer, [component])
     try:
         result, answers = run_batched(
-            engine, [BatchedRow(replace(request, loss_fn=loss), {"values": query})]
+            engine, [BatchedSubRequest(replace(request, loss_fn=loss), {"values": query})]
         )[0]
     except RequestError as e:
         e.path = e.path[2:] if e.path[:2] == (0, "request") else e.path

@@ -40,7 +40,7 @@ from neuron_explainer.activations import (
     SubResult,
 )
 from neuron_explainer.activations.processing import (
-    BatchedRow,
+    BatchedSubRequest,
     DerivedScalarsQuery,
     generate,
     run_batched,
@@ -339,7 +339,7 @@ def test_online_latents_equal_encode(model: HookedTransformer, tokens: list[int]
         assert ae.cfg.layer is not None
         queries[ae.hook_name] = DerivedScalarsQuery(node_type, "activation", ae.cfg.layer)
     request = SubRequest(TEXT, loss_fn="zero", token_views=False)
-    [(_, answers)] = run_batched(Engine(model), [BatchedRow(request, queries)])
+    [(_, answers)] = run_batched(Engine(model), [BatchedSubRequest(request, queries)])
     for ae in model.autoencoders.values():
         want = ae.encode(cache[ae.hook_name][0])  # [n, N]
         got = torch.tensor(answers[ae.hook_name].values)  # type: ignore[arg-type]

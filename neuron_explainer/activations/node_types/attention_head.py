@@ -24,6 +24,7 @@ import torch
 
 from neuron_explainer.activations.derived_scalars import (
     PassState,
+    act_times_grad,
     derived_scalar,
     nonzero_tokens,
     weight_derived,
@@ -200,10 +201,9 @@ def head_direct_effect(state: PassState, layer: int) -> torch.Tensor:
     return out
 
 
-@derived_scalar(T, "estimated_total_effect", acts=(_PATTERN,), grads=(_PATTERN,))
-def head_total_effect(state: PassState, layer: int) -> torch.Tensor:
-    name = _PATTERN.format(L=layer)
-    return state.act(name) * state.grad(name)
+derived_scalar(T, "estimated_total_effect", acts=(_PATTERN,), grads=(_PATTERN,))(
+    act_times_grad(_PATTERN)
+)
 
 
 # ---- token views -----------------------------------------------------------------------------------

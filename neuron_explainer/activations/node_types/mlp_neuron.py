@@ -18,6 +18,7 @@ import torch
 
 from neuron_explainer.activations.derived_scalars import (
     PassState,
+    act_times_grad,
     derived_scalar,
     nonzero_tokens,
     weight_derived,
@@ -100,10 +101,7 @@ def neuron_direct_effect(state: PassState, layer: int) -> torch.Tensor:
     return out
 
 
-@derived_scalar(T, "estimated_total_effect", acts=(_POST,), grads=(_POST,))
-def neuron_total_effect(state: PassState, layer: int) -> torch.Tensor:
-    name = _POST.format(L=layer)
-    return state.act(name) * state.grad(name)
+derived_scalar(T, "estimated_total_effect", acts=(_POST,), grads=(_POST,))(act_times_grad(_POST))
 
 
 @token_view(T)
