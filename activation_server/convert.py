@@ -253,6 +253,7 @@ def node_type_info(node_type: NodeType, model: HookedTransformer | None) -> s.No
         key=desc.key,
         writes=desc.writes,
         per_token_pair=desc.per_token_pair,
+        traceable=desc.trace is not None,
         replaces=desc.replaces.value if desc.replaces is not None else None,
         dataset_metric=desc.dataset_metric,  # type: ignore[arg-type]
         metrics=[

@@ -400,6 +400,7 @@ class NodeTypeInfo(ResponseSchema):
         description="where its write enters the residual stream"
     )
     per_token_pair: bool = Field(description="one node per (query, key <= query) token pair")
+    traceable: bool = Field(description="has a pre-activation that upstreamNodeToTrace can trace")
     replaces: str | None = Field(
         None, description="in layers holding these nodes they replace this node type in tables"
     )

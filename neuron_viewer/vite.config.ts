@@ -11,6 +11,7 @@ const apiPaths = [
   "/derived_scalars",
   "/derived_attention_scalars",
   "/model_info",
+  "/node_types",
   "/tokenize",
   "/generate",
   "/health",

@@ -2,6 +2,8 @@ import { lazy, Suspense, useEffect, useState } from "react";
 import { api } from "./api/client";
 import type { ModelInfo } from "./api/types";
 import { JobsIndicator } from "./components/Jobs";
+import { NodeTypes } from "./lib/nodes";
+import { NodeTypesContext } from "./nodeTypes";
 import Home from "./pages/Home";
 import { linkClick, useLocation } from "./router";
 
@@ -14,11 +16,20 @@ export type ModelState = { info: ModelInfo | null; error: string | null };
 export default function App() {
   const { pathname } = useLocation();
   const [model, setModel] = useState<ModelState>({ info: null, error: null });
+  const [nodeTypes, setNodeTypes] = useState<{ types: NodeTypes | null; error: string | null }>({
+    types: null,
+    error: null,
+  });
   useEffect(() => {
     api
       .modelInfo()
       .then((info) => setModel({ info, error: null }))
       .catch((e: Error) => setModel({ info: null, error: e.message }));
+    // Answered with or without a model (the offline dataset viewer): every page needs them.
+    api
+      .nodeTypes()
+      .then((r) => setNodeTypes({ types: new NodeTypes(r.nodeTypes), error: null }))
+      .catch((e: Error) => setNodeTypes({ types: null, error: e.message }));
   }, []);
 
   const parts = pathname.split("/").filter(Boolean).map(decodeURIComponent);
@@ -36,6 +47,12 @@ export default function App() {
       />
     );
   } else page = <p className="error">No page at {pathname}.</p>;
+  if (!nodeTypes.types)
+    page = nodeTypes.error ? (
+      <p className="error">{nodeTypes.error}</p>
+    ) : (
+      <p className="loading">Loading…</p>
+    );
 
   return (
     <div className="app">
@@ -56,7 +73,9 @@ export default function App() {
         </span>
       </header>
       <main>
-        <Suspense fallback={<p className="loading">Loading…</p>}>{page}</Suspense>
+        <NodeTypesContext.Provider value={nodeTypes.types}>
+          <Suspense fallback={<p className="loading">Loading…</p>}>{page}</Suspense>
+        </NodeTypesContext.Provider>
       </main>
     </div>
   );

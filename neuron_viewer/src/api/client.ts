@@ -18,6 +18,7 @@ import type {
   ModelInfo,
   NeuronRecordRequest,
   NeuronRecordResponse,
+  NodeTypesResponse,
   TokenizeResponse,
 } from "./types";
 
@@ -37,6 +38,10 @@ export class ApiError extends Error {
   status: number;
   requestId: string | null;
   detail: unknown;
+  /** The request field the error is about, as the server names it in `detail.field`
+   * ("subRequests[1].nodeAblations[0].node.layerIndex"); for a schema violation, the first
+   * violation's. Null when the server names none. */
+  field: string | null;
   constructor(
     status: number,
     message: string,
@@ -47,7 +52,14 @@ export class ApiError extends Error {
     this.status = status;
     this.requestId = requestId;
     this.detail = detail;
+    this.field = detailField(Array.isArray(detail) ? detail[0] : detail);
   }
+}
+
+function detailField(detail: unknown): string | null {
+  if (detail == null || typeof detail !== "object") return null;
+  const field = (detail as { field?: unknown }).field;
+  return typeof field === "string" && field !== "" ? field : null;
 }
 
 async function call<T>(
@@ -89,6 +101,8 @@ async function call<T>(
 export const api = {
   health: (signal?: AbortSignal) => call<HealthResponse>("GET", "/health", undefined, signal),
   modelInfo: (signal?: AbortSignal) => call<ModelInfo>("GET", "/model_info", undefined, signal),
+  nodeTypes: (signal?: AbortSignal) =>
+    call<NodeTypesResponse>("GET", "/node_types", undefined, signal),
   tokenize: (text: string, signal?: AbortSignal) =>
     call<TokenizeResponse>("POST", "/tokenize", { text }, signal),
   batchedTdb: (body: BatchedTdbRequest, signal?: AbortSignal) =>

@@ -255,6 +255,27 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/node_types": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /**
+         * Node Types
+         * @description Every node type the server knows, described (labels, metrics, how the API names it);
+         *     with a model loaded, where its nodes are. Answers without a model too (the dataset viewer).
+         */
+        get: operations["node_types_node_types_get"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
 }
 export type webhooks = Record<string, never>;
 export interface components {
@@ -512,7 +533,10 @@ export interface components {
              * @description row q holds the pairs (q, k) for k = 0..q (the lower triangle)
              */
             values: number[][];
-            /** Normalizedvalues */
+            /**
+             * Normalizedvalues
+             * @description values / the head's max activation in its dataset, clipped to [-1, 1]
+             */
             normalizedValues?: number[][] | null;
             /** Datasetmax */
             datasetMax?: number | null;
@@ -540,7 +564,7 @@ export interface components {
              * @default mlp_neuron
              * @enum {string}
              */
-            nodeType?: "mlp_neuron" | "embedding" | "autoencoder_latent";
+            nodeType?: "embedding" | "mlp_neuron" | "autoencoder_latent";
             /**
              * Autoencoderside
              * @description latents: which autoencoder of the layer (when it holds both)
@@ -593,7 +617,7 @@ export interface components {
             values: number[];
             /**
              * Normalizedvalues
-             * @description values divided by the component's max activation in its dataset
+             * @description values / the component's max activation in its dataset, clipped to [-1, 1] (the scale of its dataset's activation records)
              */
             normalizedValues?: number[] | null;
             /** Datasetmax */
@@ -807,6 +831,24 @@ export interface components {
             /** Jobs */
             jobs: components["schemas"]["JobModel"][];
         };
+        /** MetricInfo */
+        MetricInfo: {
+            /**
+             * Name
+             * @enum {string}
+             */
+            name: "activation" | "write_magnitude" | "direct_effect" | "estimated_total_effect";
+            /**
+             * Signed
+             * @description takes negative values (tables rank a bottom k too)
+             */
+            signed: boolean;
+            /**
+             * Ranked
+             * @description false where every node has the same value
+             */
+            ranked: boolean;
+        };
         /** ModelInfo */
         ModelInfo: {
             /** Name */
@@ -837,9 +879,14 @@ export interface components {
             dtype: string;
             /**
              * Nodetypes
-             * @description autoencoder_latent when autoencoders are loaded
+             * @description the wire node types the model has nodes of (autoencoder_latent when autoencoders are loaded)
              */
             nodeTypes: string[];
+            /**
+             * Nodetypedescriptions
+             * @description every node type, with where the model has its nodes
+             */
+            nodeTypeDescriptions: components["schemas"]["NodeTypeInfo"][];
             /** Autoencoders */
             autoencoders?: components["schemas"]["AutoencoderInfo"][];
             /** Bostoken */
@@ -1006,6 +1053,87 @@ export interface components {
             tokenPairAttributions?: components["schemas"]["ScoredKeyTokenModel"][];
         };
         /**
+         * NodeTypeInfo
+         * @description A node type's description: what the UI shows and sends for it. One per node type the
+         *     library knows (latents once per autoencoder side).
+         */
+        NodeTypeInfo: {
+            /**
+             * Name
+             * @description the library's name: the collated dataset family and the component pages' path, e.g. mlp_neuron, mlp_autoencoder_latent
+             */
+            name: string;
+            /**
+             * Nodetype
+             * @description `nodeType` of its nodes on the wire
+             * @enum {string}
+             */
+            nodeType: "embedding" | "mlp_neuron" | "attention_head" | "autoencoder_latent";
+            /**
+             * Autoencoderside
+             * @description autoencoder latents: the side (with nodeType autoencoder_latent)
+             */
+            autoencoderSide?: ("mlp" | "attention") | null;
+            /**
+             * Label
+             * @description e.g. MLP neuron
+             */
+            label: string;
+            /**
+             * Shortname
+             * @description names a node: '{shortName} L5 #123'
+             */
+            shortName: string;
+            /**
+             * Key
+             * @description the URL-safe prefix of node keys, e.g. mlp-latent
+             */
+            key: string;
+            /**
+             * Writes
+             * @description where its write enters the residual stream
+             * @enum {string}
+             */
+            writes: "embedding" | "attention" | "mlp";
+            /**
+             * Pertokenpair
+             * @description one node per (query, key <= query) token pair
+             */
+            perTokenPair: boolean;
+            /**
+             * Traceable
+             * @description has a pre-activation that upstreamNodeToTrace can trace
+             */
+            traceable: boolean;
+            /**
+             * Replaces
+             * @description in layers holding these nodes they replace this node type in tables
+             */
+            replaces?: string | null;
+            /**
+             * Datasetmetric
+             * @description the metric its collated datasets record (null: not collated)
+             */
+            datasetMetric?: ("activation" | "write_magnitude" | "direct_effect" | "estimated_total_effect") | null;
+            /** Metrics */
+            metrics: components["schemas"]["MetricInfo"][];
+            /**
+             * Layers
+             * @description layers holding nodes of this type in the loaded model (null: no model)
+             */
+            layers?: number[] | null;
+            /**
+             * Widths
+             * @description components in each of `layers`
+             */
+            widths?: number[] | null;
+        };
+        /** NodeTypesResponse */
+        NodeTypesResponse: {
+            /** Nodetypes */
+            nodeTypes: components["schemas"]["NodeTypeInfo"][];
+        };
+        /**
          * PairActivationRecordModel
          * @description A head's excerpt: activations per pair (q, k <= q), row by row over the lower triangle.
          */
@@ -1069,7 +1197,7 @@ export interface components {
         };
         /**
          * ScoredTokensSpec
-         * @description Token-space views (engine.md §6) of the given nodes.
+         * @description Token-space views (docs/engine.md §6) of the given nodes.
          */
         ScoredTokensSpec: {
             /**
@@ -1923,6 +2051,26 @@ export interface operations {
                 };
                 content: {
                     "application/json": components["schemas"]["HealthResponse"];
+                };
+            };
+        };
+    };
+    node_types_node_types_get: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Successful Response */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["NodeTypesResponse"];
                 };
             };
         };

@@ -35,3 +35,7 @@ export type PairActivationRecord = S["PairActivationRecordModel"];
 export type TokenSummaries = S["TokenSummariesModel"];
 export type Job = S["JobModel"];
 export type JobsResponse = S["JobsResponse"];
+export type NodeTypeInfo = S["NodeTypeInfo"];
+export type NodeTypesResponse = S["NodeTypesResponse"];
+export type MetricInfo = S["MetricInfo"];
+export type AutoencoderSide = NonNullable<NodeTypeInfo["autoencoderSide"]>;

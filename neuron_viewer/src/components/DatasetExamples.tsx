@@ -4,12 +4,13 @@ import type {
   ActivationRecord,
   AttentionHeadRecordResponse,
   NeuronRecordResponse,
+  NodeTypeInfo,
   PairActivationRecord,
 } from "../api/types";
 import { onJobsChanged } from "../lib/events";
 import { formatNumber as fmt, quantileBinLabels } from "../lib/histogram";
 import { LatestOnly } from "../lib/latest";
-import { tokenComponent, type ComponentKind } from "../lib/nodes";
+import { tokenComponent } from "../lib/nodes";
 import { attendedFrom, attendsTo, tokensForPairs } from "../lib/pairs";
 import { displayToken } from "../lib/tokens";
 import { Card } from "./Card";
@@ -26,24 +27,24 @@ type HeadMode = "in" | "out";
 const FEW = 5;
 
 async function fetchRecord(
-  kind: ComponentKind,
+  type: NodeTypeInfo,
   layer: number,
   index: number,
   dataset: string | null,
   signal: AbortSignal,
 ): Promise<RecordData> {
   const datasetName = dataset ?? undefined;
-  if (kind === "attention_head") {
+  if (type.perTokenPair) {
     const data = await api.attentionHeadRecord(
       { datasetName, layerIndex: layer, headIndex: index },
       signal,
     );
-    return { kind, data };
+    return { kind: "attention_head", data };
   }
   const data = await api.neuronRecord(
     {
       datasetName,
-      ...tokenComponent(kind, layer, index),
+      ...tokenComponent(type, layer, index),
     },
     signal,
   );
@@ -51,7 +52,7 @@ async function fetchRecord(
 }
 
 /** The component's record, refetched when a background job changes status (a dataset done). */
-function useRecord(kind: ComponentKind, layer: number, index: number, dataset: string | null) {
+function useRecord(type: NodeTypeInfo, layer: number, index: number, dataset: string | null) {
   const [state, setState] = useState<{
     record: RecordData | null;
     error: string | null;
@@ -63,7 +64,7 @@ function useRecord(kind: ComponentKind, layer: number, index: number, dataset: s
   useEffect(() => {
     setState((s) => ({ ...s, loading: true }));
     latest.current
-      .run((signal) => fetchRecord(kind, layer, index, dataset, signal))
+      .run((signal) => fetchRecord(type, layer, index, dataset, signal))
       .then((r) => {
         if (r.stale) return;
         setState({
@@ -72,7 +73,7 @@ function useRecord(kind: ComponentKind, layer: number, index: number, dataset: s
           loading: false,
         });
       });
-  }, [kind, layer, index, dataset, reload]);
+  }, [type, layer, index, dataset, reload]);
   return state;
 }
 
@@ -230,12 +231,12 @@ function sampleValues(record: RecordData): number[] {
 
 /** The node page's dataset card: statistics, top / random / by-quantile excerpts, histogram. */
 export function DatasetExamples(props: {
-  kind: ComponentKind;
+  type: NodeTypeInfo;
   layer: number;
   index: number;
   dataset: string | null;
 }) {
-  const { record, error, loading } = useRecord(props.kind, props.layer, props.index, props.dataset);
+  const { record, error, loading } = useRecord(props.type, props.layer, props.index, props.dataset);
   const [showAll, setShowAll] = useState(false);
   const [mode, setMode] = useState<HeadMode>("in");
   const values = useMemo(() => (record ? sampleValues(record) : []), [record]);

@@ -1,13 +1,13 @@
 import { Fragment, useMemo, useState } from "react";
 import type { AttentionTraceType, NodeIndex, NodeRow, ScoredToken } from "../api/types";
 import { cellColor, maxAbs, textColor } from "../lib/colors";
-import { componentName, nodeKind, TRACE_TYPES, type NodeKind } from "../lib/nodes";
+import { componentName, plural, TRACE_TYPES } from "../lib/nodes";
 import {
   filterRows,
   METRIC_LABELS,
   METRICS,
   metricValue,
-  SIGNED,
+  signedColumns,
   sortRows,
   topKPerColumn,
   type Metric,
@@ -16,6 +16,7 @@ import {
   type TableRow,
 } from "../lib/table";
 import { displayToken } from "../lib/tokens";
+import { useNodeTypes } from "../nodeTypes";
 import { linkClick } from "../router";
 
 export interface NodeActions {
@@ -24,14 +25,6 @@ export interface NodeActions {
   setDownstream?: (node: NodeIndex) => void; // when tracing through a head's value
 }
 
-const TYPE_LABELS: Record<NodeKind, string> = {
-  embedding: "embeddings",
-  mlp_neuron: "MLP neurons",
-  attention_head: "attention heads",
-  mlp_autoencoder_latent: "MLP latents",
-  attention_autoencoder_latent: "attention latents",
-};
-const ALWAYS_LISTED: NodeKind[] = ["embedding", "mlp_neuron", "attention_head"];
 const TRACE_LABELS: Record<AttentionTraceType, string> = {
   query: "Trace query",
   key: "Trace key",
@@ -45,11 +38,13 @@ function fmt(v: number | null): string {
   return a !== 0 && (a < 1e-3 || a >= 1e4) ? v.toExponential(2) : v.toFixed(3);
 }
 
-export function nodeHref(modelName: string, node: NodeIndex, prompt: string): string {
+/** A row's component page, with the prompt and token(s) passed along. */
+export function nodeHref(modelName: string, row: TableRow, prompt: string): string {
+  const node = row.node;
   const index = node.componentIndex ?? 0;
   const q = new URLSearchParams({ prompt, token: String(node.tokenIndex) });
   if (node.attendedTokenIndex != null) q.set("attended", String(node.attendedTokenIndex));
-  return `/${encodeURIComponent(modelName)}/${nodeKind(node)}/${node.layerIndex ?? 0}/${index}?${q}`;
+  return `/${encodeURIComponent(modelName)}/${row.type.name}/${node.layerIndex ?? 0}/${index}?${q}`;
 }
 
 function TokenList({ title, tokens }: { title: string; tokens: ScoredToken[] }) {
@@ -68,19 +63,19 @@ function TokenList({ title, tokens }: { title: string; tokens: ScoredToken[] }) 
   );
 }
 
-function Details({ row }: { row: NodeRow | null }) {
+/** A node's token-space views; those of a token pair (a head) have a query and a key side. */
+function Details({ row, pairs }: { row: NodeRow | null; pairs: boolean }) {
   const v = row?.tokenViews;
   if (!v) return <p className="muted">No token-space views for this node.</p>;
-  const head = row.node.nodeType === "attention_head";
   return (
     <div className="details" data-testid="node-details">
       <TokenList title="Upvoted output tokens" tokens={v.upvotedOutputTokens} />
       <TokenList title="Downvoted output tokens" tokens={v.downvotedOutputTokens} />
       <TokenList
-        title={head ? "Input tokens that upvote the query side" : "Input tokens that upvote it"}
+        title={pairs ? "Input tokens that upvote the query side" : "Input tokens that upvote it"}
         tokens={v.upvotingInputTokens}
       />
-      {head && (
+      {pairs && (
         <TokenList title="Input tokens that upvote the key side" tokens={v.upvotingKeyTokens} />
       )}
       {(v.tokenPairAttributions ?? []).length > 0 && (
@@ -96,15 +91,15 @@ function Details({ row }: { row: NodeRow | null }) {
   );
 }
 
-function Actions({ node, actions }: { node: NodeIndex; actions: NodeActions }) {
+function Actions({ row, actions }: { row: TableRow; actions: NodeActions }) {
   const [open, setOpen] = useState(false);
+  const node = row.node;
   const items: [string, () => void][] = [["Ablate", () => actions.ablate(node)]];
-  if (node.nodeType === "mlp_neuron" || node.nodeType === "autoencoder_latent")
-    items.push(["Trace upstream", () => actions.trace(node, null)]);
-  if (node.nodeType === "attention_head") {
+  // A head pair is traced through its query, key or value; other components upstream.
+  if (row.type.perTokenPair) {
     for (const t of TRACE_TYPES) items.push([TRACE_LABELS[t], () => actions.trace(node, t)]);
-  }
-  if (actions.setDownstream && node.nodeType !== "embedding") {
+  } else if (row.type.traceable) items.push(["Trace upstream", () => actions.trace(node, null)]);
+  if (actions.setDownstream && row.type.traceable) {
     items.push(["Use as downstream node", () => actions.setDownstream?.(node)]);
   }
   return (
@@ -148,12 +143,13 @@ export function NodeTable(props: {
   prompt: string;
   actions: NodeActions;
 }) {
+  const types = useNodeTypes();
   const [sort, setSort] = useState<SortSpec>({
     metric: "directEffect",
     side: "left",
     descending: true,
   });
-  const [types, setTypes] = useState<Set<string>>(new Set());
+  const [shownTypes, setShownTypes] = useState<Set<string>>(new Set());
   const [layer, setLayer] = useState<string>("");
   const [k, setK] = useState<number>(10);
   const [expanded, setExpanded] = useState<Set<string>>(new Set());
@@ -162,23 +158,23 @@ export function NodeTable(props: {
     [props.twoSides],
   );
 
-  // Latent kinds are listed when the table has latents (a debugger switch is on).
+  // Types that replace others (latents) are listed when the table has them (a debugger switch
+  // is on); the others always are.
   const listed = useMemo(() => {
-    const present = new Set(props.rows.map((r) => nodeKind(r.node)));
-    return (Object.keys(TYPE_LABELS) as NodeKind[]).filter(
-      (t) => ALWAYS_LISTED.includes(t) || present.has(t),
-    );
-  }, [props.rows]);
+    const present = new Set(props.rows.map((r) => r.type));
+    return types.all.filter((t) => t.replaces == null || present.has(t));
+  }, [types, props.rows]);
+  const listedNames = useMemo(() => listed.map((t) => t.name), [listed]);
 
   const visible = useMemo(() => {
-    // A filter on kinds no longer in the table (latents switched off) shows everything.
-    const active = new Set([...types].filter((t) => listed.includes(t as NodeKind)));
+    // A filter on types no longer in the table (latents switched off) shows everything.
+    const active = new Set([...shownTypes].filter((t) => listedNames.includes(t)));
     const filtered = filterRows(props.rows, {
       nodeTypes: active,
       layer: layer === "" ? null : Number(layer),
     });
     return sortRows(topKPerColumn(filtered, k, sides), sort);
-  }, [props.rows, listed, types, layer, k, sort, sides]);
+  }, [props.rows, listedNames, shownTypes, layer, k, sort, sides]);
 
   const scales = useMemo(() => {
     const out: Record<string, number> = {};
@@ -186,6 +182,7 @@ export function NodeTable(props: {
       for (const s of sides) out[`${m}:${s}`] = maxAbs(visible.map((r) => metricValue(r, m, s)));
     return out;
   }, [visible, sides]);
+  const signed = useMemo(() => signedColumns(visible), [visible]);
 
   const clickHeader = (metric: Metric, side: Side) =>
     setSort((cur) =>
@@ -200,21 +197,21 @@ export function NodeTable(props: {
     <div>
       <div className="row controls">
         {listed.map((t) => (
-          <label key={t}>
+          <label key={t.name}>
             <input
               type="checkbox"
               data-testid="node-type-filter"
-              data-kind-label={TYPE_LABELS[t]}
-              checked={!listed.some((l) => types.has(l)) || types.has(t)}
+              data-kind-label={plural(t)}
+              checked={!listedNames.some((l) => shownTypes.has(l)) || shownTypes.has(t.name)}
               onChange={(e) => {
-                const shown = listed.filter((l) => types.has(l));
-                const next = new Set<string>(shown.length === 0 ? listed : shown);
-                if (e.target.checked) next.add(t);
-                else next.delete(t);
-                setTypes(listed.every((k) => next.has(k)) ? new Set() : next);
+                const shown = listedNames.filter((l) => shownTypes.has(l));
+                const next = new Set<string>(shown.length === 0 ? listedNames : shown);
+                if (e.target.checked) next.add(t.name);
+                else next.delete(t.name);
+                setShownTypes(listedNames.every((l) => next.has(l)) ? new Set() : next);
               }}
             />
-            {TYPE_LABELS[t]}
+            {plural(t)}
           </label>
         ))}
         <label>
@@ -307,11 +304,11 @@ export function NodeTable(props: {
                         {open ? "▾" : "▸"}
                       </button>{" "}
                       <a
-                        href={nodeHref(props.modelName, r.node, props.prompt)}
+                        href={nodeHref(props.modelName, r, props.prompt)}
                         onClick={linkClick}
                         className="node-link"
                       >
-                        {componentName(r.node)}
+                        {componentName(r.type, r.node.layerIndex ?? 0, r.node.componentIndex ?? 0)}
                       </a>
                     </td>
                     <td className="tok">{tok(r.node.tokenIndex)}</td>
@@ -327,7 +324,7 @@ export function NodeTable(props: {
                             data-metric={m}
                             data-side={s}
                             style={{
-                              background: cellColor(v, scale, SIGNED[m] || s === "diff"),
+                              background: cellColor(v, scale, signed[m] || s === "diff"),
                               color: textColor(v, scale),
                             }}
                           >
@@ -337,13 +334,13 @@ export function NodeTable(props: {
                       }),
                     )}
                     <td>
-                      <Actions node={r.node} actions={props.actions} />
+                      <Actions row={r} actions={props.actions} />
                     </td>
                   </tr>
                   {open && (
                     <tr className="details-row">
                       <td colSpan={3 + METRICS.length * sides.length + 1}>
-                        <Details row={r.left ?? r.right} />
+                        <Details row={r.left ?? r.right} pairs={r.type.perTokenPair} />
                       </td>
                     </tr>
                   )}

@@ -1,151 +1,156 @@
-// Node identity and names: one key format used in URLs, tables and diffs.
-import type { AttentionTraceType, ModelInfo, NodeIndex } from "../api/types";
+// Node types and node identity. What a node type is called, its URL key, whether it has one node
+// per token pair, which side its autoencoder is on and where the model has it all come from the
+// server's descriptions (GET /node_types, docs/node-types.md); nothing here names a node type.
+import type {
+  AttentionTraceType,
+  AutoencoderSide,
+  NeuronRecordRequest,
+  NodeIndex,
+  NodeTypeInfo,
+} from "../api/types";
+
+export type { AutoencoderSide, NodeTypeInfo };
 
 export const TRACE_TYPES: AttentionTraceType[] = ["query", "key", "query_and_key", "value"];
 
-export type AutoencoderSide = "mlp" | "attention";
-/** What a node is, with latents told apart by their autoencoder's side. These are the
- * library's node type names, the collated datasets' family names and the node pages' paths. */
-export type NodeKind =
-  | "embedding"
-  | "mlp_neuron"
-  | "attention_head"
-  | "mlp_autoencoder_latent"
-  | "attention_autoencoder_latent";
-/** The kinds with a node page: one component of a layer. */
-export type ComponentKind = Exclude<NodeKind, "embedding">;
-export const COMPONENT_KINDS: ComponentKind[] = [
-  "mlp_neuron",
-  "attention_head",
-  "mlp_autoencoder_latent",
-  "attention_autoencoder_latent",
-];
-export const LATENT_KIND: Record<AutoencoderSide, ComponentKind> = {
-  mlp: "mlp_autoencoder_latent",
-  attention: "attention_autoencoder_latent",
-};
+/** How messages name an autoencoder's side ("no MLP-side autoencoder is loaded"). */
+export const SIDE_LABEL: Record<AutoencoderSide, string> = { mlp: "MLP", attention: "attention" };
 
-const SHORT: Record<NodeKind, string> = {
-  embedding: "emb",
-  mlp_neuron: "mlp",
-  attention_head: "attn",
-  mlp_autoencoder_latent: "mlp-latent",
-  attention_autoencoder_latent: "attn-latent",
-};
-const LONG: Record<string, NodeKind> = Object.fromEntries(
-  Object.entries(SHORT).map(([k, v]) => [v, k as NodeKind]),
-);
-
-/** The side of a latent kind's autoencoder; null for neurons, heads and embeddings. */
-export function latentSide(kind: NodeKind): AutoencoderSide | null {
-  if (kind === "mlp_autoencoder_latent") return "mlp";
-  if (kind === "attention_autoencoder_latent") return "attention";
-  return null;
+/** Whether a node type's nodes are components of a layer (neurons, heads, latents), with a page
+ * of their own, a name by layer and index, and something upstream to trace. The embedding is the
+ * first write into the residual stream: none of these. */
+export function isComponent(t: NodeTypeInfo): boolean {
+  return t.writes !== "embedding";
 }
 
-export function nodeKind(n: NodeIndex): NodeKind {
-  if (n.nodeType === "autoencoder_latent") return LATENT_KIND[n.autoencoderSide ?? "mlp"];
-  return n.nodeType;
+/** "MLP neurons", "attention latents": a node type's label for many of them. */
+export function plural(t: NodeTypeInfo): string {
+  return `${t.label}s`;
 }
 
-/** The API's node for a kind: latents are nodeType autoencoder_latent with their side. */
+/** The node type descriptions the server sent, in its order (the order of node tables), with
+ * the lookups the UI needs. */
+export class NodeTypes {
+  readonly all: readonly NodeTypeInfo[];
+  private readonly byName: Map<string, NodeTypeInfo>;
+  private readonly byKey: Map<string, NodeTypeInfo>;
+
+  constructor(descriptions: readonly NodeTypeInfo[]) {
+    this.all = descriptions;
+    this.byName = new Map(descriptions.map((t) => [t.name, t]));
+    this.byKey = new Map(descriptions.map((t) => [t.key, t]));
+  }
+
+  /** The node types with a page: one component of a layer. */
+  get components(): NodeTypeInfo[] {
+    return this.all.filter(isComponent);
+  }
+
+  /** The autoencoder latent types, one per side. */
+  get latents(): NodeTypeInfo[] {
+    return this.all.filter((t) => t.autoencoderSide != null);
+  }
+
+  /** The autoencoder sides, in the order of their latent types. */
+  get sides(): AutoencoderSide[] {
+    return this.latents.map((t) => t.autoencoderSide as AutoencoderSide);
+  }
+
+  /** By the library's name ("mlp_neuron": a dataset family, a component page's path segment). */
+  named(name: string): NodeTypeInfo | undefined {
+    return this.byName.get(name);
+  }
+
+  /** A node's type: its wire nodeType, and its autoencoderSide where the wire name is shared. */
+  of(n: Pick<NodeIndex, "nodeType" | "autoencoderSide">): NodeTypeInfo {
+    const t = this.all.find(
+      (t) =>
+        t.nodeType === n.nodeType && (t.autoencoderSide ?? null) === (n.autoencoderSide ?? null),
+    );
+    if (!t) throw new Error(`no node type ${n.nodeType} ${n.autoencoderSide ?? ""}`.trim());
+    return t;
+  }
+
+  /** "attn:23:13:4:1" — the type's key, layer, token, component[, attended token]: latents are
+   * "mlp-latent:5:3:123" or "attn-latent:…". Stable and URL-safe. */
+  key(n: NodeIndex): string {
+    const base = `${this.of(n).key}:${n.layerIndex ?? 0}:${n.tokenIndex}:${n.componentIndex ?? 0}`;
+    return n.attendedTokenIndex == null ? base : `${base}:${n.attendedTokenIndex}`;
+  }
+
+  /** The inverse of key; null for anything malformed. */
+  parseKey(key: string): NodeIndex | null {
+    const parts = key.split(":");
+    if (parts.length < 4 || parts.length > 5) return null;
+    const t = this.byKey.get(parts[0]);
+    const nums = parts.slice(1).map((p) => (/^\d+$/.test(p) ? Number(p) : NaN));
+    if (!t || nums.some((x) => Number.isNaN(x))) return null;
+    if (nums.length === 4 && !t.perTokenPair) return null; // only pairs have an attended token
+    return makeNode(t, nums[0], nums[1], nums[2], nums.length === 4 ? nums[3] : null);
+  }
+
+  same(a: NodeIndex, b: NodeIndex): boolean {
+    return this.key(a) === this.key(b);
+  }
+
+  /** A short human name: "attn L23 H4", "mlp L5 #123", "mlp latent L5 #7", "embedding". */
+  name(n: NodeIndex): string {
+    return componentName(this.of(n), n.layerIndex ?? 0, n.componentIndex ?? 0);
+  }
+
+  /** The component with its token(s) spelled out: "mlp L5 #123 at ' Ottawa' (4)", "attn L23 H4
+   * from ' to' (13) to ' Mary' (1)". */
+  describe(n: NodeIndex, tokens: string[]): string {
+    const at = (t: number) => `'${tokens[t] ?? "?"}' (${t})`;
+    if (this.of(n).perTokenPair && n.attendedTokenIndex != null) {
+      return `${this.name(n)} from ${at(n.tokenIndex)} to ${at(n.attendedTokenIndex)}`;
+    }
+    return `${this.name(n)} at ${at(n.tokenIndex)}`;
+  }
+}
+
+/** A component's name: heads (one node per token pair) are "H4", others "#123"; the embedding
+ * is its short name alone. */
+export function componentName(t: NodeTypeInfo, layer: number, component: number): string {
+  if (!isComponent(t)) return t.shortName;
+  return `${t.shortName} L${layer} ${t.perTokenPair ? "H" : "#"}${component}`;
+}
+
+/** The API's node of a type: latents carry their autoencoder's side, only token pairs an
+ * attended token. */
 export function makeNode(
-  kind: NodeKind,
+  t: NodeTypeInfo,
   layerIndex: number,
   tokenIndex: number,
   componentIndex: number,
   attendedTokenIndex: number | null = null,
 ): NodeIndex {
-  const side = latentSide(kind);
-  const node: NodeIndex = side
-    ? { nodeType: "autoencoder_latent", autoencoderSide: side, layerIndex, tokenIndex }
-    : { nodeType: kind as NodeIndex["nodeType"], layerIndex, tokenIndex };
-  node.componentIndex = componentIndex;
-  node.attendedTokenIndex = kind === "attention_head" ? attendedTokenIndex : null;
-  return node;
+  return {
+    nodeType: t.nodeType,
+    ...(t.autoencoderSide ? { autoencoderSide: t.autoencoderSide } : {}),
+    layerIndex,
+    tokenIndex,
+    componentIndex,
+    attendedTokenIndex: t.perTokenPair ? attendedTokenIndex : null,
+  };
 }
 
-/** How the read and scalar endpoints name a per-token component (a neuron or a latent). */
-export function tokenComponent(kind: NodeKind, layerIndex: number, componentIndex: number) {
-  const side = latentSide(kind);
+/** How the read and scalar endpoints (/neuron_record, /derived_scalars) name a component with one
+ * node per token (a neuron or a latent). */
+export function tokenComponent(t: NodeTypeInfo, layerIndex: number, componentIndex: number) {
   return {
-    nodeType: side ? ("autoencoder_latent" as const) : ("mlp_neuron" as const),
-    autoencoderSide: side,
+    // Those endpoints' nodeType lists the per-token component types only.
+    nodeType: t.nodeType as NonNullable<NeuronRecordRequest["nodeType"]>,
+    autoencoderSide: t.autoencoderSide ?? null,
     layerIndex,
     componentIndex,
   };
 }
 
-/** "attn:23:13:4:1" — kind, layer, token, component[, attended token]; latents are
- * "mlp-latent:5:3:123" or "attn-latent:…". Stable and URL-safe. */
-export function nodeKey(n: NodeIndex): string {
-  const base = `${SHORT[nodeKind(n)]}:${n.layerIndex ?? 0}:${n.tokenIndex}:${n.componentIndex ?? 0}`;
-  return n.attendedTokenIndex == null ? base : `${base}:${n.attendedTokenIndex}`;
-}
-
-/** The inverse of nodeKey; null for anything malformed. */
-export function parseNodeKey(key: string): NodeIndex | null {
-  const parts = key.split(":");
-  if (parts.length < 4 || parts.length > 5) return null;
-  const kind = LONG[parts[0]];
-  const nums = parts.slice(1).map((p) => (/^\d+$/.test(p) ? Number(p) : NaN));
-  if (!kind || nums.some((x) => Number.isNaN(x))) return null;
-  if (nums.length === 4 && kind !== "attention_head") return null;
-  return makeNode(kind, nums[0], nums[1], nums[2], nums.length === 4 ? nums[3] : null);
-}
-
-/** A short human name: "attn L23 H4", "mlp L5 #123", "mlp latent L5 #7", "emb". */
-export function componentName(n: NodeIndex): string {
-  const kind = nodeKind(n);
-  if (kind === "attention_head") return `attn L${n.layerIndex} H${n.componentIndex}`;
-  if (kind === "mlp_neuron") return `mlp L${n.layerIndex} #${n.componentIndex}`;
-  if (kind === "mlp_autoencoder_latent") return `mlp latent L${n.layerIndex} #${n.componentIndex}`;
-  if (kind === "attention_autoencoder_latent")
-    return `attn latent L${n.layerIndex} #${n.componentIndex}`;
-  return "emb";
-}
-
-/** The component with its token(s) spelled out: "mlp L5 #123 at ' Ottawa' (4)". */
-export function describeNode(n: NodeIndex, tokens: string[]): string {
-  const at = (t: number) => `'${tokens[t] ?? "?"}' (${t})`;
-  if (n.nodeType === "attention_head" && n.attendedTokenIndex != null) {
-    return `${componentName(n)} from ${at(n.tokenIndex)} to ${at(n.attendedTokenIndex)}`;
-  }
-  return `${componentName(n)} at ${at(n.tokenIndex)}`;
-}
-
-export function sameNode(a: NodeIndex, b: NodeIndex): boolean {
-  return nodeKey(a) === nodeKey(b);
-}
-
-/** Layers whose `side` autoencoder the server loaded, ascending. */
-export function autoencoderLayers(info: ModelInfo | null, side: AutoencoderSide): number[] {
-  return (info?.autoencoders ?? [])
-    .filter((a) => a.autoencoderSide === side)
-    .map((a) => a.layerIndex)
-    .sort((a, b) => a - b);
-}
-
-/** The layers a kind has components in (null: unknown, no model loaded). */
-export function kindLayers(info: ModelInfo | null, kind: ComponentKind): number[] | null {
-  if (!info) return null;
-  const side = latentSide(kind);
-  if (side) return autoencoderLayers(info, side);
-  return Array.from({ length: info.nLayers }, (_, i) => i);
-}
-
-/** Components of a kind in a layer: neurons, heads or the layer's autoencoder's latents (null:
- * unknown — no model, or no autoencoder of that side at that layer). */
-export function componentWidth(
-  info: ModelInfo | null,
-  kind: ComponentKind,
-  layer: number,
-): number | null {
-  if (!info) return null;
-  const side = latentSide(kind);
-  if (side) {
-    const ae = info.autoencoders?.find((a) => a.autoencoderSide === side && a.layerIndex === layer);
-    return ae ? ae.nLatents : null;
-  }
-  return kind === "mlp_neuron" ? info.dMlp : info.nHeads;
+/** Components of a type in a layer (neurons, heads, the latents of the layer's autoencoder);
+ * null when unknown: no model, or none of that type in the layer. (`layers`: the layers holding
+ * the type in the loaded model; for latents those with an autoencoder of their side.) */
+export function componentWidth(t: NodeTypeInfo, layer: number): number | null {
+  const i = t.layers?.indexOf(layer) ?? -1;
+  return i < 0 ? null : (t.widths?.[i] ?? null);
 }

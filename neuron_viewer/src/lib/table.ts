@@ -1,7 +1,7 @@
 // The node table's logic: line up left and right sub-responses by node, diff them, sort, filter,
 // keep the top k per column, export.
-import type { NodeIndex, NodeRow } from "../api/types";
-import { componentName, nodeKey, nodeKind } from "./nodes";
+import type { MetricInfo, NodeIndex, NodeRow, NodeTypeInfo } from "../api/types";
+import { componentName, type NodeTypes } from "./nodes";
 
 export const METRICS = [
   "activation",
@@ -10,12 +10,6 @@ export const METRICS = [
   "estimatedTotalEffect",
 ] as const;
 export type Metric = (typeof METRICS)[number];
-export const SIGNED: Record<Metric, boolean> = {
-  activation: true,
-  writeMagnitude: false,
-  directEffect: true,
-  estimatedTotalEffect: true,
-};
 export const METRIC_LABELS: Record<Metric, string> = {
   activation: "Activation",
   writeMagnitude: "Write magnitude",
@@ -28,22 +22,44 @@ export type Side = "left" | "diff" | "right";
 export interface TableRow {
   key: string;
   node: NodeIndex;
+  type: NodeTypeInfo;
   left: NodeRow | null;
   right: NodeRow | null;
 }
 
 /** Rows of both sides keyed by node, in the left side's order, then nodes only on the right. */
-export function alignRows(left: NodeRow[], right: NodeRow[] | null): TableRow[] {
+export function alignRows(types: NodeTypes, left: NodeRow[], right: NodeRow[] | null): TableRow[] {
   const byKey = new Map<string, TableRow>();
-  for (const r of left)
-    byKey.set(nodeKey(r.node), { key: nodeKey(r.node), node: r.node, left: r, right: null });
-  for (const r of right ?? []) {
-    const key = nodeKey(r.node);
-    const row = byKey.get(key);
-    if (row) row.right = r;
-    else byKey.set(key, { key, node: r.node, left: null, right: r });
-  }
+  const add = (r: NodeRow, side: "left" | "right") => {
+    const key = types.key(r.node);
+    const row = byKey.get(key) ?? {
+      key,
+      node: r.node,
+      type: types.of(r.node),
+      left: null,
+      right: null,
+    };
+    row[side] = r;
+    byKey.set(key, row);
+  };
+  for (const r of left) add(r, "left");
+  for (const r of right ?? []) add(r, "right");
   return [...byKey.values()];
+}
+
+/** The metric field of a node row that the descriptions name `name` (write_magnitude). */
+function metricOf(name: MetricInfo["name"]): Metric {
+  return name.replace(/_([a-z])/g, (_, c: string) => c.toUpperCase()) as Metric;
+}
+
+/** Per column, whether it takes negative values: when it does for any node type among the rows
+ * (the descriptions' `metrics[].signed`). Signed columns are coloured red and blue and keep a
+ * bottom k too; Diff columns always are. */
+export function signedColumns(rows: TableRow[]): Record<Metric, boolean> {
+  const signed = Object.fromEntries(METRICS.map((m) => [m, false])) as Record<Metric, boolean>;
+  for (const t of new Set(rows.map((r) => r.type)))
+    for (const m of t.metrics) if (m.signed) signed[metricOf(m.name)] = true;
+  return signed;
 }
 
 export function metricValue(row: TableRow, metric: Metric, side: Side): number | null {
@@ -73,28 +89,29 @@ export function sortRows(rows: TableRow[], sort: SortSpec): TableRow[] {
 }
 
 export interface Filter {
-  nodeTypes: Set<string>; // node kinds (nodes.ts: latents by side); empty: all
+  nodeTypes: Set<string>; // node type names (latents by side); empty: all
   layer: number | null;
 }
 
 export function filterRows(rows: TableRow[], f: Filter): TableRow[] {
   return rows.filter(
     (r) =>
-      (f.nodeTypes.size === 0 || f.nodeTypes.has(nodeKind(r.node))) &&
+      (f.nodeTypes.size === 0 || f.nodeTypes.has(r.type.name)) &&
       (f.layer == null || (r.node.layerIndex ?? 0) === f.layer),
   );
 }
 
 /** The union over columns (every metric on every side given) of the top k rows of that column,
- * and the bottom k for signed metrics. */
+ * and the bottom k for signed columns (signedColumns of these rows) and Diff columns. */
 export function topKPerColumn(rows: TableRow[], k: number, sides: Side[]): TableRow[] {
   const keep = new Set<string>();
+  const signed = signedColumns(rows);
   for (const side of sides) {
     for (const metric of METRICS) {
       const valued = rows.filter((r) => metricValue(r, metric, side) != null);
       const sorted = sortRows(valued, { metric, side, descending: true });
       sorted.slice(0, k).forEach((r) => keep.add(r.key));
-      if (SIGNED[metric] || side === "diff") {
+      if (signed[metric] || side === "diff") {
         sorted.slice(Math.max(k, sorted.length - k)).forEach((r) => keep.add(r.key));
       }
     }
@@ -127,8 +144,8 @@ export function toCsv(rows: TableRow[], tokens: string[], twoSides: boolean): st
     const n = r.node;
     lines.push(
       [
-        componentName(n),
-        nodeKind(n),
+        componentName(r.type, n.layerIndex ?? 0, n.componentIndex ?? 0),
+        r.type.name,
         n.layerIndex ?? 0,
         n.tokenIndex,
         tokens[n.tokenIndex] ?? null,
@@ -142,4 +159,13 @@ export function toCsv(rows: TableRow[], tokens: string[], twoSides: boolean): st
     );
   }
   return lines.join("\n") + "\n";
+}
+
+/** JSON of the table: the lined-up rows, their nodes as the server sent them. */
+export function toJson(rows: TableRow[]): string {
+  return JSON.stringify(
+    rows.map(({ key, node, left, right }) => ({ key, node, left, right })),
+    null,
+    2,
+  );
 }

@@ -1,7 +1,8 @@
 // The debugger's whole state lives in the URL, so an investigation can be shared or reloaded.
-// Every field round-trips through URLSearchParams (which percent-encodes prompts safely).
+// Every field round-trips through URLSearchParams (which percent-encodes prompts safely). Nodes
+// are written as their keys, which the node type descriptions define (nodes.ts).
 import type { AttentionTraceType, NodeAblation, NodeIndex } from "../api/types";
-import { nodeKey, parseNodeKey, TRACE_TYPES, type AutoencoderSide } from "./nodes";
+import { TRACE_TYPES, type AutoencoderSide, type NodeTypes } from "./nodes";
 
 export interface Trace {
   node: NodeIndex;
@@ -32,50 +33,48 @@ export const DEFAULT_STATE: DebuggerState = {
   latents: [],
 };
 
-const SIDES: AutoencoderSide[] = ["mlp", "attention"];
-
-export function stateToParams(s: DebuggerState): URLSearchParams {
+export function stateToParams(types: NodeTypes, s: DebuggerState): URLSearchParams {
   const p = new URLSearchParams();
   if (s.prompt) p.set("prompt", s.prompt);
   for (const t of s.targets) p.append("target", t);
   for (const d of s.distractors) p.append("distractor", d);
   if (s.secondPrompt != null) p.set("prompt2", s.secondPrompt);
   for (const a of s.ablations) {
-    p.append("ablate", a.value ? `${nodeKey(a.node)}=${a.value}` : nodeKey(a.node));
+    p.append("ablate", a.value ? `${types.key(a.node)}=${a.value}` : types.key(a.node));
   }
   if (s.trace) {
-    let v = nodeKey(s.trace.node);
+    let v = types.key(s.trace.node);
     if (s.trace.attentionTraceType) v += `@${s.trace.attentionTraceType}`;
-    if (s.trace.downstream) v += `>${nodeKey(s.trace.downstream)}`;
+    if (s.trace.downstream) v += `>${types.key(s.trace.downstream)}`;
     p.set("trace", v);
   }
   if (s.topK !== DEFAULT_STATE.topK) p.set("k", String(s.topK));
-  for (const side of SIDES) if (s.latents.includes(side)) p.append("latents", side);
+  for (const side of types.sides) if (s.latents.includes(side)) p.append("latents", side);
   return p;
 }
 
-function parseAblation(v: string): NodeAblation | null {
+function parseAblation(types: NodeTypes, v: string): NodeAblation | null {
   const [key, value] = v.split("=");
-  const node = parseNodeKey(key);
+  const node = types.parseKey(key);
   if (!node) return null;
   const num = value === undefined ? 0 : Number(value);
   return Number.isFinite(num) ? { node, value: num } : null;
 }
 
-function parseTrace(v: string): Trace | null {
+function parseTrace(types: NodeTypes, v: string): Trace | null {
   const [head, down] = v.split(">");
   const [key, type] = head.split("@");
-  const node = parseNodeKey(key);
+  const node = types.parseKey(key);
   if (!node) return null;
   const attentionTraceType = TRACE_TYPES.includes(type as AttentionTraceType)
     ? (type as AttentionTraceType)
     : null;
-  const downstream = down ? parseNodeKey(down) : null;
+  const downstream = down ? types.parseKey(down) : null;
   return { node, attentionTraceType, downstream };
 }
 
 /** Parse a URL query; malformed parts are dropped, never thrown. */
-export function paramsToState(p: URLSearchParams): DebuggerState {
+export function paramsToState(types: NodeTypes, p: URLSearchParams): DebuggerState {
   const k = Number(p.get("k") ?? DEFAULT_STATE.topK);
   return {
     prompt: p.get("prompt") ?? "",
@@ -84,10 +83,10 @@ export function paramsToState(p: URLSearchParams): DebuggerState {
     secondPrompt: p.has("prompt2") ? (p.get("prompt2") ?? "") : null,
     ablations: p
       .getAll("ablate")
-      .map(parseAblation)
+      .map((v) => parseAblation(types, v))
       .filter((a): a is NodeAblation => a !== null),
-    trace: p.has("trace") ? parseTrace(p.get("trace") ?? "") : null,
+    trace: p.has("trace") ? parseTrace(types, p.get("trace") ?? "") : null,
     topK: Number.isInteger(k) && k >= 1 && k <= 1000 ? k : DEFAULT_STATE.topK,
-    latents: SIDES.filter((side) => p.getAll("latents").includes(side)),
+    latents: types.sides.filter((side) => p.getAll("latents").includes(side)),
   };
 }

@@ -1,6 +1,6 @@
 import { useEffect, useMemo, useRef, useState } from "react";
 import type { ModelState } from "../App";
-import { api, ApiError } from "../api/client";
+import { api } from "../api/client";
 import type {
   AttentionTraceType,
   BatchedTdbResponse,
@@ -12,18 +12,14 @@ import { Card } from "../components/Card";
 import { download, JsonInspector } from "../components/JsonInspector";
 import { NodeTable } from "../components/NodeTable";
 import { TokenHeatmap, TokenTable } from "../components/Tokens";
+import { errorSide } from "../lib/errors";
 import { LatestOnly } from "../lib/latest";
 import { formatLayers } from "../lib/jump";
-import {
-  autoencoderLayers,
-  describeNode,
-  nodeKey,
-  sameNode,
-  type AutoencoderSide,
-} from "../lib/nodes";
-import { alignRows, toCsv } from "../lib/table";
+import { plural, SIDE_LABEL, type AutoencoderSide, type NodeTypes } from "../lib/nodes";
+import { alignRows, toCsv, toJson } from "../lib/table";
 import { differingPositions, displayToken, tokenWarnings } from "../lib/tokens";
 import { paramsToState, stateToParams, type DebuggerState, type Trace } from "../lib/url";
+import { useNodeTypes } from "../nodeTypes";
 import { navigate, useLocation } from "../router";
 
 interface Sides {
@@ -62,13 +58,6 @@ export function buildRequest(s: DebuggerState): Sides {
     return { requests, right: "baseline" };
   }
   return { requests, right: null };
-}
-
-/** Which side a server error belongs to, from the field it names ("subRequests[1]...."). */
-export function errorSide(message: string): "left" | "right" | "both" {
-  const m = /^subRequests\[(\d+)\]/.exec(message);
-  if (!m) return "both";
-  return m[1] === "0" ? "left" : "right";
 }
 
 function useTokenize(text: string): { tokens: string[]; ids: number[] } | null {
@@ -141,13 +130,14 @@ function TokenChip({ token, onRemove }: { token: string; onRemove: () => void })
   );
 }
 
-function same(a: DebuggerState, b: DebuggerState): boolean {
-  return stateToParams(a).toString() === stateToParams(b).toString();
+function same(types: NodeTypes, a: DebuggerState, b: DebuggerState): boolean {
+  return stateToParams(types, a).toString() === stateToParams(types, b).toString();
 }
 
 export default function Debugger({ model }: { model: ModelState }) {
+  const types = useNodeTypes();
   const { search } = useLocation();
-  const state = useMemo(() => paramsToState(new URLSearchParams(search)), [search]);
+  const state = useMemo(() => paramsToState(types, new URLSearchParams(search)), [types, search]);
   const [draft, setDraft] = useState<DebuggerState>(state);
   const [result, setResult] = useState<{
     request: Sides;
@@ -178,20 +168,17 @@ export default function Debugger({ model }: { model: ModelState }) {
         if (r.stale) return;
         setLoading(false);
         if (r.value) {
-          setResult({ request, response: r.value, query: stateToParams(state).toString() });
+          setResult({ request, response: r.value, query: stateToParams(types, state).toString() });
           setError(null);
         } else {
-          const message =
-            r.error instanceof ApiError || r.error instanceof Error
-              ? r.error.message
-              : String(r.error);
-          setError({ message, side: errorSide(message) });
+          const message = r.error instanceof Error ? r.error.message : String(r.error);
+          setError({ message, side: errorSide(r.error) });
         }
       });
-  }, [state]);
+  }, [types, state]);
 
   const commit = (next: DebuggerState) => {
-    if (!same(next, state)) navigate(`/debugger?${stateToParams(next)}`);
+    if (!same(types, next, state)) navigate(`/debugger?${stateToParams(types, next)}`);
   };
   const submit = () => commit(draft);
 
@@ -199,15 +186,15 @@ export default function Debugger({ model }: { model: ModelState }) {
   const right = result?.response.subResponses[1] ?? null;
   const rightLabel = result?.request.right === "baseline" ? "Baseline (no ablations)" : "Right";
   const rows = useMemo(
-    () => (left ? alignRows(left.nodeTable, right?.nodeTable ?? null) : []),
-    [left, right],
+    () => (left ? alignRows(types, left.nodeTable, right?.nodeTable ?? null) : []),
+    [types, left, right],
   );
   const tokens = left?.tokenStrings ?? [];
   const modelName = model.info?.name ?? "model";
 
   const actions = {
     ablate: (node: NodeIndex) => {
-      if (state.ablations.some((a) => sameNode(a.node, node))) return;
+      if (state.ablations.some((a) => types.same(a.node, node))) return;
       commit({ ...state, ablations: [...state.ablations, { node, value: 0 }] });
     },
     trace: (node: NodeIndex, type: AttentionTraceType | null) =>
@@ -331,8 +318,8 @@ export default function Debugger({ model }: { model: ModelState }) {
                 </thead>
                 <tbody>
                   {state.ablations.map((a, i) => (
-                    <tr key={nodeKey(a.node)}>
-                      <td>{describeNode(a.node, tokens)}</td>
+                    <tr key={types.key(a.node)}>
+                      <td>{types.describe(a.node, tokens)}</td>
                       <td className="num">{a.value ?? 0}</td>
                       <td>
                         <button
@@ -356,12 +343,13 @@ export default function Debugger({ model }: { model: ModelState }) {
           {state.trace && (
             <Card title="Trace" testId="trace">
               <p className="trace-sentence" data-testid="trace-sentence">
-                {left?.traceDescription ?? `What caused ${describeNode(state.trace.node, tokens)}?`}
+                {left?.traceDescription ??
+                  `What caused ${types.describe(state.trace.node, tokens)}?`}
               </p>
               {state.trace.attentionTraceType === "value" && (
                 <p className="muted">
                   {state.trace.downstream
-                    ? `Downstream node: ${describeNode(state.trace.downstream, tokens)}`
+                    ? `Downstream node: ${types.describe(state.trace.downstream, tokens)}`
                     : "Through the value to the loss; pick a downstream node from a row's actions menu."}
                 </p>
               )}
@@ -436,9 +424,7 @@ export default function Debugger({ model }: { model: ModelState }) {
                 >
                   CSV
                 </button>
-                <button onClick={() => download("nodes.json", JSON.stringify(rows, null, 2))}>
-                  JSON
-                </button>
+                <button onClick={() => download("nodes.json", toJson(rows))}>JSON</button>
               </>
             }
           >
@@ -458,20 +444,20 @@ export default function Debugger({ model }: { model: ModelState }) {
   );
 }
 
-const SIDE_LABEL: Record<AutoencoderSide, string> = { mlp: "MLP", attention: "attention" };
-
-/** "Use autoencoder latents" for MLP and attention layers: enabled for a side when the server
+/** "Use autoencoder latents", one switch per latent type: enabled for a side when the server
  * loaded autoencoders of that side (tdb serve --autoencoder); switching re-runs the request. */
 function LatentSwitches(props: {
   model: ModelState;
   latents: AutoencoderSide[];
   onChange: (latents: AutoencoderSide[]) => void;
 }) {
-  const sides: AutoencoderSide[] = ["mlp", "attention"];
+  const types = useNodeTypes();
+  const sides = types.sides;
   return (
     <span className="latent-switches" data-testid="latent-switches">
-      {sides.map((side) => {
-        const layers = autoencoderLayers(props.model.info, side);
+      {types.latents.map((t) => {
+        const side = t.autoencoderSide as AutoencoderSide;
+        const layers = t.layers ?? [];
         const on = props.latents.includes(side);
         const title = layers.length
           ? `replace ${SIDE_LABEL[side]} components by autoencoder latents in layers ${formatLayers(layers)}`
@@ -491,7 +477,7 @@ function LatentSwitches(props: {
                 )
               }
             />
-            {SIDE_LABEL[side]} latents
+            {plural(t)}
             {layers.length > 0 && layers.length < (props.model.info?.nLayers ?? 0) && (
               <span className="muted"> (layers {formatLayers(layers)})</span>
             )}
@@ -585,15 +571,19 @@ function Candidates({ side, label }: { side: TdbSubResponse; label: string }) {
   );
 }
 
+/** One heat map per node type in the table's token sums, keyed by the type's name; token pairs
+ * have two, by query token (`…_attended_from`) and by key token (`…_attended_to`). */
 function Heatmaps({ side }: { side: TdbSubResponse }) {
-  const maps: [string, string][] = [
-    ["embedding", "Embeddings"],
-    ["mlp_neuron", "MLP neurons"],
-    ["attention_head_attended_from", "Attention (attended from)"],
-    ["attention_head_attended_to", "Attention (attended to)"],
-    ["mlp_autoencoder_latent", "MLP latents"],
-    ["attention_autoencoder_latent", "Attention latents"],
-  ];
+  const types = useNodeTypes();
+  const maps: [string, string][] = types.all.flatMap((t) => {
+    const label = plural(t).charAt(0).toUpperCase() + plural(t).slice(1);
+    return t.perTokenPair
+      ? [
+          [`${t.name}_attended_from`, `${label} (attended from)`],
+          [`${t.name}_attended_to`, `${label} (attended to)`],
+        ]
+      : [[t.name, label]];
+  });
   return (
     <div className="heatmaps">
       {maps.map(([key, label]) => {

@@ -4,14 +4,8 @@ import { api } from "../api/client";
 import type { DatasetInfo, ModelInfo } from "../api/types";
 import { onJobsChanged } from "../lib/events";
 import { formatLayers, parseJump } from "../lib/jump";
-import {
-  autoencoderLayers,
-  COMPONENT_KINDS,
-  componentWidth,
-  kindLayers,
-  latentSide,
-  type ComponentKind,
-} from "../lib/nodes";
+import { componentWidth, SIDE_LABEL, type NodeTypes } from "../lib/nodes";
+import { useNodeTypes } from "../nodeTypes";
 import { linkClick, navigate } from "../router";
 import { stateToParams, DEFAULT_STATE } from "../lib/url";
 
@@ -30,21 +24,14 @@ const EXAMPLES = [
   },
 ];
 
-const KIND_LABEL: Record<ComponentKind, string> = {
-  mlp_neuron: "MLP neuron",
-  attention_head: "attention head",
-  mlp_autoencoder_latent: "MLP latent",
-  attention_autoencoder_latent: "attention latent",
-};
-
-/** The model's autoencoders, one line per side: "MLP side: layers 0–29, 2,048 latents". */
-function autoencoderSummary(info: ModelInfo): string[] {
-  return (["mlp", "attention"] as const).flatMap((side) => {
-    const mine = (info.autoencoders ?? []).filter((a) => a.autoencoderSide === side);
-    if (!mine.length) return [];
-    const widths = [...new Set(mine.map((a) => a.nLatents.toLocaleString()))].join(" / ");
-    const layers = formatLayers(autoencoderLayers(info, side));
-    return [`${side === "mlp" ? "MLP" : "attention"} side: layers ${layers}, ${widths} latents`];
+/** The loaded autoencoders, one line per side: "MLP side: layers 0–29, 2,048 latents". */
+function autoencoderSummary(types: NodeTypes): string[] {
+  return types.latents.flatMap((t) => {
+    if (!t.layers?.length || !t.autoencoderSide) return [];
+    const widths = [...new Set((t.widths ?? []).map((w) => w.toLocaleString()))].join(" / ");
+    return [
+      `${SIDE_LABEL[t.autoencoderSide]} side: layers ${formatLayers(t.layers)}, ${widths} latents`,
+    ];
   });
 }
 
@@ -58,8 +45,10 @@ function DatasetRow({
   info: ModelInfo | null;
   many: boolean;
 }) {
-  const kinds = COMPONENT_KINDS.filter((k) => ds.families.includes(k));
-  const [kind, setKind] = useState<ComponentKind>(kinds[0] ?? "mlp_neuron");
+  const types = useNodeTypes();
+  const kinds = types.components.filter((t) => ds.families.includes(t.name));
+  const [kindName, setKindName] = useState<string | null>(null);
+  const kind = kinds.find((t) => t.name === kindName) ?? kinds[0];
   const [jump, setJump] = useState("");
   const [error, setError] = useState<string | null>(null);
   // The dataset's own model names the page; the loaded model's shape checks the range when it
@@ -68,14 +57,15 @@ function DatasetRow({
   const sameModel = info != null && modelName === info.name;
   const go = () => {
     if (!modelName) return setError("the dataset does not say which model it was collated for");
+    if (!kind) return;
     const parsed = parseJump(jump, {
       nLayers: sameModel ? info.nLayers : null,
       layers: ds.layers ?? null,
-      width: sameModel ? (layer) => componentWidth(info, kind, layer) : null,
+      width: sameModel ? (layer) => componentWidth(kind, layer) : null,
     });
     if (typeof parsed === "string") return setError(parsed);
     const query = many ? `?dataset=${encodeURIComponent(ds.name)}` : "";
-    navigate(`/${encodeURIComponent(modelName)}/${kind}/${parsed[0]}/${parsed[1]}${query}`);
+    navigate(`/${encodeURIComponent(modelName)}/${kind.name}/${parsed[0]}/${parsed[1]}${query}`);
   };
   return (
     <li className="dataset" data-testid="dataset" data-name={ds.name}>
@@ -101,20 +91,20 @@ function DatasetRow({
         <p className="muted">
           Not written yet: it is being collated (progress in the jobs panel at the top).
         </p>
-      ) : kinds.length > 0 ? (
+      ) : kind ? (
         <div className="row">
           <select
-            value={kind}
+            value={kind.name}
             onChange={(e) => {
-              setKind(e.target.value as ComponentKind);
+              setKindName(e.target.value);
               setError(null);
             }}
             aria-label={`component type in ${ds.name}`}
             data-testid="dataset-kind"
           >
-            {kinds.map((k) => (
-              <option key={k} value={k}>
-                {KIND_LABEL[k]}
+            {kinds.map((t) => (
+              <option key={t.name} value={t.name}>
+                {t.label}
               </option>
             ))}
           </select>
@@ -187,26 +177,28 @@ function Datasets({ info }: { info: ModelInfo | null }) {
 
 export default function Home({ model }: { model: ModelState }) {
   const info = model.info;
+  const types = useNodeTypes();
   const [jump, setJump] = useState("");
-  const [kind, setKind] = useState<ComponentKind>("mlp_neuron");
+  const [kindName, setKindName] = useState<string | null>(null);
   const [jumpError, setJumpError] = useState<string | null>(null);
-  // Latent kinds are offered when the server loaded autoencoders of that side.
-  const kinds = COMPONENT_KINDS.filter((k) => {
-    const side = latentSide(k);
-    return side == null || autoencoderLayers(info, side).length > 0;
-  });
+  // The component types the model has (latents: when the server loaded autoencoders of their
+  // side; without a model, none).
+  const kinds = types.components.filter((t) =>
+    t.layers ? t.layers.length > 0 : t.autoencoderSide == null,
+  );
+  const kind = kinds.find((t) => t.name === kindName) ?? kinds[0];
 
   const go = () => {
-    if (!info) return;
-    const latents = latentSide(kind) != null;
+    if (!info || !kind) return;
     const parsed = parseJump(jump, {
       nLayers: info.nLayers,
-      layers: latents ? kindLayers(info, kind) : null,
+      // Latents are in the layers holding an autoencoder of their side.
+      layers: kind.autoencoderSide ? (kind.layers ?? null) : null,
       layersHolder: "the loaded autoencoders",
-      width: (layer) => componentWidth(info, kind, layer),
+      width: (layer) => componentWidth(kind, layer),
     });
     if (typeof parsed === "string") setJumpError(parsed);
-    else navigate(`/${encodeURIComponent(info.name)}/${kind}/${parsed[0]}/${parsed[1]}`);
+    else navigate(`/${encodeURIComponent(info.name)}/${kind.name}/${parsed[0]}/${parsed[1]}`);
   };
 
   return (
@@ -255,11 +247,11 @@ export default function Home({ model }: { model: ModelState }) {
                   {info.device}, {info.dtype}
                 </td>
               </tr>
-              {autoencoderSummary(info).length > 0 && (
+              {autoencoderSummary(types).length > 0 && (
                 <tr>
                   <th>autoencoders</th>
                   <td data-testid="model-autoencoders">
-                    {autoencoderSummary(info).map((line) => (
+                    {autoencoderSummary(types).map((line) => (
                       <div key={line}>{line}</div>
                     ))}
                   </td>
@@ -282,7 +274,7 @@ export default function Home({ model }: { model: ModelState }) {
           {EXAMPLES.map((ex) => (
             <li key={ex.label}>
               <a
-                href={`/debugger?${stateToParams({ ...DEFAULT_STATE, prompt: ex.prompt, targets: ex.targets, distractors: ex.distractors })}`}
+                href={`/debugger?${stateToParams(types, { ...DEFAULT_STATE, prompt: ex.prompt, targets: ex.targets, distractors: ex.distractors })}`}
                 onClick={linkClick}
               >
                 {ex.label}
@@ -295,13 +287,13 @@ export default function Home({ model }: { model: ModelState }) {
         <h2>Browse components</h2>
         <div className="row">
           <select
-            value={kind}
-            onChange={(e) => setKind(e.target.value as typeof kind)}
+            value={kind?.name}
+            onChange={(e) => setKindName(e.target.value)}
             aria-label="component type"
           >
-            {kinds.map((k) => (
-              <option key={k} value={k}>
-                {KIND_LABEL[k]}
+            {kinds.map((t) => (
+              <option key={t.name} value={t.name}>
+                {t.label}
               </option>
             ))}
           </select>

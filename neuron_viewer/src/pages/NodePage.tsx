@@ -6,6 +6,7 @@ import type {
   DerivedAttentionScalarsResponse,
   DerivedScalarsResponse,
   NodeIndex,
+  NodeTypeInfo,
 } from "../api/types";
 import { Card } from "../components/Card";
 import { DatasetExamples } from "../components/DatasetExamples";
@@ -14,16 +15,15 @@ import { maxAbs } from "../lib/colors";
 import { LatestOnly } from "../lib/latest";
 import { formatLayers } from "../lib/jump";
 import {
-  COMPONENT_KINDS,
   componentName,
   componentWidth,
-  kindLayers,
-  latentSide,
-  tokenComponent,
+  isComponent,
   makeNode,
-  type ComponentKind,
+  SIDE_LABEL,
+  tokenComponent,
 } from "../lib/nodes";
 import { displayToken } from "../lib/tokens";
+import { useNodeTypes } from "../nodeTypes";
 import { navigate, useLocation } from "../router";
 
 /** Per-token activations (neurons, latents) or per token pair (heads). */
@@ -32,7 +32,7 @@ type Activations =
   | { kind: "attention_head"; data: DerivedAttentionScalarsResponse };
 
 async function rawOrNormalized(
-  kind: ComponentKind,
+  type: NodeTypeInfo,
   layer: number,
   index: number,
   prompt: string,
@@ -43,17 +43,17 @@ async function rawOrNormalized(
   const norm = normalize
     ? { normalizeByDatasetMax: true, datasetName: dataset ?? undefined }
     : { normalizeByDatasetMax: false };
-  if (kind === "attention_head") {
+  if (type.perTokenPair) {
     const data = await api.derivedAttentionScalars(
       { prompt, layerIndex: layer, headIndex: index, ...norm },
       signal,
     );
-    return { kind, data };
+    return { kind: "attention_head", data };
   }
   const data = await api.derivedScalars(
     {
       prompt,
-      ...tokenComponent(kind, layer, index),
+      ...tokenComponent(type, layer, index),
       ...norm,
     },
     signal,
@@ -64,7 +64,7 @@ async function rawOrNormalized(
 /** A prompt's activations scaled by the component's dataset max (so they are coloured like the
  * dataset examples), or the raw values when no dataset holds the component (a 404). */
 async function activations(
-  kind: ComponentKind,
+  type: NodeTypeInfo,
   layer: number,
   index: number,
   prompt: string,
@@ -72,10 +72,10 @@ async function activations(
   signal: AbortSignal,
 ): Promise<Activations> {
   try {
-    return await rawOrNormalized(kind, layer, index, prompt, dataset, true, signal);
+    return await rawOrNormalized(type, layer, index, prompt, dataset, true, signal);
   } catch (e) {
     if (!(e instanceof ApiError && e.status === 404)) throw e;
-    return rawOrNormalized(kind, layer, index, prompt, dataset, false, signal);
+    return rawOrNormalized(type, layer, index, prompt, dataset, false, signal);
   }
 }
 
@@ -141,7 +141,7 @@ function ActivationView({ acts }: { acts: Activations }) {
 }
 
 function useActivations(
-  kind: ComponentKind,
+  type: NodeTypeInfo,
   layer: number,
   index: number,
   prompt: string,
@@ -157,7 +157,7 @@ function useActivations(
     if (!prompt) return;
     setState((s) => ({ ...s, loading: true }));
     latest.current
-      .run((signal) => activations(kind, layer, index, prompt, dataset, signal))
+      .run((signal) => activations(type, layer, index, prompt, dataset, signal))
       .then((r) => {
         if (r.stale) return;
         setState({
@@ -166,7 +166,7 @@ function useActivations(
           loading: false,
         });
       });
-  }, [kind, layer, index, prompt, dataset]);
+  }, [type, layer, index, prompt, dataset]);
   return state;
 }
 
@@ -177,6 +177,42 @@ export default function NodePage(props: {
   layer: string;
   index: string;
 }) {
+  const type = useNodeTypes().named(props.nodeType);
+  const layer = Number(props.layer);
+  const index = Number(props.index);
+  const valid =
+    type != null &&
+    isComponent(type) &&
+    Number.isInteger(layer) &&
+    Number.isInteger(index) &&
+    layer >= 0 &&
+    index >= 0;
+  if (!valid)
+    return (
+      <p className="error">
+        Not a component: {props.nodeType}/{props.layer}/{props.index}
+      </p>
+    );
+  return (
+    <ComponentPage
+      model={props.model}
+      modelName={props.modelName}
+      type={type}
+      layer={layer}
+      index={index}
+    />
+  );
+}
+
+/** One neuron, head or latent: `index` of `layer`, both whole numbers. */
+function ComponentPage(props: {
+  model: ModelState;
+  modelName: string;
+  type: NodeTypeInfo;
+  layer: number;
+  index: number;
+}) {
+  const { type, layer, index } = props;
   const { search } = useLocation();
   const params = new URLSearchParams(search);
   const prompt = params.get("prompt") ?? "";
@@ -184,27 +220,18 @@ export default function NodePage(props: {
   const attended = params.get("attended");
   const dataset = params.get("dataset");
   const info = props.model.info;
-  const layer = Number(props.layer);
-  const index = Number(props.index);
-  const kind = props.nodeType as ComponentKind;
-  const valid =
-    COMPONENT_KINDS.includes(kind) &&
-    Number.isInteger(layer) &&
-    Number.isInteger(index) &&
-    layer >= 0 &&
-    index >= 0;
   const nLayers = info?.nLayers ?? 0;
-  // Layers holding this kind (for latents: those with an autoencoder of its side), and the
-  // components of each.
-  const layers = valid ? kindLayers(info, kind) : null;
-  const width = valid ? (componentWidth(info, kind, layer) ?? 0) : 0;
-  const inRange = info == null || (layers != null && layers.includes(layer) && index < width);
+  // Layers holding this type in the loaded model (for latents: those with an autoencoder of its
+  // side), and the components of each; without a model, unknown and not checked.
+  const layers = type.layers ?? null;
+  const width = componentWidth(type, layer) ?? 0;
+  const inRange = layers == null || (layers.includes(layer) && index < width);
   const prevLayer = layers?.filter((l) => l < layer).at(-1) ?? null;
   const nextLayer = layers?.find((l) => l > layer) ?? null;
 
   const go = (l: number | null, i: number) => {
-    if (!info || l == null || i < 0 || i >= (componentWidth(info, kind, l) ?? 0)) return;
-    navigate(`/${encodeURIComponent(props.modelName)}/${kind}/${l}/${i}${search}`, {
+    if (l == null || i < 0 || i >= (componentWidth(type, l) ?? 0)) return;
+    navigate(`/${encodeURIComponent(props.modelName)}/${type.name}/${l}/${i}${search}`, {
       replace: true,
     });
   };
@@ -223,17 +250,17 @@ export default function NodePage(props: {
 
   const [ownText, setOwnText] = useState("");
   const [ownSubmitted, setOwnSubmitted] = useState("");
-  const interest = useActivations(kind, layer, index, valid && inRange ? prompt : "", dataset);
-  const own = useActivations(kind, layer, index, valid && inRange ? ownSubmitted : "", dataset);
+  const interest = useActivations(type, layer, index, inRange ? prompt : "", dataset);
+  const own = useActivations(type, layer, index, inRange ? ownSubmitted : "", dataset);
 
   const [lens, setLens] = useState<{ data: BatchedResponse | null; error: string | null }>({
     data: null,
     error: null,
   });
   useEffect(() => {
-    if (!valid || !inRange || !info) return;
+    if (!inRange || !info) return;
     const node: NodeIndex = makeNode(
-      kind,
+      type,
       layer,
       prompt ? token : 0,
       index,
@@ -257,26 +284,23 @@ export default function NodePage(props: {
       .then((data) => setLens({ data, error: null }))
       .catch((e: Error) => e.name !== "AbortError" && setLens({ data: null, error: e.message }));
     return () => controller.abort();
-  }, [valid, inRange, info, kind, layer, index, prompt, token, attended]);
+  }, [inRange, info, type, layer, index, prompt, token, attended]);
 
-  if (!valid)
-    return (
-      <p className="error">
-        Not a component: {props.nodeType}/{props.layer}/{props.index}
-      </p>
-    );
-  const name = componentName(makeNode(kind, layer, 0, index));
+  const name = componentName(type, layer, index);
   if (!inRange) {
-    const side = latentSide(kind);
+    const side = type.autoencoderSide;
+    // In a layer without this type, the width of its others (neurons and heads: the same in
+    // every layer).
+    const perLayer = componentWidth(type, layer) ?? type.widths?.[0] ?? 0;
     return (
       <p className="error">
         {name} is out of range for {info?.name}
         {side && !layers?.includes(layer)
-          ? `: no ${side === "mlp" ? "MLP" : "attention"}-side autoencoder is loaded for layer ${layer}` +
+          ? `: no ${SIDE_LABEL[side]}-side autoencoder is loaded for layer ${layer}` +
             (layers?.length
               ? ` (layers ${formatLayers(layers)})`
               : " (start the server with --autoencoder PATH)")
-          : ` (${nLayers} layers, ${width} per layer)`}
+          : ` (${nLayers} layers, ${perLayer} per layer)`}
         .
       </p>
     );
@@ -327,7 +351,7 @@ export default function NodePage(props: {
           {interest.acts && <ActivationView acts={interest.acts} />}
         </Card>
       )}
-      <DatasetExamples kind={kind} layer={layer} index={index} dataset={dataset} />
+      <DatasetExamples type={type} layer={layer} index={index} dataset={dataset} />
       <Card title="Token space" error={lens.error} testId="logit-lens">
         {views && (
           <div className="details">
@@ -335,12 +359,12 @@ export default function NodePage(props: {
               ["Upvoted output tokens", views.upvotedOutputTokens],
               ["Downvoted output tokens", views.downvotedOutputTokens],
               [
-                kind === "attention_head"
+                type.perTokenPair
                   ? "Input tokens that upvote the query side"
                   : "Input tokens that upvote it",
                 views.upvotingInputTokens,
               ],
-              ...(kind === "attention_head"
+              ...(type.perTokenPair
                 ? [["Input tokens that upvote the key side", views.upvotingKeyTokens] as const]
                 : []),
             ].map(([title, list]) => (
