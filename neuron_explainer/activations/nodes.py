@@ -273,9 +273,10 @@ def node_types() -> list[NodeType]:
 
 
 def by_api_name(api_name: str, side: AutoencoderSide | None = None) -> list[NodeType]:
-    """The node types the API calls `api_name` (with `side`, when given)."""
+    """The node types the API calls `api_name` (with `side`, when given), in table order."""
     return [
-        d.node_type
-        for d in DESCRIPTIONS.values()
-        if d.api_name == api_name and (side is None or d.autoencoder_side == side)
+        t
+        for t in node_types()
+        if describe(t).api_name == api_name
+        and (side is None or describe(t).autoencoder_side == side)
     ]
