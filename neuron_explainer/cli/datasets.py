@@ -13,10 +13,14 @@ import json
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from neuron_explainer.cli.models import load_from_args
 from neuron_explainer.models.registry import DEFAULT_MODEL
+
+if TYPE_CHECKING:
+    from neuron_explainer.datasets.store import DatasetMetadata
 
 
 def _csv(text: str | None) -> list[str] | None:
@@ -26,18 +30,18 @@ def _csv(text: str | None) -> list[str] | None:
 def cmd_collate(args: argparse.Namespace) -> int:
     import torch
 
-    from neuron_explainer.datasets.collate import collate, parse_layers, parse_shard
+    from neuron_explainer.datasets.collate import check_rerun, collate, parse_layers, parse_shard
     from neuron_explainer.datasets.corpus import load_corpus
     from neuron_explainer.datasets.families import FAMILIES, LatentFamily
     from neuron_explainer.datasets.latents import collate_latents, load_autoencoders
+    from neuron_explainer.datasets.store_writer import StoreLock
+    from neuron_explainer.models.loading import model_name
 
-    corpus = load_corpus(args.corpus, text_field=args.text_field)  # fail fast, before the model
-    model = load_from_args(args)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    options: dict[str, Any] = dict(
+    latent = [f for f in _csv(args.families) or [] if isinstance(FAMILIES.get(f), LatentFamily)]
+    if latent and not args.autoencoder:
+        raise ValueError(f"collating {', '.join(latent)} needs --autoencoder PATH")
+    settings: dict[str, Any] = dict(
         n_tokens=args.tokens,
-        layers=parse_layers(args.layers, model.cfg.n_layers) if args.layers else None,
         families=_csv(args.families),
         batch_size=args.batch_size,
         k=args.k,
@@ -47,26 +51,49 @@ def cmd_collate(args: argparse.Namespace) -> int:
         calibration_windows=args.calibration_windows,
         seed=args.seed,
         shard=parse_shard(args.shard) if args.shard else None,
-        commit_every_batches=args.commit_every,
-        commit_every_seconds=args.commit_seconds,
-        progress=not (args.quiet or args.progress_json),
-        on_progress=_json_progress() if args.progress_json else None,
     )
-    if args.autoencoder:
-        autoencoders = load_autoencoders(args.autoencoder, model)
-        print(f"loaded {len(autoencoders)} autoencoders", file=sys.stderr)
-        meta = collate_latents(model, corpus, args.out, autoencoders, **options)
-    else:
-        latent = [f for f in options["families"] or [] if isinstance(FAMILIES.get(f), LatentFamily)]
-        if latent:
-            raise ValueError(f"collating {', '.join(latent)} needs --autoencoder PATH")
-        meta = collate(model, corpus, args.out, **options)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    # Everything that can fail or finish without the model does so before it loads (~15 s for
+    # the default): a second writer of the store, a corpus that cannot be read, a store that is
+    # complete already or was started with other settings.
+    with StoreLock(args.out) as lock:
+        corpus = load_corpus(args.corpus, text_field=args.text_field)
+        if not args.autoencoder:  # a latent store's settings depend on its autoencoders
+            dtype = str(getattr(torch, args.dtype or "float32")).removeprefix("torch.")
+            done = check_rerun(
+                args.out, model_name(args.model), dtype, corpus, layers=args.layers, **settings
+            )
+            if done is not None:
+                print(f"collate: {args.out} is already complete; nothing to do", file=sys.stderr)
+                _print_summary(args.out, done)
+                return 0
+        model = load_from_args(args)
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        options: dict[str, Any] = settings | dict(
+            layers=parse_layers(args.layers, model.cfg.n_layers) if args.layers else None,
+            commit_every_batches=args.commit_every,
+            commit_every_seconds=args.commit_seconds,
+            progress=not (args.quiet or args.progress_json),
+            on_progress=_json_progress() if args.progress_json else None,
+            lock=lock,
+        )
+        if args.autoencoder:
+            autoencoders = load_autoencoders(args.autoencoder, model)
+            print(f"loaded {len(autoencoders)} autoencoders", file=sys.stderr)
+            meta = collate_latents(model, corpus, args.out, autoencoders, **options)
+        else:
+            meta = collate(model, corpus, args.out, **options)
+    _print_summary(args.out, meta)
+    return 0
+
+
+def _print_summary(out: str, meta: DatasetMetadata) -> None:
     print(
-        f"{args.out}: {meta.n_tokens:,} tokens, families {', '.join(meta.families)}, "
+        f"{out}: {meta.n_tokens:,} tokens, families {', '.join(meta.families)}, "
         f"layers {_layer_ranges(meta.layers)}, status {meta.status}",
         file=sys.stderr,
     )
-    return 0
 
 
 def _json_progress() -> Callable[[int, int, float], None]:

@@ -14,7 +14,8 @@ and the next window index are written to the SQLite store in one transaction (st
 Started again with the same arguments, `collate` loads that state and goes on from the next
 window; the finished store is identical to an uninterrupted run's (keys are hashes of window
 indices, not RNG draws, and batches keep their composition because they are aligned to the range
-start).
+start). Started on a complete store with the same arguments, it writes nothing (the file keeps its
+bytes); `check_rerun` tells so from the store's metadata alone, before the model is loaded.
 
 Shards: `shard=(i, n)` processes the i-th of n contiguous window ranges (aligned to whole batches,
 so each batch has the same windows as in a single run), and `merge_stores` (merge.py) folds
@@ -25,35 +26,36 @@ windows to compute the same boundaries.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import math
 import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from neuron_explainer.datasets.accumulators import (
     QUANTILES,
-    AccumulatorConfig,
     LayerAccumulator,
     intra_op_threads,
 )
 from neuron_explainer.datasets.corpus import DEFAULT_WINDOW_LENGTH, Corpus, TokenWindows, tokenize
 from neuron_explainer.datasets.families import FAMILIES, ComponentFamily, LatentFamily, get_family
-from neuron_explainer.datasets.records import DatasetError
 from neuron_explainer.datasets.runner import ActivationRunner, UpdateThreads
 from neuron_explainer.datasets.store import (
     FORMAT_VERSION,
     RESUME_FIELDS,
     DatasetMetadata,
     StoreStatus,
-    connect,
+    stored_metadata,
     utc_now,
 )
-from neuron_explainer.datasets.store_writer import StoreWriter, load_accumulator
+from neuron_explainer.datasets.store_writer import StoreLock, StoreWriter, load_accumulator
+from neuron_explainer.models.config import ModelConfig
 from neuron_explainer.models.transformer import HookedTransformer
 from neuron_explainer.progress import Progress, ProgressCallback
 
@@ -134,6 +136,7 @@ def collate(
     commit_every_seconds: float = 60.0,
     progress: bool = True,
     on_progress: ProgressCallback | None = None,
+    lock: StoreLock | None = None,
 ) -> DatasetMetadata:
     """Collate `corpus` (or pre-tokenized windows) into the store at `out_path`, resuming it when
     it holds an unfinished run with the same arguments. Returns the store's metadata.
@@ -141,14 +144,14 @@ def collate(
     n_tokens: budget (rounded down to whole windows; default the whole corpus). layers: default
     all. families: default mlp_neuron and attention_head. The calibration windows for quantile
     boundaries are min(calibration_windows, n_windows // 4) (at least 1). progress: a line on
-    stderr every 10 s (every batch on a terminal); on_progress: called after every batch. See the
-    module doc.
+    stderr every 10 s (every batch on a terminal); on_progress: called after every batch. lock:
+    the store's lock when the caller took it already (`tdb collate` does, before loading the
+    model); else it is taken here. A complete store with the same settings is left as it is, byte
+    for byte. See the module doc.
     """
     if model.tokenizer is None:
         raise ValueError("collation needs a model with a tokenizer")
-    for name, value in (("batch_size", batch_size), ("k", k), ("window_length", window_length)):
-        if value < 1:
-            raise ValueError(f"{name} must be at least 1, got {value}")
+    _check_arguments(n_tokens, batch_size, k, window_length)
     if window_length > model.cfg.n_ctx:
         raise ValueError(
             f"window_length {window_length} exceeds the model's context {model.cfg.n_ctx}"
@@ -168,120 +171,233 @@ def collate(
         raise ValueError(f"the windows have length {windows.window_length}, not {window_length}")
     n_windows = len(windows)
     if n_tokens is not None:
-        if n_tokens < window_length:
-            raise ValueError(f"n_tokens={n_tokens} is less than one window of {window_length}")
         n_windows = min(n_windows, n_tokens // window_length)
     start, end = shard_range(n_windows, batch_size, shard)
     if start >= end:
         raise ValueError(
             f"shard {shard} of {n_windows} windows in batches of {batch_size} is empty"
         )
-    config = AccumulatorConfig(
+    settings = _settings(
+        model_identity(model.cfg),
+        str(model.dtype).removeprefix("torch."),
+        {"name": windows.corpus_name, "hash": windows.corpus_hash},
+        n_windows,
+        window_length=window_length,
+        layers=layers,
+        families=[f.name for f in family_list],
+        batch_size=batch_size,
         k=k,
         random_sample_size=random_sample_size,
         quantile_sample_size=quantile_sample_size,
-        quantiles=tuple(float(q) for q in quantiles),
-        calibration_windows=max(1, min(calibration_windows, n_windows // 4)),
+        quantiles=quantiles,
+        calibration_windows=calibration_windows,
         seed=seed,
         active_threshold=active_threshold,
+        shard=shard,
     )
-    cfg = model.cfg
     metadata = DatasetMetadata(
         format_version=FORMAT_VERSION,
         tool_version=tool_version(),
-        model={
-            "name": cfg.name,
-            "nLayers": cfg.n_layers,
-            "dModel": cfg.d_model,
-            "dMlp": cfg.d_mlp,
-            "nHeads": cfg.n_heads,
-            "vocabSize": cfg.vocab_size,
-        },
-        corpus={"name": windows.corpus_name, "hash": windows.corpus_hash},
-        window_length=window_length,
-        n_windows_total=n_windows,
-        window_ranges=[[start, end]],
         n_tokens=0,
-        families=[f.name for f in family_list],
-        layers=layers,
-        k=config.k,
-        random_sample_size=config.random_sample_size,
-        quantile_sample_size=config.quantile_sample_size,
-        quantiles=list(config.quantiles),
-        calibration_windows=config.calibration_windows,
-        seed=seed,
-        active_threshold=float(active_threshold),
-        batch_size=batch_size,
-        dtype=str(model.dtype).removeprefix("torch."),
         status="in_progress",
         next_window=start,
         created_at=utc_now(),
         updated_at=utc_now(),
-        shard=None if shard is None else f"{shard[0]}/{shard[1]}",
         token_dtype="uint16" if model.tokenizer.vocab_size <= 2**16 else "int32",
+        **settings,
     )
+    config = metadata.accumulator_config()
 
     out_path = Path(out_path)
-    writer = _open_writer(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    held = lock if lock is not None else StoreLock(out_path)
     try:
-        existing = writer.existing_metadata()
-        targets = [(f, layer) for layer in layers for f in family_list]
+        # Read before the writer opens the file (which switches it to WAL mode), so that a
+        # complete store is left exactly as it is.
+        existing = stored_metadata(out_path)
         if existing is not None:
             existing.check_same(metadata, RESUME_FIELDS, f"{out_path} was started with")
-            metadata = existing
             if existing.status == "complete":
                 if progress:
-                    print(f"collate: {out_path} is already complete", file=sys.stderr)
+                    print(
+                        f"collate: {out_path} is already complete; nothing to do", file=sys.stderr
+                    )
                 return existing
-            accumulators = {
-                (f.name, layer): load_accumulator(
-                    writer.conn, existing, f.name, layer, f.n_components(model), model.device
-                )
-                for f, layer in targets
-            }
-        else:
-            accumulators = {
-                (f.name, layer): LayerAccumulator(
-                    f.name,
-                    layer,
-                    f.n_components(model),
-                    f.positions(window_length),
-                    config,
-                    model.device,
-                )
-                for f, layer in targets
-            }
-        _run(
-            model,
-            windows,
-            metadata,
-            accumulators,
-            targets,
-            writer,
-            commit_every_batches,
-            commit_every_seconds,
-            progress,
-            on_progress,
-        )
-        return metadata
-    finally:
-        writer.close()
-
-
-def _open_writer(out_path: Path) -> StoreWriter:
-    if out_path.exists():
-        conn = connect(out_path)
+            metadata = existing
+        writer = StoreWriter(out_path, held)
         try:
-            tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
-        except Exception as e:
-            raise DatasetError(f"{out_path} exists and is not a collated dataset ({e})") from e
+            targets = [(f, layer) for layer in layers for f in family_list]
+            accumulators = {
+                (f.name, layer): (
+                    load_accumulator(
+                        writer.conn, metadata, f.name, layer, f.n_components(model), model.device
+                    )
+                    if existing is not None
+                    else LayerAccumulator(
+                        f.name,
+                        layer,
+                        f.n_components(model),
+                        f.positions(window_length),
+                        config,
+                        model.device,
+                    )
+                )
+                for f, layer in targets
+            }
+            _run(
+                model,
+                windows,
+                metadata,
+                accumulators,
+                targets,
+                writer,
+                commit_every_batches,
+                commit_every_seconds,
+                progress,
+                on_progress,
+            )
+            return metadata
         finally:
-            conn.close()
-        if "metadata" not in tables:
-            raise DatasetError(f"{out_path} exists and is not a collated dataset")
-    else:
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-    return StoreWriter(out_path)
+            writer.close()
+    finally:
+        if lock is None:
+            held.release()
+
+
+def check_rerun(
+    out_path: str | Path,
+    model_name: str,
+    dtype: str,
+    corpus: Corpus,
+    n_tokens: int | None = None,
+    layers: str | None = None,
+    families: Sequence[str] | None = None,
+    batch_size: int = 32,
+    k: int = 20,
+    random_sample_size: int = 20,
+    quantile_sample_size: int = 5,
+    quantiles: Sequence[float] = QUANTILES,
+    window_length: int = DEFAULT_WINDOW_LENGTH,
+    calibration_windows: int = 256,
+    seed: int = 0,
+    active_threshold: float = 0.0,
+    shard: tuple[int, int] | None = None,
+) -> DatasetMetadata | None:
+    """What `collate` with these arguments would make of the store at `out_path`, told from its
+    metadata before the model is loaded (nothing is written): the store's metadata when it is
+    complete with the same settings (nothing to do); DatasetError listing the settings that
+    differ, as `collate` would; None when the run has to go on (no store yet, an unfinished one)
+    or when telling needs the model.
+
+    `model_name` is the name `load_model` gives the model (loading.model_name) and `dtype` its
+    dtype's name; `layers` is a layer list as `parse_layers` reads it. The model is identified by
+    its name, and has the sizes the store records when the names agree. The number of windows is
+    that of the tokenized corpus, unless a budget of at most the store's windows cuts it (the same
+    corpus, tokenized by the same model, has at least as many windows as the store): with no
+    budget or a larger one, telling needs the model, to tokenize the corpus.
+    """
+    _check_arguments(n_tokens, batch_size, k, window_length)
+    existing = stored_metadata(out_path)
+    if existing is None:
+        return None
+    same_model = existing.model.get("name") == model_name
+    corpus_id = {"name": corpus.name, "hash": corpus.hash}
+    n_windows = None if n_tokens is None else n_tokens // window_length
+    if not (same_model and corpus_id == existing.corpus) or (
+        n_windows is not None and n_windows > existing.n_windows_total
+    ):
+        n_windows = None
+    n_layers = int(existing.model["nLayers"]) if same_model else None
+    known = _settings(
+        existing.model if same_model else {"name": model_name},
+        dtype,
+        corpus_id,
+        n_windows,
+        window_length=window_length,
+        layers=[] if n_layers is None else parse_layers(layers or "", n_layers),
+        families=[get_family(f).name for f in (families or DEFAULT_FAMILIES)],
+        batch_size=batch_size,
+        k=k,
+        random_sample_size=random_sample_size,
+        quantile_sample_size=quantile_sample_size,
+        quantiles=quantiles,
+        calibration_windows=calibration_windows,
+        seed=seed,
+        active_threshold=active_threshold,
+        shard=shard,
+    )
+    if n_layers is None:
+        del known["layers"]
+    planned = dataclasses.replace(existing, **known)
+    existing.check_same(planned, RESUME_FIELDS, f"{out_path} was started with")
+    if existing.status == "complete" and known.keys() >= set(RESUME_FIELDS):
+        return existing
+    return None
+
+
+def model_identity(cfg: ModelConfig) -> dict[str, Any]:
+    """How a store's metadata names the model it was built with (its `model` field)."""
+    return {
+        "name": cfg.name,
+        "nLayers": cfg.n_layers,
+        "dModel": cfg.d_model,
+        "dMlp": cfg.d_mlp,
+        "nHeads": cfg.n_heads,
+        "vocabSize": cfg.vocab_size,
+    }
+
+
+def _check_arguments(n_tokens: int | None, batch_size: int, k: int, window_length: int) -> None:
+    for name, value in (("batch_size", batch_size), ("k", k), ("window_length", window_length)):
+        if value < 1:
+            raise ValueError(f"{name} must be at least 1, got {value}")
+    if n_tokens is not None and n_tokens < window_length:
+        raise ValueError(f"n_tokens={n_tokens} is less than one window of {window_length}")
+
+
+def _settings(
+    model: dict[str, Any],
+    dtype: str,
+    corpus: dict[str, Any],
+    n_windows: int | None,
+    *,
+    window_length: int,
+    layers: list[int],
+    families: list[str],
+    batch_size: int,
+    k: int,
+    random_sample_size: int,
+    quantile_sample_size: int,
+    quantiles: Sequence[float],
+    calibration_windows: int,
+    seed: int,
+    active_threshold: float,
+    shard: tuple[int, int] | None,
+) -> dict[str, Any]:
+    """The metadata fields a run must agree on to resume a store (RESUME_FIELDS), for a run with
+    these arguments. The three that depend on the number of windows are left out when it is not
+    known (None)."""
+    settings: dict[str, Any] = dict(
+        model=model,
+        corpus=corpus,
+        window_length=window_length,
+        families=families,
+        layers=layers,
+        k=k,
+        random_sample_size=random_sample_size,
+        quantile_sample_size=quantile_sample_size,
+        quantiles=[float(q) for q in quantiles],
+        seed=seed,
+        active_threshold=float(active_threshold),
+        dtype=dtype,
+        batch_size=batch_size,
+        shard=None if shard is None else f"{shard[0]}/{shard[1]}",
+    )
+    if n_windows is not None:
+        settings["n_windows_total"] = n_windows
+        settings["window_ranges"] = [list(shard_range(n_windows, batch_size, shard))]
+        settings["calibration_windows"] = max(1, min(calibration_windows, n_windows // 4))
+    return settings
 
 
 def _run(

@@ -223,6 +223,27 @@ def read_metadata(conn: sqlite3.Connection, where: str = "") -> DatasetMetadata:
     return DatasetMetadata.from_json(values)
 
 
+def stored_metadata(path: str | Path) -> DatasetMetadata | None:
+    """The metadata of the store a collation would resume or find complete, read without writing
+    to the file (its bytes and journal mode stay as they are): None when there is no file yet or
+    it has no commit yet; DatasetError when the file is something else."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    conn = connect(path, readonly=True)
+    try:
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
+        if "metadata" not in tables:
+            raise DatasetError(f"{path} exists and is not a collated dataset")
+        if conn.execute("SELECT count(*) FROM metadata").fetchone()[0] == 0:
+            return None
+        return read_metadata(conn, str(path))
+    except sqlite3.DatabaseError as e:
+        raise DatasetError(f"{path} exists and is not a collated dataset ({e})") from e
+    finally:
+        conn.close()
+
+
 # ---- reading --------------------------------------------------------------------------------------
 
 

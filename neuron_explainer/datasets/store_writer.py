@@ -1,6 +1,7 @@
 """Writing a store: one transaction per commit, and loading a committed running state back.
 
     writer = StoreWriter(path)            # takes the store's lock (one writer per store)
+    lock = StoreLock(path); StoreWriter(path, lock)   # or one taken earlier (`tdb collate`)
     writer.commit(metadata, accumulators, window_tokens, token_display)
     writer.leave_wal(); writer.commit(...); writer.finish(kept)
     acc = load_accumulator(conn, metadata, family, layer, n_components)   # to resume or merge
@@ -42,25 +43,46 @@ from neuron_explainer.datasets.store import (
     decode_array,
     encode_array,
     null_if_nan,
-    read_metadata,
 )
 
 
-class StoreWriter:
-    """Writes accumulators, windows and metadata; each `commit` is one transaction."""
+class StoreLock:
+    """The right to write one store: an exclusive lock on the empty file `STORE.lock` beside it.
+
+    One writer per store: a second collation of the same file fails at once instead of
+    interleaving commits. Taking the lock writes nothing to the store, so `tdb collate` takes it
+    before loading the model. Held until `release`, or until the process ends, however it ends.
+    """
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        # One writer per store: a second collation of the same file fails at once instead of
-        # interleaving commits (the lock is released when the process ends, however it ends).
-        self._lock_file = open(self.path.with_name(self.path.name + ".lock"), "w")  # noqa: SIM115
+        self._file = open(self.path.with_name(self.path.name + ".lock"), "w")  # noqa: SIM115
         try:
-            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
-            self._lock_file.close()
+            self._file.close()
             raise DatasetError(
                 f"another process is writing {self.path} (a collation still running?)"
             ) from e
+
+    def release(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> StoreLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+class StoreWriter:
+    """Writes accumulators, windows and metadata; each `commit` is one transaction. Takes the
+    store's lock, or uses `lock` when the caller holds it already (and then leaves it held)."""
+
+    def __init__(self, path: str | Path, lock: StoreLock | None = None) -> None:
+        self.path = Path(path)
+        self._own_lock = lock is None
+        self._lock = lock if lock is not None else StoreLock(self.path)
         self.conn = connect(self.path)
         self.conn.isolation_level = None  # explicit BEGIN/COMMIT
         self.conn.execute("PRAGMA journal_mode = WAL")
@@ -76,11 +98,6 @@ class StoreWriter:
         self.stored_token_ids: set[int] = {
             int(r[0]) for r in self.conn.execute("SELECT token_id FROM vocabulary")
         }
-
-    def existing_metadata(self) -> DatasetMetadata | None:
-        if self.conn.execute("SELECT count(*) FROM metadata").fetchone()[0] == 0:
-            return None
-        return read_metadata(self.conn, str(self.path))
 
     def commit(
         self,
@@ -189,7 +206,8 @@ class StoreWriter:
     def close(self) -> None:
         self._checkpointer.close()
         self.conn.close()
-        self._lock_file.close()  # releases the lock
+        if self._own_lock:
+            self._lock.release()
 
 
 class _Checkpointer:

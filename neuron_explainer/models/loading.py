@@ -82,6 +82,13 @@ def load_model_reporting(
     return model
 
 
+def model_name(name_or_path: str | Path) -> str:
+    """The name `load_model(name_or_path)` gives its model (`cfg.name`: the registry name, the
+    folder's name or the file's stem), found without loading anything; ModelNotFoundError as
+    `load_model` raises it."""
+    return _resolve(str(name_or_path))[1]
+
+
 def _resolve(name: str) -> tuple[Path, str]:
     key = ALIASES.get(name.lower(), name.lower())
     if key in REGISTRY:

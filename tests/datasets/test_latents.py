@@ -264,7 +264,8 @@ def test_collate_cli_with_autoencoders(
     one_thread: None,
 ) -> None:
     """`tdb collate --autoencoder FOLDER`: the latent families and layers of the folder's
-    autoencoders; without autoencoders a latent family is an error that says what to pass."""
+    autoencoders; run again, it leaves the complete store byte-identical; without autoencoders a
+    latent family is an error that says what to pass."""
     folder = tmp_path / "aes"
     for layer in (0, 1):
         ae = random_autoencoder(tiny_model, f"blocks.{layer}.hook_attn_out", "none", layer, k=4)
@@ -273,6 +274,9 @@ def test_collate_cli_with_autoencoders(
     args = ["collate", "--model", str(tiny_model_dir), "--corpus", str(prose_dir)]
     args += ["--tokens", "512", "--window-length", "16", "--batch-size", "8", "--quiet"]
     assert datasets_cli([*args, "--out", str(out), "--autoencoder", str(folder)]) == 0
+    before = out.read_bytes()
+    assert datasets_cli([*args, "--out", str(out), "--autoencoder", str(folder)]) == 0
+    assert out.read_bytes() == before
     assert datasets_cli(["dataset-info", str(out)]) == 0
     info = json.loads(capsys.readouterr().out)
     assert list(info["autoencoders"]["attention_autoencoder_latent"]) == ["0", "1"]
