@@ -6,7 +6,7 @@ import argparse
 import json
 from typing import Any
 
-from neuron_explainer.models import HookedTransformer, load_model_reporting
+from neuron_explainer.models import HookedTransformer, generate, load_model_reporting
 from neuron_explainer.models.registry import DEFAULT_MODEL
 
 DEMO_PROMPTS = (
@@ -49,7 +49,8 @@ def cmd_top_tokens(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     model = load_from_args(args)
     assert model.tokenizer is not None
-    new = model.generate(
+    new = generate(
+        model,
         args.prompt,
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,

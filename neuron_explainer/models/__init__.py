@@ -1,6 +1,7 @@
 """Hooked transformer models, their loaders and tokenizers."""
 
 from neuron_explainer.models.config import ModelConfig
+from neuron_explainer.models.generation import KVCache, generate
 from neuron_explainer.models.hooks import BLOCK_HOOKS, GLOBAL_HOOKS, HookPoint
 from neuron_explainer.models.loading import export_hf, load_model, load_model_reporting
 from neuron_explainer.models.registry import DEFAULT_MODEL, ModelNotFoundError
@@ -14,11 +15,13 @@ __all__ = [
     "GLOBAL_HOOKS",
     "HookPoint",
     "HookedTransformer",
+    "KVCache",
     "ModelConfig",
     "ModelNotFoundError",
     "Tokenizer",
     "TokenizerError",
     "export_hf",
+    "generate",
     "load_model",
     "load_model_reporting",
     "pad_right",

@@ -8,6 +8,10 @@ hooks cost nothing measurable (bench/forward.py reports the ratio).
 Forward hooks are `fn(value, hook) -> value | None`: returning a tensor replaces the value.
 Backward hooks are `fn(grad, hook) -> grad | None`: they see the gradient of the backward pass with
 respect to this value (after any forward replacement) and may replace it.
+
+Shapes are those of the table below for a plain forward. A forward with a key/value cache
+(generation after the prompt, generation.py) runs only the new positions: a hook sees `[b, 1, ...]`
+for one new token, and `hook_attn_scores`, `hook_pattern` are `[b, H, 1, n_so_far]`.
 """
 
 from __future__ import annotations

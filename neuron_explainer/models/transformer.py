@@ -8,6 +8,10 @@ Sizes and architecture choices come from a `ModelConfig` (config.py). Every inte
 through a named `HookPoint` (see hooks.py for the table). Weights live in `nn.Linear` modules in
 PyTorch's (out, in) layout; per-head and per-neuron views used by the interpretability code (`W_O`,
 `W_out`, `W_U`) are properties.
+
+`forward` can take a `KeyValueCache`: then the tokens are the positions after the cached ones, which
+attend to the cached keys and values and are appended to them (generation.py runs a prompt once,
+then one position per new token).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import torch
 import torch.nn.functional as F
@@ -89,9 +93,31 @@ class Rotary(nn.Module):
         return x * cos + rotated * sin
 
 
+def causal_mask(n: int, n_k: int, device: torch.device) -> torch.Tensor:
+    """[n, n_k] bool: the n queries are the last n of n_k positions (n_k > n after cached ones)."""
+    return torch.ones(n, n_k, dtype=torch.bool, device=device).tril(n_k - n)
+
+
+class KeyValueCache(Protocol):
+    """What the forward pass needs of a key/value cache (generation.py's `KVCache` is one)."""
+
+    @property
+    def length(self) -> int:
+        """Positions cached so far (read before the first layer extends the cache)."""
+        ...
+
+    def extend(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append the new positions' keys (after rotary) and values [b, n, Hkv, dh] to the layer's
+        and return all of them [b, n_cached + n, Hkv, dh]."""
+        ...
+
+
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
+        self.layer = layer  # names this layer's entry in a key/value cache
         self.n_heads, self.n_kv_heads, self.d_head = cfg.n_heads, cfg.n_kv_heads, cfg.d_head
         self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.d_head, bias=cfg.attn_qkv_bias)
         self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.d_head, bias=cfg.attn_qkv_bias)
@@ -115,6 +141,7 @@ class Attention(nn.Module):
         x: torch.Tensor,  # [b, n, d], already normalized
         rope: tuple[torch.Tensor, torch.Tensor] | None,
         mask: torch.Tensor | None,  # [b, 1, n, n] bool (True = may attend), None = plain causal
+        kv_cache: KeyValueCache | None = None,
     ) -> torch.Tensor:
         b, n, _ = x.shape
         q = self.hook_q(self.q_proj(x).view(b, n, self.n_heads, self.d_head))
@@ -123,21 +150,29 @@ class Attention(nn.Module):
         if rope is not None:
             q = self.hook_rot_q(Rotary.rotate(q, *rope))
             k = self.hook_rot_k(Rotary.rotate(k, *rope))
+        if kv_cache is not None:  # the keys and values of the cached positions, then these
+            k, v = kv_cache.extend(self.layer, k, v)
         group = self.n_heads // self.n_kv_heads
-        # [b, H, n, dh]; with grouped-query attention, head h reads key/value head h // group.
+        # Queries [b, H, n, dh], keys and values [b, H, n_k, dh] (n_k: cached and new positions);
+        # with grouped-query attention, head h reads key/value head h // group.
         qh = q.transpose(1, 2)
         kh = k.transpose(1, 2).repeat_interleave(group, dim=1)
         vh = v.transpose(1, 2).repeat_interleave(group, dim=1)
+        n_k = kh.shape[2]
         if self.hook_attn_scores.has_hooks or self.hook_pattern.has_hooks:
             scores = qh @ kh.transpose(-1, -2) / math.sqrt(self.d_head)
             if mask is None:
-                mask = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
+                mask = causal_mask(n, n_k, x.device)
             scores = self.hook_attn_scores(scores.masked_fill(~mask, float("-inf")))
             pattern = self.hook_pattern(scores.softmax(dim=-1))
             z = pattern @ vh
         else:
-            # Nothing observes the pattern: the fused kernel is faster and never stores it.
-            z = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, is_causal=mask is None)
+            # Nothing observes the pattern: the fused kernel is faster and never stores it. Causal
+            # needs no mask when n == n_k (is_causal), nor for one new position (it sees every key).
+            if mask is None and 1 < n < n_k:
+                mask = causal_mask(n, n_k, x.device)
+            causal = mask is None and n > 1
+            z = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, is_causal=causal)
         z = self.hook_z(z.transpose(1, 2))  # [b, n, H, dh]
         return self.o_proj(z.reshape(b, n, self.n_heads * self.d_head))
 
@@ -172,10 +207,10 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
         self.ln1 = Norm(cfg)
-        self.attn = Attention(cfg)
+        self.attn = Attention(cfg, layer)
         self.ln2 = Norm(cfg)
         self.mlp = MLP(cfg)
         self.hook_resid_pre, self.hook_attn_out, self.hook_resid_mid = (
@@ -190,9 +225,12 @@ class Block(nn.Module):
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor] | None,
         mask: torch.Tensor | None,
+        kv_cache: KeyValueCache | None = None,
     ) -> torch.Tensor:
         x = self.hook_resid_pre(x)
-        x = self.hook_resid_mid(x + self.hook_attn_out(self.attn(self.ln1(x), rope, mask)))
+        x = self.hook_resid_mid(
+            x + self.hook_attn_out(self.attn(self.ln1(x), rope, mask, kv_cache))
+        )
         return self.hook_resid_post(x + self.hook_mlp_out(self.mlp(self.ln2(x))))
 
 
@@ -210,7 +248,9 @@ class HookedTransformer(nn.Module):
         else:
             self.rotary = Rotary(cfg)
         # A ModuleList, typed as what it holds so `model.blocks[L].attn.W_O` type-checks.
-        self.blocks = cast(Sequence[Block], nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers)))
+        self.blocks = cast(
+            Sequence[Block], nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        )
         self.ln_final = Norm(cfg)
         self.unembed = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tied_embeddings:
@@ -255,21 +295,29 @@ class HookedTransformer(nn.Module):
         tokens: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         logits_positions: torch.Tensor | None = None,
+        kv_cache: KeyValueCache | None = None,
     ) -> torch.Tensor:
         """tokens [b, n] (or [n]); attention_mask [b, n], 1 for real tokens (right or left padding).
 
         Returns logits [b, n, V], or [b, V] at `logits_positions` [b] (one position per row), which
-        skips the unembedding everywhere else.
+        skips the unembedding everywhere else. With a `kv_cache` (no padding), the tokens are the
+        positions after the cached ones; hooks then see only these positions (`[b, n, ...]`;
+        `hook_pattern` `[b, H, n, n_cached + n]`).
         """
         if tokens.ndim == 1:
             tokens = tokens[None]
             attention_mask = None if attention_mask is None else attention_mask.reshape(1, -1)
         b, n = tokens.shape
-        if n > self.cfg.n_ctx:
-            raise ValueError(f"{n} tokens exceed the model's context length of {self.cfg.n_ctx}")
+        start = 0 if kv_cache is None else kv_cache.length
+        if start + n > self.cfg.n_ctx:
+            raise ValueError(
+                f"{start + n} tokens exceed the model's context length of {self.cfg.n_ctx}"
+            )
         mask: torch.Tensor | None = None
         if attention_mask is None or bool(attention_mask.all()):
-            positions = torch.arange(n, device=tokens.device).expand(b, n)
+            positions = torch.arange(start, start + n, device=tokens.device).expand(b, n)
+        elif kv_cache is not None:
+            raise ValueError("a key/value cache takes unpadded sequences (no attention_mask)")
         else:
             real = attention_mask.to(device=tokens.device, dtype=torch.bool)
             positions = (real.long().cumsum(-1) - 1).clamp(min=0)
@@ -284,7 +332,7 @@ class HookedTransformer(nn.Module):
         else:
             rope = self.rotary.cos_sin(positions, x.dtype)
         for block in self.blocks:
-            x = block(x, rope, mask)
+            x = block(x, rope, mask, kv_cache)
         if logits_positions is not None:
             x = x[torch.arange(b, device=x.device), logits_positions.to(x.device)][:, None]
             return self.hook_logits(self.unembed(self.ln_final(x)))[:, 0]
@@ -404,7 +452,7 @@ class HookedTransformer(nn.Module):
                 return ae
         return None
 
-    # ---- text helpers and generation -----------------------------------------------------------
+    # ---- text helpers --------------------------------------------------------------------------
 
     def _require_tokenizer(self) -> Tokenizer:
         if self.tokenizer is None:
@@ -424,61 +472,6 @@ class HookedTransformer(nn.Module):
                 raise ValueError("this tokenizer has no BOS token")
             rows = [[tok.bos_token_id, *r] for r in rows]
         return pad_right(rows, pad_id=0, device=self.device)
-
-    @torch.no_grad()
-    def generate(
-        self,
-        tokens: torch.Tensor | str,
-        max_new_tokens: int = 20,
-        temperature: float = 0.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        seed: int | None = None,
-        stop_at_eos: bool = True,
-    ) -> torch.Tensor:
-        """Greedy (temperature 0) or sampled continuation of one prompt; returns the new tokens [t].
-
-        Hooks attached by the caller stay active on every step, so a continuation can be generated
-        under ablations. Each step reruns the whole prefix (no key/value cache): simple and exactly
-        consistent with `forward`, fine for the short continuations a debugger needs.
-        """
-        if isinstance(tokens, str):
-            tokens = self.to_tokens(tokens)[0][0]
-        seq = tokens.reshape(-1).to(self.device)
-        generator = torch.Generator(device=self.device)
-        if seed is not None:
-            generator.manual_seed(seed)
-        eos = self.tokenizer.eos_token_id if self.tokenizer is not None else None
-        new: list[int] = []
-        for _ in range(max_new_tokens):
-            if seq.numel() >= self.cfg.n_ctx:
-                break
-            logits = self(seq[None], logits_positions=torch.tensor([seq.numel() - 1]))[0].float()
-            if temperature <= 0:
-                next_id = int(logits.argmax())
-            else:
-                next_id = sample_token(logits / temperature, top_k, top_p, generator)
-            new.append(next_id)
-            seq = torch.cat([seq, seq.new_tensor([next_id])])
-            if stop_at_eos and next_id == eos:
-                break
-        return torch.tensor(new, dtype=torch.long)
-
-
-def sample_token(
-    logits: torch.Tensor, top_k: int | None, top_p: float | None, generator: torch.Generator
-) -> int:
-    """Sample one id from logits [V] after top-k and nucleus (top-p) filtering."""
-    if top_k is not None and top_k > 0:
-        kth = logits.topk(min(top_k, logits.numel())).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = logits.sort(descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest prefix reaching top_p
-        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
-    probs = logits.softmax(-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
 
 
 def pad_right(

@@ -11,7 +11,7 @@ import pytest
 import torch
 import transformers
 
-from neuron_explainer.models import HookedTransformer
+from neuron_explainer.models import HookedTransformer, generate
 
 CAPITAL = "The capital of France is"
 IOI = "When Mary and John went to the store, John gave a drink to"
@@ -47,13 +47,13 @@ def test_padded_batch_equals_prompts_alone(default_model: HookedTransformer) -> 
 def test_generation(default_model: HookedTransformer) -> None:
     tok = default_model.tokenizer
     assert tok is not None
-    greedy = tok.decode(default_model.generate("1, 2, 3, 4, 5,", max_new_tokens=6).tolist())
+    greedy = tok.decode(generate(default_model, "1, 2, 3, 4, 5,", max_new_tokens=6).tolist())
     assert greedy.startswith(" 6, 7")
-    a = default_model.generate(CAPITAL, max_new_tokens=5, temperature=1.0, seed=3).tolist()
-    b = default_model.generate(CAPITAL, max_new_tokens=5, temperature=1.0, seed=3).tolist()
+    a = generate(default_model, CAPITAL, max_new_tokens=5, temperature=1.0, seed=3).tolist()
+    b = generate(default_model, CAPITAL, max_new_tokens=5, temperature=1.0, seed=3).tolist()
     assert a == b  # seeded sampling is reproducible
-    top1 = default_model.generate(CAPITAL, max_new_tokens=5, temperature=1.0, top_k=1, seed=4)
-    assert top1.tolist() == default_model.generate(CAPITAL, max_new_tokens=5).tolist()
+    top1 = generate(default_model, CAPITAL, max_new_tokens=5, temperature=1.0, top_k=1, seed=4)
+    assert top1.tolist() == generate(default_model, CAPITAL, max_new_tokens=5).tolist()
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
