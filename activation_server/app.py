@@ -17,6 +17,9 @@ from starlette.types import Scope
 
 from activation_server import convert
 from activation_server import schemas as s
+from activation_server.access import AccessMiddleware, declare_bearer_auth
+from activation_server.api_docs import install_docs
+from activation_server.body_limit import BodyLimitMiddleware
 from activation_server.datasets import DatasetRegistry
 from activation_server.errors import RequestIdMiddleware, install_error_handlers
 from activation_server.jobs import CollationJob, default_store_path
@@ -35,14 +38,21 @@ ops = APIRouter(tags=["operations"])
 
 @ops.get("/health", response_model=s.HealthResponse)
 async def health(request: Request) -> s.HealthResponse:
-    """Liveness; says whether a model is loaded and how many requests wait for it."""
+    """Liveness; says whether a model is loaded, what the model is doing and what waits for it."""
     state = server_state(request)
+    worker = state.worker
+    running, queue = worker.status() if worker is not None else ([], [])
     return s.HealthResponse(
         model_loaded=state.model is not None,
         model_name=state.model.cfg.name if state.model is not None else None,
-        queued_requests=state.worker.queued if state.worker is not None else 0,
-        batches_run=state.worker.batches_run if state.worker is not None else 0,
-        requests_merged=state.worker.requests_merged if state.worker is not None else 0,
+        queued_requests=len(queue),
+        running=[convert.worker_request(j) for j in running],
+        queue=[convert.worker_request(j) for j in queue],
+        batches_run=worker.batches_run if worker is not None else 0,
+        requests_merged=worker.requests_merged if worker is not None else 0,
+        requests_cancelled=worker.requests_cancelled if worker is not None else 0,
+        requests_timed_out=worker.requests_timed_out if worker is not None else 0,
+        runs_stopped=worker.runs_stopped if worker is not None else 0,
     )
 
 
@@ -58,7 +68,12 @@ def create_app(model: HookedTransformer | None, settings: Settings | None = None
     settings = settings or Settings()
     state = ServerState(settings=settings, model=model)
     if model is not None:
-        state.engine = Engine(model, settings.max_prompt_tokens)
+        state.engine = Engine(
+            model,
+            settings.max_prompt_tokens,
+            max_result_bytes=settings.max_response_bytes,
+            result_limit_name="the server's --max-response-mb",
+        )
 
     check = DatasetRegistry()
     for spec in settings.datasets:
@@ -72,7 +87,9 @@ def create_app(model: HookedTransformer | None, settings: Settings | None = None
             else:
                 state.datasets.add(spec)
         if state.engine is not None:
-            state.worker = ModelWorker(state.engine, settings.max_merged_rows)
+            state.worker = ModelWorker(
+                state.engine, settings.max_merged_rows, settings.request_timeout_s
+            )
             state.worker.start()
         if settings.auto_dataset_model is not None:
             await _start_default_collation(state, settings.auto_dataset_model)
@@ -88,6 +105,8 @@ def create_app(model: HookedTransformer | None, settings: Settings | None = None
         version="0.1.0",
         summary="Activations, ablations, upstream traces and derived scalars of a transformer.",
         lifespan=lifespan,
+        docs_url=None,  # served from this machine by install_docs, not from a CDN
+        redoc_url=None,
     )
     app.state.tdb = state
     install_error_handlers(app)
@@ -96,6 +115,14 @@ def create_app(model: HookedTransformer | None, settings: Settings | None = None
     app.include_router(ops)
     # Order matters: the last added middleware is the outermost. CORS wraps the request-id
     # middleware, so the contract's 500 responses get CORS headers too.
+    # The Host check and the token come first inside them, before anything reads the request.
+    # Innermost, after them: the body limit, which reads the body (body_limit.py).
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        AccessMiddleware, allowed_hosts=settings.allowed_hosts, auth_token=settings.auth_token
+    )
+    if settings.auth_token:
+        declare_bearer_auth(app)
     app.add_middleware(RequestIdMiddleware)
     if settings.cors_origins:
         app.add_middleware(
@@ -105,6 +132,7 @@ def create_app(model: HookedTransformer | None, settings: Settings | None = None
             allow_headers=["*"],
             expose_headers=["x-request-id"],
         )
+    install_docs(app)  # before the UI, whose mount at "/" takes every path left
     _mount_ui(app, Path(settings.ui_dir) if settings.ui_dir else DEFAULT_UI_DIR)
     return app
 

@@ -9,7 +9,10 @@ names).
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 from activation_server import schemas as s
+from activation_server.worker import JobStatus
 from neuron_explainer.activations import (
     AttentionTraceType,
     NodeAblation,
@@ -273,3 +276,19 @@ def node_type_info(node_type: NodeType, model: HookedTransformer | None) -> s.No
 
 def node_type_infos(model: HookedTransformer | None) -> list[s.NodeTypeInfo]:
     return [node_type_info(t, model) for t in node_types()]
+
+
+def worker_request(j: JobStatus) -> s.WorkerRequest:
+    def iso(t: float) -> str:
+        return datetime.fromtimestamp(t, UTC).isoformat(timespec="milliseconds")
+
+    return s.WorkerRequest(
+        endpoint=j.info.endpoint,
+        request_id=j.info.request_id,
+        sub_requests=j.info.sub_requests,
+        queued_at=iso(j.queued_at),
+        started_at=None if j.started_at is None else iso(j.started_at),
+        seconds_waiting=round(j.seconds_waiting, 3),
+        seconds_running=None if j.seconds_running is None else round(j.seconds_running, 3),
+        abandoned=j.abandoned,
+    )

@@ -21,13 +21,18 @@ from typing import Any
 
 import orjson
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi.exceptions import RequestValidationError, ResponseValidationError
 from fastapi.responses import Response
+from pydantic import ValidationError
 from pydantic.alias_generators import to_camel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from activation_server.schemas import ErrorResponse
+from activation_server.worker import ClientGone, RequestTimedOut
 from neuron_explainer.activations import FieldPath, RequestError
+from neuron_explainer.activations.limits import LimitError
+from neuron_explainer.models.cancellation import Cancelled
 
 log = logging.getLogger("activation_server")
 REQUEST_ID_HEADER = "x-request-id"
@@ -46,6 +51,7 @@ class NotFoundError(LookupError):
         self.message = message
 
 
+_SEE_LOG = "the server log has the details under request id {rid}"
 NO_MODEL_MESSAGE = (
     "this server was started without a model (--no-model); inference endpoints need one: "
     "start it with `tdb serve --model smollm2-135m` (or a Hugging Face folder / .gguf path)"
@@ -89,6 +95,26 @@ ENDPOINT_FIELDS: dict[str, tuple[str, dict[str, str]]] = {
     "/derived_attention_scalars": ("", {"component": "headIndex"}),
 }
 STATUS_OF_KIND = {"invalid": 400, "too_large": 413}
+
+# What each error status means, for the OpenAPI document: every operation lists those it can answer
+# (`responses=documented(...)`), all with the contract's body (schemas.ErrorResponse).
+ERROR_STATUSES = {
+    400: "a value the model or the datasets reject (named by the message and detail.field)",
+    404: "a dataset, layer or component that no collated dataset holds (detail.field names it)",
+    413: "over a limit: the request body (--max-body-bytes), a prompt (--max-prompt-tokens), the "
+    "response's estimated size (--max-response-mb) or memory; the message names the fields to lower",
+    422: "a field missing, of the wrong type, out of its bounds or unknown; malformed JSON",
+    503: "no model loaded (a --no-model server)",
+    504: "the request ran past the server's --request-timeout (its work was stopped)",
+}
+
+
+def documented(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """The `responses` of an operation answering these error statuses."""
+    return {
+        status: {"model": ErrorResponse, "description": ERROR_STATUSES[status]}
+        for status in statuses
+    }
 
 
 def wire_field(path: FieldPath, endpoint: str) -> str:
@@ -151,12 +177,37 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestError)
     async def on_request_error(request: Request, exc: RequestError) -> Response:
         field = wire_field(exc.path, request.url.path)
+        message = f"{field}: {exc.message}" if field else exc.message
+        if isinstance(exc, LimitError):  # "; lower subRequests[0].tokenViewK or ..."
+            message += exc.advice(lambda path: wire_field(path, request.url.path))
         return error_response(
             STATUS_OF_KIND.get(exc.kind, 400),
-            f"{field}: {exc.message}" if field else exc.message,
+            message,
             request_id(request),
             {"field": field, "kind": exc.kind},
         )
+
+    @app.exception_handler(RequestTimedOut)
+    async def on_timeout(request: Request, exc: RequestTimedOut) -> Response:
+        ran = "never started" if exc.ran_s is None else f"ran {exc.ran_s:.1f} s"
+        return error_response(
+            504,
+            f"the request did not finish within the server's limit of {exc.limit_s:g} s "
+            f"(--request-timeout): it waited {exc.waited_s:.1f} s for the model and {ran}; its "
+            "work was stopped. Ask for less (fewer sub-requests, shorter prompts, smaller "
+            "topAndBottomKForNodeTable or tokenViewK), or start the server with a longer limit",
+            request_id(request),
+        )
+
+    @app.exception_handler(ClientGone)
+    async def on_client_gone(request: Request, exc: ClientGone) -> Response:
+        # Nobody reads this answer (the connection is closed); 499 is nginx's "client closed".
+        log.info("%s %s: %s", request.method, request.url.path, exc)
+        return error_response(499, str(exc), request_id(request))
+
+    @app.exception_handler(Cancelled)
+    async def on_cancelled(request: Request, exc: Cancelled) -> Response:
+        return error_response(503, f"the request was stopped: {exc}", request_id(request))
 
     @app.exception_handler(NotFoundError)
     async def on_not_found(request: Request, exc: NotFoundError) -> Response:
@@ -168,8 +219,36 @@ def install_error_handlers(app: FastAPI) -> None:
     async def on_no_model(request: Request, exc: NoModelError) -> Response:
         return error_response(503, NO_MODEL_MESSAGE, request_id(request))
 
+    @app.exception_handler(ValidationError)
+    @app.exception_handler(ResponseValidationError)
+    async def on_invalid_response(
+        request: Request, exc: ValidationError | ResponseValidationError
+    ) -> Response:
+        """A response model refusing what an endpoint computed: a bug, so a 500, but one whose
+        message says when the cause is a non-finite number (JSON has no NaN, and a `null` where
+        the schema says number would be an invalid body)."""
+        rid = request_id(request)
+        log.error("invalid response to %s (request id %s)", request.url.path, rid, exc_info=exc)
+        non_finite = [e for e in exc.errors() if e.get("type") == "finite_number"]
+        if not non_finite:
+            return error_response(500, f"internal server error; {_SEE_LOG.format(rid=rid)}", rid)
+        where = field_path(non_finite[0].get("loc", ()))
+        return error_response(
+            500,
+            f"the computation produced a non-finite number ({non_finite[0].get('input')}) at "
+            f"{where} of the response, which JSON cannot carry: the model's arithmetic overflowed; "
+            + _SEE_LOG.format(rid=rid),
+            rid,
+        )
+
     @app.exception_handler(StarletteHTTPException)
     async def on_http(request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code == 400 and isinstance(exc.__cause__, ValueError):
+            # FastAPI's "There was an error parsing the body": a body that is no JSON text, e.g.
+            # not UTF-8. Malformed JSON, like any, is a 422 (docs/api.md).
+            message = f"malformed JSON in the request body: {exc.__cause__}"
+            detail = [{"field": "body", "message": message, "type": "json_invalid"}]
+            return error_response(422, message, request_id(request), detail)
         message = exc.detail if isinstance(exc.detail, str) else "error"
         if exc.status_code == 404 and message == "Not Found":
             message = f"no such endpoint: {request.method} {request.url.path}"
@@ -215,8 +294,6 @@ class RequestIdMiddleware:
             if started:
                 raise
             response = error_response(
-                500,
-                f"internal server error; the server log has the details under request id {rid}",
-                rid,
+                500, f"internal server error; {_SEE_LOG.format(rid=rid)}", rid
             )
             await response(scope, receive, send_with_id)

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
+from activation_server.access import TOKEN_ENV, allowed_hosts, is_loopback
+from activation_server.body_limit import DEFAULT_MAX_BODY_BYTES
 from activation_server.jobs import DEFAULT_BUDGET_TOKENS, datasets_dir
+from activation_server.state import DEFAULT_MAX_RESPONSE_BYTES
+from activation_server.worker import DEFAULT_REQUEST_TIMEOUT_S
 from neuron_explainer.models.registry import DEFAULT_MODEL
 
 
@@ -15,7 +20,31 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--host",
         default="127.0.0.1",
-        help="interface to bind (default 127.0.0.1: this machine only; 0.0.0.0 exposes it)",
+        help="interface to bind (default 127.0.0.1: this machine only; 0.0.0.0 exposes it, and "
+        "then needs --auth-token or --no-auth)",
+    )
+    p.add_argument(
+        "--auth-token",
+        default=None,
+        metavar="TOKEN",
+        help=f"every API request must carry `Authorization: Bearer TOKEN` (default: ${TOKEN_ENV}); "
+        "the UI takes it once from ?access_token=TOKEN. Required when --host is not a loopback "
+        "address",
+    )
+    p.add_argument(
+        "--no-auth",
+        action="store_true",
+        help="serve a non-loopback --host without an access token: anyone who reaches the port "
+        "can use the server",
+    )
+    p.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="also answer requests whose Host is NAME (repeatable; *.example.org for subdomains, "
+        "* for any). Bound to loopback the server answers only loopback names (127.0.0.1, "
+        "localhost, [::1]), against DNS rebinding; bound elsewhere it checks Host only when given",
     )
     p.add_argument("--port", type=int, default=8000)
     p.add_argument(
@@ -48,6 +77,30 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         help="longest prompt accepted (default: the model's context length)",
+    )
+    p.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=DEFAULT_MAX_BODY_BYTES,
+        help="largest request body accepted; larger ones are a 413, refused before they are read "
+        f"whole (default {DEFAULT_MAX_BODY_BYTES:,}: 10 MiB)",
+    )
+    p.add_argument(
+        "--max-response-mb",
+        type=float,
+        default=DEFAULT_MAX_RESPONSE_BYTES / 2**20,
+        metavar="MB",
+        help="largest response a request may ask for, estimated before it runs (node table and "
+        "token views); larger ones are a 413 naming the fields to lower (default "
+        f"{DEFAULT_MAX_RESPONSE_BYTES / 2**20:g} MiB; 0: no cap)",
+    )
+    p.add_argument(
+        "--request-timeout",
+        type=float,
+        default=DEFAULT_REQUEST_TIMEOUT_S,
+        metavar="SECONDS",
+        help="a request not answered this long after it was queued for the model is a 504, and "
+        f"its work is dropped or stopped (default {DEFAULT_REQUEST_TIMEOUT_S:g}; 0: no deadline)",
     )
     p.add_argument(
         "--cors-origin",
@@ -94,6 +147,7 @@ def serve(args: argparse.Namespace) -> int:
     from activation_server.state import Settings
 
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    auth_token = access_token(args)  # before loading anything: a refusal is immediate
     model = None
     if not args.no_model:
         from neuron_explainer.models import load_model_reporting
@@ -110,15 +164,53 @@ def serve(args: argparse.Namespace) -> int:
         max_prompt_tokens=args.max_prompt_tokens,
         cors_origins=list(args.cors_origin),
         max_merged_rows=args.max_merged_rows,
+        max_body_bytes=args.max_body_bytes,
+        max_response_bytes=int(args.max_response_mb * 2**20) if args.max_response_mb > 0 else None,
+        request_timeout_s=args.request_timeout if args.request_timeout > 0 else None,
         ui_dir=args.ui_dir,
         datasets=list(args.dataset),
         auto_dataset_model=args.model if args.auto_dataset and not args.no_model else None,
         auto_dataset_tokens=args.auto_dataset_tokens,
+        allowed_hosts=allowed_hosts(args.host, args.allowed_host),
+        auth_token=auth_token,
     )
     app = create_app(model, settings)
     print(f"serving on http://{args.host}:{args.port}", file=sys.stderr, flush=True)
+    if auth_token:
+        print(
+            "API requests need `Authorization: Bearer TOKEN` (the --auth-token); open the UI once "
+            f"at http://{args.host}:{args.port}/?access_token=TOKEN",
+            file=sys.stderr,
+            flush=True,
+        )
+    elif not is_loopback(args.host):
+        print(
+            f"WARNING: --no-auth: anyone who can reach port {args.port} of this machine can run "
+            "the model, read the datasets and start jobs",
+            file=sys.stderr,
+            flush=True,
+        )
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower())
     return 0
+
+
+def access_token(args: argparse.Namespace) -> str | None:
+    """The token API requests must carry: --auth-token, else $TDB_AUTH_TOKEN; none with
+    --no-auth. A non-loopback --host without either is refused (ValueError: exit 2)."""
+    if args.no_auth:
+        if args.auth_token:
+            raise ValueError("--auth-token and --no-auth contradict each other: give one")
+        return None
+    token = args.auth_token if args.auth_token is not None else os.environ.get(TOKEN_ENV) or None
+    if token is not None and not token.strip():
+        raise ValueError("--auth-token is empty")
+    token = token.strip() if token is not None else None
+    if token is None and not is_loopback(args.host):
+        raise ValueError(
+            f"--host {args.host} exposes the server beyond this machine: give it an access token "
+            f"(--auth-token TOKEN or {TOKEN_ENV}=TOKEN), or --no-auth to serve without one"
+        )
+    return token
 
 
 def main(argv: Sequence[str] | None = None) -> int:

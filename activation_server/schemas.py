@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag
 from pydantic.alias_generators import to_camel
 
 from neuron_explainer.activations import describe, node_types
@@ -38,26 +38,66 @@ MetricName = Literal["activation", "write_magnitude", "direct_effect", "estimate
 LossFnName = Literal["logit_diff", "logit_minus_mean", "probs", "zero"]
 AttentionTraceTypeName = Literal["query", "key", "query_and_key", "value"]
 AutoencoderSideName = Literal["mlp", "attention"]
-TokenList = list[Annotated[str, Field(min_length=1)] | Annotated[int, Field(ge=0)]]
-Prompt = (
-    Annotated[str, Field(min_length=1)]
-    | Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
-)
+# Bounds of the request's numbers (docs/api.md "Limits"), so that a value out of any range is a 422
+# naming its field, not an overflow deeper down (SQLite and torch take 64-bit integers at most).
+# Indices (layers, tokens, components, token ids) are 32-bit: far beyond any model, and the library
+# answers 400 or 404 for one the model or dataset does not have.
+MAX_INDEX = 2**31 - 1
+
+
+def _integral(value: object) -> object:
+    """5.0 is the integer 5, as in JSON Schema (and JavaScript has no other way to write it); 5.5,
+    `true` and "5" stay what they are, which strict validation refuses."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+Integer = Annotated[int, BeforeValidator(_integral)]
+# (Bounds before the validator: after it, pydantic writes them as "ge"/"le", not JSON Schema's.)
+Index = Annotated[int, Field(ge=0, le=MAX_INDEX), BeforeValidator(_integral)]
+# An activation value set by an ablation, or a direction's coordinate: activations are O(1-100),
+# and within this bound float32 (and bfloat16) arithmetic on them cannot overflow.
+MAX_VALUE = 1e6
+ActivationValue = Annotated[float, Field(ge=-MAX_VALUE, le=MAX_VALUE)]
+
+
+def _text_or(other: str) -> Discriminator:
+    """Text, or `other` (tagged with its type name): a value other than a string gets the errors
+    of `other` only (`prompt[1]: ... less than or equal to ...`), not also `prompt: ... a valid
+    string`. Error paths leave type names out (errors.field_path)."""
+    return Discriminator(lambda value: "str" if isinstance(value, str) else other)
+
+
+Text = Annotated[str, Field(min_length=1)]
+TokenList = list[
+    Annotated[Annotated[Text, Tag("str")] | Annotated[Index, Tag("int")], _text_or("int")]
+]
+Prompt = Annotated[
+    Annotated[Text, Tag("str")]
+    | Annotated[Annotated[list[Index], Field(min_length=1)], Tag("list[int]")],
+    _text_or("list[int]"),
+]
 
 
 class Schema(BaseModel):
+    """Requests: strict types (`true` or `"5"` is no integer, `"true"` no boolean; `5.0` is 5),
+    finite numbers only (`NaN` and `Infinity` are rejected)."""
+
     model_config = ConfigDict(
         alias_generator=to_camel,
         populate_by_name=True,
         extra="forbid",
         serialize_by_alias=True,
+        strict=True,
+        allow_inf_nan=False,
     )
 
 
 class ResponseSchema(Schema):
-    """Responses ignore unknown fields when parsed (a client keeps working with a newer server)."""
+    """Responses ignore unknown fields when parsed (a client keeps working with a newer server).
+    They hold finite numbers only: JSON has no NaN, and a non-finite value is an error (errors.py),
+    never a `null` where the schema says number."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=False)
 
 
 # ---- nodes -------------------------------------------------------------------------------------
@@ -68,11 +108,11 @@ class NodeIndexModel(Schema):
     is one of the latents of the autoencoder its layer holds on `autoencoderSide`."""
 
     node_type: NodeTypeName
-    layer_index: int = Field(0, ge=0, description="0 for embeddings")
-    token_index: int = Field(ge=0)
-    component_index: int = Field(0, ge=0, description="neuron, head or latent index")
-    attended_token_index: int | None = Field(
-        None, ge=0, description="attention head pairs only: the key token"
+    layer_index: Index = Field(0, description="0 for embeddings")
+    token_index: Index
+    component_index: Index = Field(0, description="neuron, head or latent index")
+    attended_token_index: Index | None = Field(
+        None, description="attention head pairs only: the key token"
     )
     autoencoder_side: AutoencoderSideName | None = Field(
         None,
@@ -85,7 +125,9 @@ class NodeIndexModel(Schema):
 
 class NodeAblationModel(Schema):
     node: NodeIndexModel
-    value: float = Field(0.0, description="the activation to set (0 removes the node's write)")
+    value: ActivationValue = Field(
+        0.0, description="the activation to set (0 removes the node's write)"
+    )
 
 
 class NodeToTraceModel(Schema):
@@ -152,8 +194,8 @@ class TdbSubRequest(InferenceRequestSpec):
         description="autoencoder_latent: in layers holding an attention-side autoencoder its "
         "latents replace the heads in the node table; other layers keep their heads",
     )
-    top_and_bottom_k_for_node_table: int = Field(10, ge=0, le=1000)
-    token_view_k: int = Field(10, ge=0, le=200)
+    top_and_bottom_k_for_node_table: Integer = Field(10, ge=0, le=1000)
+    token_view_k: Integer = Field(10, ge=0, le=200)
     token_views: bool = Field(True, description="compute token-space views of the table's nodes")
 
 
@@ -213,22 +255,20 @@ class DerivedScalarsSpec(Schema):
     """Every value of one derived scalar in one layer: [token][component], or for attention
     heads [component][query token][key token] (keys after the query are 0)."""
 
-    spec_type: Literal["derived_scalars"] = "derived_scalars"
+    spec_type: Literal["derived_scalars"]
     node_type: NodeTypeName
     autoencoder_side: AutoencoderSideName | None = Field(
         None, description="latents: which autoencoder of the layer (when it holds both)"
     )
     metric: MetricName = "activation"
-    layer_index: int = Field(0, ge=0)
-    component_indices: list[Annotated[int, Field(ge=0)]] | None = Field(
-        None, description="default: all components"
-    )
+    layer_index: Index = 0
+    component_indices: list[Index] | None = Field(None, description="default: all components")
 
 
 class TopKSpec(Schema):
     """The node table: top and bottom k per node type and metric, every metric per node."""
 
-    spec_type: Literal["top_k"] = "top_k"
+    spec_type: Literal["top_k"]
     node_types: list[NodeTypeName] = Field(
         DEFAULT_TABLE_NODE_TYPES,
         description="autoencoder_latent: the latents of every loaded autoencoder, replacing "
@@ -240,24 +280,26 @@ class TopKSpec(Schema):
         "direct_effect",
         "estimated_total_effect",
     ]
-    k: int = Field(10, ge=0, le=1000)
+    k: Integer = Field(10, ge=0, le=1000)
 
 
 class ScoredTokensSpec(Schema):
     """Token-space views (docs/engine.md §6) of the given nodes."""
 
-    spec_type: Literal["scored_tokens"] = "scored_tokens"
+    spec_type: Literal["scored_tokens"]
     nodes: list[NodeIndexModel] = Field(min_length=1, max_length=256)
-    k: int = Field(10, ge=1, le=200)
+    k: Integer = Field(10, ge=1, le=200)
 
 
 class TokenPairAttributionSpec(Schema):
     """Per key token: Σ_h A[q,k,h]·(v[k,h] W_O[h])·direction, for a residual-space direction."""
 
-    spec_type: Literal["token_pair_attribution"] = "token_pair_attribution"
-    layer_index: int = Field(ge=0)
-    query_token_index: int = Field(ge=0)
-    direction: list[float] = Field(description="a d_model vector, e.g. a latent's encoder row")
+    spec_type: Literal["token_pair_attribution"]
+    layer_index: Index
+    query_token_index: Index
+    direction: list[ActivationValue] = Field(
+        description="a d_model vector, e.g. a latent's encoder row"
+    )
 
 
 ProcessingSpec = Annotated[
@@ -302,8 +344,8 @@ class DerivedScalarsRequest(Schema):
     autoencoder_side: AutoencoderSideName | None = Field(
         None, description="latents: which autoencoder of the layer (when it holds both)"
     )
-    layer_index: int = Field(0, ge=0)
-    component_index: int = Field(0, ge=0, description="neuron or latent index")
+    layer_index: Index = 0
+    component_index: Index = Field(0, description="neuron or latent index")
     metric: MetricName = "activation"
     target_tokens: TokenList = Field(default_factory=list)
     distractor_tokens: TokenList = Field(default_factory=list)
@@ -326,8 +368,8 @@ class DerivedScalarsResponse(ResponseSchema):
 
 class DerivedAttentionScalarsRequest(Schema):
     prompt: Prompt
-    layer_index: int = Field(ge=0)
-    head_index: int = Field(ge=0)
+    layer_index: Index
+    head_index: Index
     metric: MetricName = "activation"
     target_tokens: TokenList = Field(default_factory=list)
     distractor_tokens: TokenList = Field(default_factory=list)
@@ -455,11 +497,13 @@ class TokenizeResponse(ResponseSchema):
 
 class GenerateRequest(Schema):
     prompt: Prompt
-    max_new_tokens: int = Field(20, ge=1, le=512)
+    max_new_tokens: Integer = Field(20, ge=1, le=512)
     temperature: float = Field(0.0, ge=0.0, le=10.0, description="0 = greedy")
-    top_k: int | None = Field(None, ge=1)
+    top_k: Annotated[int, Field(ge=1, le=MAX_INDEX), BeforeValidator(_integral)] | None = None
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    seed: int | None = None
+    seed: Annotated[int, Field(ge=0, le=2**64 - 1), BeforeValidator(_integral)] | None = Field(
+        None, description="the sampler's seed (64 bits)"
+    )
     node_ablations: list[NodeAblationModel] = Field(
         default_factory=list, description="ablations at prompt positions, kept on every step"
     )
@@ -472,14 +516,43 @@ class GenerateResponse(ResponseSchema):
     token_strings: list[str]
 
 
+class WorkerRequest(ResponseSchema):
+    """A request the model worker holds: running, or queued behind the running ones."""
+
+    endpoint: str = Field(description="e.g. /batched_tdb")
+    request_id: str = Field(description="its x-request-id")
+    sub_requests: int
+    queued_at: str = Field(description="when it was queued (ISO 8601, UTC)")
+    started_at: str | None = Field(description="when it started running; null while queued")
+    seconds_waiting: float = Field(description="in the queue")
+    seconds_running: float | None = Field(description="null while queued")
+    abandoned: bool = Field(
+        description="its client went away or its deadline passed: it is being dropped or stopped"
+    )
+
+
 class HealthResponse(ResponseSchema):
     status: Literal["ok"] = "ok"
     model_loaded: bool
     model_name: str | None
-    queued_requests: int
+    queued_requests: int = Field(description="requests waiting for the model (not running yet)")
+    running: list[WorkerRequest] = Field(
+        default_factory=list,
+        description="what the model computes now: one request, or several merged debugger requests",
+    )
+    queue: list[WorkerRequest] = Field(default_factory=list, description="in the order they run")
     batches_run: int = Field(0, description="engine passes run so far")
     requests_merged: int = Field(
         0, description="debugger requests that shared an engine pass with others"
+    )
+    requests_cancelled: int = Field(
+        0, description="requests whose client disconnected first: dropped from the queue or stopped"
+    )
+    requests_timed_out: int = Field(
+        0, description="requests past --request-timeout: answered 504, dropped or stopped"
+    )
+    runs_stopped: int = Field(
+        0, description="model runs stopped early because no request waited for them any more"
     )
 
 
@@ -515,14 +588,14 @@ class NeuronRecordRequest(Schema):
         description="autoencoder latents: the MLP-side or attention-side autoencoder's latent "
         "(may be left out when the datasets hold latents of one side only for this layer)",
     )
-    layer_index: int = Field(ge=0)
-    component_index: int = Field(ge=0, description="neuron (or latent) index")
+    layer_index: Index
+    component_index: Index = Field(description="neuron (or latent) index")
 
 
 class AttentionHeadRecordRequest(Schema):
     dataset_name: str | None = None
-    layer_index: int = Field(ge=0)
-    head_index: int = Field(ge=0)
+    layer_index: Index
+    head_index: Index
 
 
 class ActivationRecordModel(ResponseSchema):

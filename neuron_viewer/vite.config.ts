@@ -19,6 +19,10 @@ const apiPaths = [
   "/neuron_record",
   "/attention_head_record",
   "/jobs",
+  // The API's docs (their scripts are under /docs-assets/) and its OpenAPI document.
+  "/docs",
+  "/redoc",
+  "/openapi.json",
 ];
 
 export default defineConfig({

@@ -17,6 +17,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_PROMPT_TOKENS = 1024
+AUTH_TOKEN = "test-token-2f9c"  # the --auth-token of the token_server fixture
 
 
 @dataclass
@@ -35,6 +36,12 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def server_environ() -> dict[str, str]:
+    """This environment less TDB_AUTH_TOKEN: a token set in the shell running the tests would make
+    every test server require it."""
+    return {k: v for k, v in os.environ.items() if k != "TDB_AUTH_TOKEN"}
+
+
 def start_server(
     args: list[str], log: Path, timeout_s: float = 120.0, env: dict[str, str] | None = None
 ) -> Server:
@@ -46,7 +53,7 @@ def start_server(
         cwd=ROOT,
         stdout=out,
         stderr=subprocess.STDOUT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+        env={**server_environ(), "PYTHONUNBUFFERED": "1", **(env or {})},
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout_s

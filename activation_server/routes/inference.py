@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
-from typing import Annotated, Any
+from collections.abc import Callable
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
+from fastapi.responses import Response
+from pydantic import BaseModel
+from starlette.background import BackgroundTask
 
 from activation_server import convert
 from activation_server import schemas as s
+from activation_server.errors import documented, request_id
 from activation_server.routes import read
 from activation_server.state import model_worker, server_state
-from activation_server.worker import ModelWorker
+from activation_server.worker import BoundWorker, release_memory
 from neuron_explainer.activations import (
     NodeType,
     RequestError,
@@ -19,54 +25,99 @@ from neuron_explainer.activations import (
     describe,
     node_types,
 )
+from neuron_explainer.activations.nodes import at
 from neuron_explainer.activations.processing import component_values, generate, run_batched
 from neuron_explainer.datasets.normalization import normalize_by_dataset_max, token_summaries
 
-ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": s.ErrorResponse, "description": text}
-    for code, text in (
-        (400, "a value the model rejects (named in the message)"),
-        (413, "a prompt over the maximum length, or a request too large for memory"),
-        (422, "a field missing, of the wrong type or unknown; malformed JSON"),
-        (503, "no model loaded (a --no-model server)"),
+# The error statuses of an endpoint that runs the model on a request body.
+INFERENCE_ERRORS = documented(400, 413, 422, 503, 504)
+router = APIRouter(tags=["inference"])
+# ... and of one that may also look the component up in the collated datasets (404).
+COMPONENT_ERRORS = documented(400, 404, 413, 422, 503, 504)
+
+
+async def _client_gone(request: Request) -> None:
+    """Returns once the client has closed its connection (the body has been read by then: what
+    the server receives afterwards is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def request_worker(request: Request) -> BoundWorker:
+    """The model worker, for this request: its work shows in /health under this endpoint and is
+    dropped or stopped when the client disconnects (docs/api.md, "Concurrency")."""
+    return BoundWorker(
+        model_worker(request), request.url.path, request_id(request), lambda: _client_gone(request)
     )
-}
-router = APIRouter(tags=["inference"], responses=ERRORS)
-Worker = Annotated[ModelWorker, Depends(model_worker)]
 
 
-@router.post("/batched_tdb", response_model=s.BatchedTdbResponse)
-async def batched_tdb(body: s.BatchedTdbRequest, worker: Worker) -> s.BatchedTdbResponse:
+Worker = Annotated[BoundWorker, Depends(request_worker)]
+# Responses from this size on give their memory back to the system once sent.
+RELEASE_MEMORY_ABOVE_BYTES = 4 * 2**20
+
+
+async def _json_response(build: Callable[[], BaseModel]) -> Response:
+    """The response model built and serialized on a thread: a large one takes seconds, during
+    which the event loop keeps answering /health and noticing disconnects. The same JSON as
+    FastAPI's own serialization of the model."""
+
+    def run() -> bytes:
+        model = build()
+        return model.__pydantic_serializer__.to_json(model, by_alias=True)
+
+    body = await asyncio.to_thread(run)
+    large = len(body) >= RELEASE_MEMORY_ABOVE_BYTES
+    return Response(
+        body,
+        media_type="application/json",
+        background=BackgroundTask(release_memory) if large else None,
+    )
+
+
+@router.post("/batched_tdb", response_model=s.BatchedTdbResponse, responses=INFERENCE_ERRORS)
+async def batched_tdb(body: s.BatchedTdbRequest, worker: Worker) -> Response:
     """The debugger's main call: one forward and one backward over all sub-requests (for
     example left prompt, right prompt and an unablated baseline)."""
     subs = convert.tdb_sub_requests(body, worker.engine.model)
+    for i, sub in enumerate(subs):
+        with at(i):  # before waiting for the model
+            worker.engine.check_prompt_size(sub.prompt, sub.prepend_bos)
     results, timings = await worker.run_tdb(subs)
-    return s.BatchedTdbResponse(
-        sub_responses=[convert.tdb_response(r) for r in results], timings=timings
+    return await _json_response(
+        lambda: s.BatchedTdbResponse(
+            sub_responses=[convert.tdb_response(r) for r in results], timings=timings
+        )
     )
 
 
-@router.post("/batched", response_model=s.BatchedResponse)
-async def batched(body: s.BatchedRequest, worker: Worker) -> s.BatchedResponse:
+@router.post("/batched", response_model=s.BatchedResponse, responses=INFERENCE_ERRORS)
+async def batched(body: s.BatchedRequest, worker: Worker) -> Response:
     """The general form: per sub-request an inference spec and named processing specs
     (derived scalars, top-k, scored tokens, token-pair attribution) answered from one pass."""
     engine = worker.engine
     subs = convert.batched_sub_requests(body, engine.model)
-    answered = await worker.call(lambda: run_batched(engine, subs))
-    out = []
-    for sub, (result, answers) in zip(body.sub_requests, answered, strict=True):
-        out.append(
-            s.BatchedSubResponse(
-                token_ids=result.tokens,
-                token_strings=result.token_strings,
-                direction_value=result.direction_value,
-                processing_results_by_name={
-                    name: convert.query_result(spec, answers[name])
-                    for name, spec in sub.processing_request_spec_by_name.items()
-                },
+    for i, batched_sub in enumerate(subs):
+        with at(i, "request"):
+            engine.check_prompt_size(batched_sub.request.prompt, batched_sub.request.prepend_bos)
+    answered = await worker.call(lambda: run_batched(engine, subs), sub_requests=len(subs))
+
+    def build() -> s.BatchedResponse:
+        out = []
+        for sub, (result, answers) in zip(body.sub_requests, answered, strict=True):
+            out.append(
+                s.BatchedSubResponse(
+                    token_ids=result.tokens,
+                    token_strings=result.token_strings,
+                    direction_value=result.direction_value,
+                    processing_results_by_name={
+                        name: convert.query_result(spec, answers[name])
+                        for name, spec in sub.processing_request_spec_by_name.items()
+                    },
+                )
             )
-        )
-    return s.BatchedResponse(sub_responses=out)
+        return s.BatchedResponse(sub_responses=out)
+
+    return await _json_response(build)
 
 
 def _component_request(
@@ -112,7 +163,9 @@ async def _dataset_max(
     return float(scale)
 
 
-@router.post("/derived_scalars", response_model=s.DerivedScalarsResponse)
+@router.post(
+    "/derived_scalars", response_model=s.DerivedScalarsResponse, responses=COMPONENT_ERRORS
+)
 async def derived_scalars(
     body: s.DerivedScalarsRequest, worker: Worker, request: Request
 ) -> s.DerivedScalarsResponse:
@@ -120,6 +173,7 @@ async def derived_scalars(
     embedding), optionally normalized by the max activation in its collated dataset (to colour a
     custom prompt like the dataset examples)."""
     engine = worker.engine
+    engine.check_prompt_size(body.prompt, body.prepend_bos)
     node_type = convert.node_type(
         engine.model, body.node_type, body.layer_index, body.autoencoder_side
     )
@@ -147,11 +201,16 @@ async def derived_scalars(
     )
 
 
-@router.post("/derived_attention_scalars", response_model=s.DerivedAttentionScalarsResponse)
+@router.post(
+    "/derived_attention_scalars",
+    response_model=s.DerivedAttentionScalarsResponse,
+    responses=COMPONENT_ERRORS,
+)
 async def derived_attention_scalars(
     body: s.DerivedAttentionScalarsRequest, worker: Worker, request: Request
 ) -> s.DerivedAttentionScalarsResponse:
     """One attention head's metric for every token pair (q, k <= q) of a prompt."""
+    worker.engine.check_prompt_size(body.prompt, body.prepend_bos)
     dataset_max = await _dataset_max(request, body)
     sub = _component_request(
         body.prompt, list(body.target_tokens), list(body.distractor_tokens), body.prepend_bos
@@ -179,7 +238,7 @@ async def derived_attention_scalars(
     )
 
 
-@router.post("/tokenize", response_model=s.TokenizeResponse)
+@router.post("/tokenize", response_model=s.TokenizeResponse, responses=INFERENCE_ERRORS)
 async def tokenize(body: s.TokenizeRequest, request: Request) -> s.TokenizeResponse:
     """Text to tokens with display strings (the prompt editor's live tokenization)."""
     state = server_state(request)
@@ -197,10 +256,11 @@ async def tokenize(body: s.TokenizeRequest, request: Request) -> s.TokenizeRespo
     return s.TokenizeResponse(token_ids=ids, token_strings=tok.display_tokens(ids))
 
 
-@router.post("/generate", response_model=s.GenerateResponse)
+@router.post("/generate", response_model=s.GenerateResponse, responses=INFERENCE_ERRORS)
 async def generate_text(body: s.GenerateRequest, worker: Worker) -> s.GenerateResponse:
     """Greedy or sampled continuation, optionally with node ablations held on every step."""
     engine = worker.engine
+    engine.check_prompt_size(body.prompt, body.prepend_bos)
     ablations = convert.ablations(body.node_ablations, engine.model)
     new = await worker.call(
         lambda: generate(
@@ -256,13 +316,13 @@ def model_info(request: Request) -> s.ModelInfo:
     )
 
 
-@router.get("/model_info", response_model=s.ModelInfo)
+@router.get("/model_info", response_model=s.ModelInfo, responses=documented(503))
 async def get_model_info(request: Request) -> s.ModelInfo:
     """The loaded model: name, sizes, device and dtype, loaded autoencoders."""
     return model_info(request)
 
 
-@router.post("/model_info", response_model=s.ModelInfo)
+@router.post("/model_info", response_model=s.ModelInfo, responses=documented(413, 503))
 async def post_model_info(request: Request) -> s.ModelInfo:
     """The same as GET (TDB's clients POST it)."""
     return model_info(request)

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Request
 
 from activation_server import schemas as s
 from activation_server.datasets import DatasetRegistry
-from activation_server.errors import NotFoundError
+from activation_server.errors import NotFoundError, documented
 from activation_server.state import server_state
 from neuron_explainer.activations import NodeType, RequestError
 from neuron_explainer.activations.nodes import by_api_name, describe
@@ -93,6 +93,8 @@ def _record_family(request: Request, body: s.NeuronRecordRequest) -> str:
     named as the library names node types), for latents that of the side asked for; with no side,
     the one latent family the datasets hold for the layer (400 when they hold both)."""
     candidates = by_api_name(body.node_type, body.autoencoder_side)
+    if not candidates:  # a side given on a node type without sides
+        raise RequestError("autoencoder_side", "only autoencoder latents have one")
     if len(candidates) == 1:
         return candidates[0].value
     families = {t.value for t in candidates}
@@ -120,13 +122,21 @@ async def neuron_datasets_metadata(request: Request) -> s.DatasetsMetadataRespon
     return s.DatasetsMetadataResponse(datasets=_registry(request).infos())
 
 
-@router.post("/neuron_datasets_metadata", response_model=s.DatasetsMetadataResponse)
+@router.post(
+    "/neuron_datasets_metadata",
+    response_model=s.DatasetsMetadataResponse,
+    responses=documented(413),
+)
 async def post_neuron_datasets_metadata(request: Request) -> s.DatasetsMetadataResponse:
     """The same as GET (TDB's clients POST it)."""
     return await neuron_datasets_metadata(request)
 
 
-@router.post("/neuron_record", response_model=s.NeuronRecordResponse)
+@router.post(
+    "/neuron_record",
+    response_model=s.NeuronRecordResponse,
+    responses=documented(400, 404, 413, 422),
+)
 async def neuron_record(body: s.NeuronRecordRequest, request: Request) -> s.NeuronRecordResponse:
     """Top-activating and random excerpts of an MLP neuron (or latent) with raw activations and
     activations normalized by the dataset max, and its statistics."""
@@ -145,7 +155,11 @@ async def neuron_record(body: s.NeuronRecordRequest, request: Request) -> s.Neur
     )
 
 
-@router.post("/attention_head_record", response_model=s.AttentionHeadRecordResponse)
+@router.post(
+    "/attention_head_record",
+    response_model=s.AttentionHeadRecordResponse,
+    responses=documented(404, 413, 422),
+)
 async def attention_head_record(
     body: s.AttentionHeadRecordRequest, request: Request
 ) -> s.AttentionHeadRecordResponse:

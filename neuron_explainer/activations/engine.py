@@ -13,10 +13,12 @@ nothing here names a node type.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 
+from neuron_explainer.activations import limits
 from neuron_explainer.activations.derived_scalars import (
     DerivedScalar,
     PassState,
@@ -36,7 +38,6 @@ from neuron_explainer.activations.nodes import (
     NodeAblation,
     NodeIndex,
     NodeType,
-    PromptTooLongError,
     RequestError,
     at,
     describe,
@@ -47,12 +48,15 @@ from neuron_explainer.activations.topk import gather, rank
 from neuron_explainer.activations.validation import (
     Row,
     check_component,
+    check_finite_logits,
     check_layer,
+    check_prompt_size,
     prepare_row,
     prompt_tokens,
     trace_cut,
     validate_node,
 )
+from neuron_explainer.models.cancellation import CancelToken
 from neuron_explainer.models.hooks import BackwardHookFn, ForwardHookFn, HookPoint, NameFilter
 from neuron_explainer.models.transformer import HookedTransformer, pad_right
 
@@ -60,18 +64,59 @@ BackwardHooks = list[tuple[NameFilter, BackwardHookFn]]
 
 
 class Engine:
-    """Runs debugger requests on one model. `max_prompt_tokens` defaults to the context length."""
+    """Runs debugger requests on one model. `max_prompt_tokens` defaults to the context length.
 
-    def __init__(self, model: HookedTransformer, max_prompt_tokens: int | None = None) -> None:
+    Limits (docs/engine.md §9), checked before a batch runs: `max_result_bytes` caps the result's
+    estimated size as JSON (None: no cap; `result_limit_name` is how messages name the cap), and
+    the estimated memory must stay within `memory_fraction` of what is available."""
+
+    def __init__(
+        self,
+        model: HookedTransformer,
+        max_prompt_tokens: int | None = None,
+        max_result_bytes: int | None = None,
+        result_limit_name: str = "max_result_bytes",
+        memory_fraction: float = 0.9,
+    ) -> None:
         self.model = model
         self.max_prompt_tokens = min(max_prompt_tokens or model.cfg.n_ctx, model.cfg.n_ctx)
+        self.max_result_bytes = max_result_bytes
+        self.result_limit_name = result_limit_name
+        self.memory_fraction = memory_fraction
         # Seconds per phase of the last run (forward, backward, metrics, gather, token_views).
         self.last_timings: dict[str, float] = {}
+        self.last_estimate: limits.Estimate | None = None  # of the last batch that ran
+        self._cancel: CancelToken | None = None
+
+    # ---- cancellation (models/cancellation.py) ---------------------------------------------------
+
+    @contextmanager
+    def cancellable(self, token: CancelToken) -> Iterator[None]:
+        """Within the block, runs of this engine (and any forward of its model) check `token` at
+        every block of a forward, at every gradient recorded in a backward, and between the
+        layers and chunks of ranking and token views, and raise `Cancelled` (or
+        `DeadlineExceeded`) once it is set. For one thread at a time, like the engine."""
+        self._cancel = token
+        try:
+            with self.model.hooks(fwd=token.forward_hooks()):
+                yield
+        finally:
+            self._cancel = None
+
+    def check_cancelled(self) -> None:
+        """Raise if the token of the enclosing `cancellable` block is set (no-op outside one)."""
+        if self._cancel is not None:
+            self._cancel.check()
 
     # ---- checks on this engine's model (validation.py; paths relative to the value given) -------
 
     def prompt_tokens(self, req: SubRequest) -> list[int]:
         return prompt_tokens(self.model, req, self.max_prompt_tokens)
+
+    def check_prompt_size(self, prompt: str | Sequence[int], prepend_bos: bool = False) -> None:
+        """A 413 (PromptTooLongError) for a prompt that cannot fit, without tokenizing it: a
+        check cheap enough for a server to run before the request waits for the model."""
+        check_prompt_size(self.model, prompt, prepend_bos, self.max_prompt_tokens)
 
     def n_components(self, node_type: NodeType, layer: int) -> int:
         """Components of a node type in a layer (0 where it has none)."""
@@ -99,6 +144,7 @@ class Engine:
         sub_requests: Sequence[SubRequest],
         groups: Sequence[int] | None = None,
         inspect: Callable[[PassState], None] | None = None,
+        extra: Sequence[limits.ResultSize] = (),
     ) -> list[SubResult]:
         """Run the sub-requests in one batch. Errors name their field from the sub-request's
         index on: `(1, "target_tokens", 0)`.
@@ -106,7 +152,8 @@ class Engine:
         `groups` (one id per sub-request) keeps independent requests apart in a merged batch: the
         node table is the union of selected nodes within a group only, so each group's results
         equal those of running it alone. `inspect` is called with the pass state before it is
-        dropped, for callers that read further derived scalars or token views.
+        dropped, for callers that read further derived scalars or token views; `extra` sizes what
+        they add to the result, for the limits checked before anything runs.
         """
         if not sub_requests:
             raise RequestError((), "at least one sub-request is needed")
@@ -118,7 +165,10 @@ class Engine:
                 rows.append(prepare_row(self.model, req, self.max_prompt_tokens))
         scalars = self._scalars(rows)
         spliced = modules_to_splice(self.model, rows, {s.node_type for s in scalars})
-        self._check_memory(rows, sum(module.n_latents for _, module in spliced))
+        row_groups = list(groups) if groups is not None else [0] * len(rows)
+        n_latents = sum(module.n_latents for _, module in spliced)
+        self.last_estimate = self._check_limits(rows, row_groups, n_latents, extra)
+        self.check_cancelled()
         self.last_timings = {}
         clock = time.perf_counter()
         model, cfg, dev = self.model, self.model.cfg, self.model.device
@@ -144,6 +194,7 @@ class Engine:
                 live[hook.name] = x
 
         def record_grad(g: torch.Tensor, hook: HookPoint) -> None:
+            self.check_cancelled()  # the backward's checkpoints: one or more per layer
             grads[hook.name] = g.detach()
 
         ablations = [r.request.node_ablations for r in rows]
@@ -164,6 +215,11 @@ class Engine:
                 total.backward()
         logits = logits.detach()
         self.last_timings["backward"] = time.perf_counter() - clock
+        self.check_cancelled()
+        d_values = [float(d.detach()) for d in directions]
+        for i, row in enumerate(rows):
+            with at(i):
+                check_finite_logits(model, logits[i], bool(row.request.node_ablations), d_values[i])
 
         g = torch.zeros(len(rows), tokens.shape[1], cfg.d_model, device=dev, dtype=model.dtype)
         for i, row in enumerate(rows):
@@ -172,10 +228,7 @@ class Engine:
         state = PassState(
             model, acts, grads, g if needs_backward else None, [r.cut for r in rows], tokens
         )
-        row_groups = list(groups) if groups is not None else [0] * len(rows)
-        results = self._collect(
-            rows, state, logits, [float(d.detach()) for d in directions], row_groups
-        )
+        results = self._collect(rows, state, logits, d_values, row_groups)
         if inspect is not None:
             inspect(state)
         return results
@@ -227,17 +280,52 @@ class Engine:
         latents = 4 * 4 * n_tokens * n_latents
         return int(n_rows * ((quadratic + linear) * elem + latents))
 
-    def _check_memory(self, rows: Sequence[Row], n_latents: int = 0) -> None:
+    def estimate(
+        self,
+        sub_requests: Sequence[SubRequest],
+        groups: Sequence[int] | None = None,
+        extra: Sequence[limits.ResultSize] = (),
+    ) -> limits.Estimate:
+        """What `run` with these arguments would take (limits.py), without running anything."""
+        rows = []
+        for i, req in enumerate(sub_requests):
+            with at(i):
+                rows.append(prepare_row(self.model, req, self.max_prompt_tokens))
+        spliced = modules_to_splice(self.model, rows, {s.node_type for s in self._scalars(rows)})
+        n_latents = sum(module.n_latents for _, module in spliced)
+        return self._estimate(rows, list(groups or [0] * len(rows)), n_latents, extra)
+
+    def _estimate(
+        self,
+        rows: Sequence[Row],
+        groups: Sequence[int],
+        n_latents: int,
+        extra: Sequence[limits.ResultSize],
+    ) -> limits.Estimate:
         n_tokens = max(len(r.tokens) for r in rows)
-        need = self.estimated_bytes(len(rows), n_tokens, n_latents)
-        free = available_memory(self.model.device)
-        if free is not None and need > 0.9 * free:
-            raise PromptTooLongError(
-                (),
-                f"{len(rows)} prompt(s) of up to {n_tokens} tokens would "
-                f"need about {need / 2**30:.1f} GiB; {free / 2**30:.1f} GiB is available on "
-                f"{self.model.device}. Send shorter prompts or fewer sub-requests.",
-            )
+        pass_bytes = self.estimated_bytes(len(rows), n_tokens, n_latents)
+        return limits.estimate(self.model, rows, groups, pass_bytes, extra)
+
+    def _check_limits(
+        self,
+        rows: Sequence[Row],
+        groups: Sequence[int],
+        n_latents: int,
+        extra: Sequence[limits.ResultSize],
+    ) -> limits.Estimate:
+        """The batch's estimate, or a `LimitError` (413) when it is over a limit."""
+        est = self._estimate(rows, groups, n_latents, extra)
+        device = self.model.device
+        limits.check(
+            est,
+            device,
+            self.max_result_bytes,
+            self.result_limit_name,
+            self.memory_fraction,
+            free_device=available_memory(device),
+            free_host=available_memory(torch.device("cpu")),
+        )
+        return est
 
     def _direction(
         self, i: int, row: Row, logits: torch.Tensor, live: dict[str, torch.Tensor]
@@ -276,10 +364,10 @@ class Engine:
     ) -> list[SubResult]:
         model = self.model
         clock = time.perf_counter()
-        ranking = rank(model, rows, state, groups)
+        ranking = rank(model, rows, state, groups, check=self.check_cancelled)
         self.last_timings["metrics"] = time.perf_counter() - clock
         clock = time.perf_counter()
-        values_by_row = gather(rows, state, ranking, groups)
+        values_by_row = gather(rows, state, ranking, groups, check=self.check_cancelled)
         self.last_timings["gather"] = time.perf_counter() - clock
         clock = time.perf_counter()
         tok = model.tokenizer
@@ -290,7 +378,9 @@ class Engine:
             views = {}
             if row.request.token_views and nodes:
                 in_prompt = [nd for nd in nodes if nd.token < len(row.tokens)]
-                views = node_token_views(model, state, i, in_prompt, row.request.token_view_k)
+                views = node_token_views(
+                    model, state, i, in_prompt, row.request.token_view_k, self.check_cancelled
+                )
             probs = logits[i].float().softmax(-1)
             k = max(row.request.token_view_k, 1)
             up = row.request.upstream_node_to_trace

@@ -233,6 +233,9 @@ class NodeTypeDescription:
     splice: Splice | None = None
     # Hook values its token views read in a layer (docs/engine.md §6).
     view_hooks: Callable[[HookedTransformer, int], set[str]] = lambda model, layer: set()
+    # How many lists a node's token views hold (each of up to tokenViewK tokens), for the size
+    # estimate of a request (limits.py); the default counts every list there is.
+    token_view_lists: int = 7
     # In a layer holding nodes of this type, they replace those of `replaces` in node tables
     # (latents replace the neurons / heads of their block) when a request asks for them.
     replaces: NodeType | None = None

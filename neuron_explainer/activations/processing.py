@@ -23,8 +23,10 @@ import torch
 
 from neuron_explainer.activations.derived_scalars import METRICS, PassState, scalar
 from neuron_explainer.activations.engine import Engine
+from neuron_explainer.activations.limits import LimitError, ResultSize
 from neuron_explainer.activations.node_types.attention_head import token_pair_attribution
 from neuron_explainer.activations.nodes import (
+    FieldPath,
     NodeAblation,
     NodeIndex,
     NodeType,
@@ -34,6 +36,8 @@ from neuron_explainer.activations.nodes import (
 )
 from neuron_explainer.activations.request import NODE_TYPES, SubRequest, SubResult
 from neuron_explainer.activations.token_views import NodeTokenViews, node_token_views
+from neuron_explainer.activations.validation import check_finite_logits
+from neuron_explainer.models import generation
 
 
 @dataclass(frozen=True)
@@ -145,24 +149,58 @@ def run_batched(
         with at(i, "request"):
             lengths.append(len(engine.prompt_tokens(requests[-1])))
     answers: list[dict[str, QueryResult]] = [{} for _ in subs]
+    extra = [
+        _result_size(engine, q, lengths[i], (i, "queries", name))
+        for i, sub in enumerate(subs)
+        for name, q in sub.queries.items()
+    ]
 
     def inspect(state: PassState) -> None:
         for i, sub in enumerate(subs):
             for name, q in sub.queries.items():
+                engine.check_cancelled()
                 with at(i, "queries", name):
                     answers[i][name] = _answer(engine, state, i, lengths[i], q)
 
+    def path(p: FieldPath) -> FieldPath | None:
+        """An engine path as this request names it (None: a field it does not have)."""
+        if not (p and isinstance(p[0], int)) or p[1:2] == ("queries",):
+            return p
+        if p[1:] == ("top_and_bottom_k",):  # set by the row's top_k query
+            top_k = [n for n, q in subs[p[0]].queries.items() if isinstance(q, TopKQuery)]
+            return (p[0], "queries", top_k[0], "k") if top_k else None
+        if p[1:] == ("token_view_k",):
+            return None  # the top_k query's views have the default k
+        return (p[0], "request", *p[1:])  # the engine names the row's request
+
     try:
-        results = engine.run(requests, inspect=inspect)
+        results = engine.run(requests, inspect=inspect, extra=extra)
     except RequestError as e:
-        if e.path and isinstance(e.path[0], int) and e.path[1:2] != ("queries",):
-            e.path = (e.path[0], "request", *e.path[1:])  # the engine names the row's request
+        if isinstance(e, LimitError):
+            e.lower = tuple(p for p in map(path, e.lower) if p is not None)
+        e.path = path(e.path) or (e.lower[0] if isinstance(e, LimitError) and e.lower else ())
         raise
     for i, sub in enumerate(subs):
         for name, q in sub.queries.items():
             if isinstance(q, TopKQuery):
                 answers[i][name] = QueryResult(result=results[i])
     return list(zip(results, answers, strict=True))
+
+
+def _result_size(engine: Engine, q: Query, n: int, where: FieldPath) -> ResultSize:
+    """An upper bound of what query `q` on an `n`-token prompt adds to the result (limits.py);
+    the top_k query's table is the engine's own."""
+    if isinstance(q, DerivedScalarsQuery):
+        desc = describe(q.node_type)
+        width = desc.width(engine.model, q.layer) if q.components is None else len(q.components)
+        per_component = n * n if desc.per_token_pair else n
+        return ResultSize(values=width * per_component, field=(*where, "components"))
+    if isinstance(q, ScoredTokensQuery):
+        lists = sum(describe(nd.node_type).token_view_lists for nd in q.nodes)
+        return ResultSize(entries=lists * q.k, field=(*where, "k"))
+    if isinstance(q, TokenPairQuery):
+        return ResultSize(values=n, field=(*where, "query_token"))
+    return ResultSize()
 
 
 def _answer(engine: Engine, state: PassState, i: int, n: int, q: Query) -> QueryResult:
@@ -181,7 +219,7 @@ def _answer(engine: Engine, state: PassState, i: int, n: int, q: Query) -> Query
         for j, nd in enumerate(q.nodes):
             with at("nodes", j):
                 engine.validate_node(nd, n)
-        views = node_token_views(engine.model, state, i, list(q.nodes), q.k)
+        views = node_token_views(engine.model, state, i, list(q.nodes), q.k, engine.check_cancelled)
         return QueryResult(token_views=[views[nd] for nd in q.nodes])
     if isinstance(q, TokenPairQuery):
         if not 0 <= q.query_token < n:
@@ -243,10 +281,12 @@ def generate(
     seed: int | None = None,
     node_ablations: Sequence[NodeAblation] = (),
     prepend_bos: bool = False,
+    use_cache: bool = True,
 ) -> list[int]:
-    """A continuation of the prompt with the ablations held on every step (the positions of the
-    ablated nodes are prompt positions). Errors name `prompt`, `max_new_tokens` or
-    `node_ablations`."""
+    """A continuation of the prompt under the ablations, which name prompt positions: they apply
+    while the prompt runs, and every new token reads the ablated keys and values from the cache,
+    the same continuation as holding them on while rerunning the prefix (`generation.py`).
+    Errors name `prompt`, `max_new_tokens` or `node_ablations`."""
     request = SubRequest(
         prompt, loss_fn="zero", node_ablations=node_ablations, prepend_bos=prepend_bos
     )
@@ -260,14 +300,19 @@ def generate(
     for j, abl in enumerate(node_ablations):
         with at("node_ablations", j, "node"):
             engine.validate_node(abl.node, len(tokens))
-    hooks = engine.ablation_hooks([list(node_ablations)])
-    with torch.no_grad(), engine.model.hooks(fwd=hooks):
-        new = engine.model.generate(
+    ablated = bool(node_ablations)  # non-finite logits (an overflow) stop it: a RequestError
+    check = ("hook_logits", lambda x, hook: check_finite_logits(engine.model, x, ablated))
+    # The check on every step; the ablations (prompt positions) while the prompt runs.
+    with engine.model.hooks(fwd=[check]):
+        new = generation.generate(
+            engine.model,
             torch.tensor(tokens, device=engine.model.device),
             max_new_tokens=max_new_tokens,
             temperature=temperature,
             top_k=top_k,
             top_p=top_p,
             seed=seed,
+            prefill_hooks=engine.ablation_hooks([list(node_ablations)]),
+            use_cache=use_cache,
         )
     return [int(t) for t in new.tolist()]

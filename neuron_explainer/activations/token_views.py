@@ -157,9 +157,19 @@ def token_view(node_type: NodeType) -> Callable[[ViewFn], ViewFn]:
 Ranked = list[tuple[list[float], list[int], list[float], list[int]]]
 
 
-def _rank_all(jobs: list[tuple[_Projector, torch.Tensor, bool]], k: int) -> list[Ranked]:
-    """Project every projector's vectors onto its vocabulary matrix and rank them. Projectors
-    sharing a matrix (W_E and W_U are one tensor with tied embeddings) share one matmul."""
+# Vocabulary scores are computed this many bytes at a time (a block of vectors against the whole
+# vocabulary), so memory stays bounded however many nodes have views (limits.py counts it).
+SCORE_CHUNK_BYTES = 64 * 2**20
+
+
+def _rank_all(
+    jobs: list[tuple[_Projector, torch.Tensor, bool]],
+    k: int,
+    check: Callable[[], None] = lambda: None,
+) -> list[Ranked]:
+    """Project every projector's vectors onto its vocabulary matrix and rank them, a block of
+    vectors at a time (`check` is called before each block). Projectors sharing a matrix (W_E
+    and W_U are one tensor with tied embeddings) share the matmuls."""
     results: list[Ranked] = [[] for _ in jobs]
     by_matrix: dict[tuple[int, tuple[int, ...]], list[int]] = {}
     for j, (proj, matrix, _) in enumerate(jobs):
@@ -168,26 +178,44 @@ def _rank_all(jobs: list[tuple[_Projector, torch.Tensor, bool]], k: int) -> list
             by_matrix.setdefault(key, []).append(j)
     for members in by_matrix.values():
         matrix = jobs[members[0]][1]
-        stacked = torch.cat([torch.stack(jobs[j][0].vectors) for j in members])
-        scores = stacked @ matrix  # [U, V]
+        stacked = torch.cat([torch.stack(jobs[j][0].vectors) for j in members])  # [U, d]
+        # 1.0 for the rows whose scores are centred over the vocabulary (logit-lens views).
+        center = torch.cat(
+            [
+                torch.full((len(jobs[j][0].vectors), 1), float(jobs[j][2]), device=matrix.device)
+                for j in members
+            ]
+        )
+        vocab = matrix.shape[-1]
+        kk = min(k, vocab)
+        block = max(1, SCORE_CHUNK_BYTES // (vocab * matrix.element_size()))
+        tops, top_ids, bottoms, bottom_ids = [], [], [], []
+        for lo in range(0, stacked.shape[0], block):
+            check()
+            scores = stacked[lo : lo + block] @ matrix  # [block, V]
+            c = center[lo : lo + block].to(scores.dtype)
+            if bool(c.any()):
+                scores -= scores.mean(-1, keepdim=True) * c
+            top, bottom = scores.topk(kk), scores.topk(kk, largest=False)
+            tops.append(top.values)
+            top_ids.append(top.indices)
+            bottoms.append(bottom.values)
+            bottom_ids.append(bottom.indices)
+            del scores
+        ranked = list(
+            zip(
+                torch.cat(tops).tolist(),
+                torch.cat(top_ids).tolist(),
+                torch.cat(bottoms).tolist(),
+                torch.cat(bottom_ids).tolist(),
+                strict=True,
+            )
+        )
         start = 0
         for j in members:
-            proj, _, center = jobs[j]
-            part = scores[start : start + len(proj.vectors)]
-            start += len(proj.vectors)
-            if center:
-                part = part - part.mean(-1, keepdim=True)
-            kk = min(k, part.shape[-1])
-            top, bottom = part.topk(kk), part.topk(kk, largest=False)
-            results[j] = list(
-                zip(
-                    top.values.tolist(),
-                    top.indices.tolist(),
-                    bottom.values.tolist(),
-                    bottom.indices.tolist(),
-                    strict=True,
-                )
-            )
+            n = len(jobs[j][0].vectors)
+            results[j] = ranked[start : start + n]
+            start += n
     return results
 
 
@@ -203,12 +231,20 @@ def _lists(
 
 
 def node_token_views(
-    model: HookedTransformer, state: PassState, row: int, nodes: Sequence[NodeIndex], k: int
+    model: HookedTransformer,
+    state: PassState,
+    row: int,
+    nodes: Sequence[NodeIndex],
+    k: int,
+    check: Callable[[], None] = lambda: None,
 ) -> dict[NodeIndex, NodeTokenViews]:
     """The token views of `nodes` in batch row `row`; views whose hook values were not recorded
-    are left empty."""
+    are left empty. `check` is called every few hundred nodes and before each block of
+    vocabulary scores (it raises to stop the work: a cancellation)."""
     queue = ViewQueue(model, state, row, k)
-    for node in nodes:
+    for n, node in enumerate(nodes):
+        if n % 256 == 0:
+            check()
         VIEWS[node.node_type](queue, node)
     ranked_out, ranked_in, ranked_key = _rank_all(
         [
@@ -217,9 +253,12 @@ def node_token_views(
             (queue.key_side, model.W_E.T, False),
         ],
         k,
+        check,
     )
     views: dict[NodeIndex, NodeTokenViews] = {}
-    for node in nodes:
+    for n, node in enumerate(nodes):
+        if n % 256 == 0:
+            check()
         v = NodeTokenViews()
         if node in queue.output.refs:
             v.upvoted_output_tokens, v.downvoted_output_tokens = _lists(

@@ -109,9 +109,14 @@ class Ranking:
 
 
 def rank(
-    model: HookedTransformer, rows: Sequence[Row], state: PassState, groups: Sequence[int]
+    model: HookedTransformer,
+    rows: Sequence[Row],
+    state: PassState,
+    groups: Sequence[int],
+    check: Callable[[], None] = lambda: None,
 ) -> Ranking:
-    """Select each group's nodes and sum every metric per token, one layer at a time."""
+    """Select each group's nodes and sum every metric per token, one layer at a time. `check` is
+    called before each layer (it raises to stop the work: a cancellation)."""
     n = max(len(r.tokens) for r in rows)
     sum_dtype = torch.promote_types(model.dtype, torch.float32)  # bf16 models sum in fp32
     types = [t for t in node_types() if any(t in r.node_types for r in rows)]
@@ -135,6 +140,7 @@ def rank(
                 ]
                 if not any(here):
                     continue  # every row has other node types in place of these
+                check()
                 values = fn.fn(state, layer)  # [b, n, C] or [b, H, n, n]
                 if values.numel() * 4 <= budget:
                     budget -= values.numel() * 4
@@ -162,7 +168,9 @@ def rank(
                 if not wants[i] or metric not in row.request.metrics:
                     continue
                 for side, key in enumerate(sum_keys(node_type)):
-                    token_sums[i].setdefault(key, {})[metric] = sums[i, side].tolist()
+                    # One value per token of the row's own prompt, not of the padded batch.
+                    row_sums = sums[i, side, : len(row.tokens)].tolist()
+                    token_sums[i].setdefault(key, {})[metric] = row_sums
                 if cand[i]:
                     t = min(len(row.tokens), row.upstream_token_limit)
                     width = lambda layer, d=desc: d.width(model, layer)  # noqa: E731
@@ -174,10 +182,14 @@ def rank(
 
 
 def gather(
-    rows: Sequence[Row], state: PassState, ranking: Ranking, groups: Sequence[int]
+    rows: Sequence[Row],
+    state: PassState,
+    ranking: Ranking,
+    groups: Sequence[int],
+    check: Callable[[], None] = lambda: None,
 ) -> list[dict[str, list[float | None]]]:
     """Every metric a row asked for, for every node of its group's table (None where the node is
-    not in that row's prompt), one layer's values at a time."""
+    not in that row's prompt), one layer's values at a time (`check` is called before each)."""
     values_by_row: list[dict[str, list[float | None]]] = []
     by_layer: dict[tuple[NodeType, int], list[tuple[int, int, NodeIndex]]] = {}
     for i, row in enumerate(rows):
@@ -192,6 +204,7 @@ def gather(
             items = [item for item in items if metric in values_by_row[item[0]]]
             if not items:
                 continue
+            check()
             values = ranking.kept.get((node_type, metric, layer))
             if values is None:
                 values = scalar(node_type, metric).fn(state, layer)

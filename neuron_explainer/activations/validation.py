@@ -8,8 +8,12 @@ into the `Row` the pass runs on.
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+import torch
 
 from neuron_explainer.activations.derived_scalars import METRICS
 from neuron_explainer.activations.node_types.autoencoder_latents import HOW_TO_LOAD
@@ -27,6 +31,7 @@ from neuron_explainer.activations.nodes import (
 )
 from neuron_explainer.activations.request import LOSS_FNS, SubRequest
 from neuron_explainer.models.autoencoders import AutoencoderSide
+from neuron_explainer.models.tokenizer import Tokenizer
 from neuron_explainer.models.tokenizer_files import TokenizerError
 from neuron_explainer.models.transformer import HookedTransformer
 
@@ -59,8 +64,72 @@ def token_id(model: HookedTransformer, value: str | int) -> int:
         raise RequestError((), str(e)) from e
 
 
+# Unicode normalization (NFC) can compose at most 4 characters into one.
+NORMALIZATION_SHRINK = 4
+
+
+@functools.lru_cache(maxsize=8)
+def longest_token_bytes(tokenizer: Tokenizer) -> int:
+    """The most bytes one token of `tokenizer` stands for (81 for SmolLM2's, a run of spaces)."""
+    longest = 1
+    for token_id in range(tokenizer.vocab_size):
+        try:
+            longest = max(longest, len(tokenizer.token_bytes(token_id)))
+        except TokenizerError:
+            continue  # an id that names no token
+    return longest
+
+
+def check_prompt_size(
+    model: HookedTransformer, prompt: str | Sequence[int], prepend_bos: bool, max_prompt_tokens: int
+) -> None:
+    """Refuse, without tokenizing, a prompt that cannot fit in `max_prompt_tokens`: a token-id
+    list longer than that, or a text longer than that many times the most characters a token
+    can stand for (`NORMALIZATION_SHRINK` × the longest token's bytes), which encodes to more
+    tokens. Cheap enough to run before a request waits for the model."""
+    limit = max_prompt_tokens - int(prepend_bos)
+    if isinstance(prompt, str):
+        if model.tokenizer is None:
+            return  # prompt_tokens says so
+        chars = limit * NORMALIZATION_SHRINK * longest_token_bytes(model.tokenizer)
+        if len(prompt) > chars:
+            raise PromptTooLongError(
+                "prompt",
+                f"{len(prompt):,} characters cannot fit in the maximum of {max_prompt_tokens} "
+                f"tokens (at most {chars:,} characters could)",
+            )
+    elif len(prompt) > limit:
+        raise PromptTooLongError(
+            "prompt",
+            f"{len(prompt) + int(prepend_bos)} tokens exceed the maximum of {max_prompt_tokens}",
+        )
+
+
+def check_finite_logits(
+    model: HookedTransformer, logits: torch.Tensor, ablated: bool, direction: float = 0.0
+) -> None:
+    """Refuse a pass whose logits (or `D`) are not finite: the model's arithmetic overflowed (an
+    ablation value too large for its dtype, or a prompt beyond what a float16 model can take).
+    Nothing computed from such a pass means anything. `ablated`: the row has ablations."""
+    if math.isfinite(direction) and bool(torch.isfinite(logits).all()):
+        return
+    dtype = str(model.dtype).removeprefix("torch.")
+    if ablated:
+        raise RequestError(
+            "node_ablations",
+            f"the model's {dtype} arithmetic overflowed under these ablations (its logits are "
+            "not finite numbers): set smaller values",
+        )
+    raise RequestError(
+        "prompt",
+        f"the model's {dtype} arithmetic overflowed on this prompt (its logits are not finite "
+        "numbers)" + ("; serve it in float32" if dtype != "float32" else ""),
+    )
+
+
 def prompt_tokens(model: HookedTransformer, req: SubRequest, max_prompt_tokens: int) -> list[int]:
     """The sub-request's prompt as token ids, validated (empty, too long, unknown ids)."""
+    check_prompt_size(model, req.prompt, req.prepend_bos, max_prompt_tokens)
     if isinstance(req.prompt, str):
         if model.tokenizer is None:
             raise RequestError("prompt", "this model has no tokenizer")

@@ -1,7 +1,8 @@
 import { lazy, Suspense, useEffect, useState } from "react";
-import { api } from "./api/client";
+import { api, ApiError } from "./api/client";
 import type { ModelInfo } from "./api/types";
 import { JobsIndicator } from "./components/Jobs";
+import { TokenPrompt } from "./components/TokenPrompt";
 import { NodeTypes } from "./lib/nodes";
 import { NodeTypesContext } from "./nodeTypes";
 import Home from "./pages/Home";
@@ -13,10 +14,15 @@ const NodePage = lazy(() => import("./pages/NodePage"));
 
 export type ModelState = { info: ModelInfo | null; error: string | null };
 
+/** A 401: this server wants an access token the page lacks (or has wrong). */
+function isUnauthorized(e: Error | null): e is ApiError {
+  return e instanceof ApiError && e.status === 401;
+}
+
 export default function App() {
   const { pathname } = useLocation();
   const [model, setModel] = useState<ModelState>({ info: null, error: null });
-  const [nodeTypes, setNodeTypes] = useState<{ types: NodeTypes | null; error: string | null }>({
+  const [nodeTypes, setNodeTypes] = useState<{ types: NodeTypes | null; error: Error | null }>({
     types: null,
     error: null,
   });
@@ -24,12 +30,14 @@ export default function App() {
     api
       .modelInfo()
       .then((info) => setModel({ info, error: null }))
-      .catch((e: Error) => setModel({ info: null, error: e.message }));
+      .catch((e: Error) =>
+        setModel({ info: null, error: isUnauthorized(e) ? "access token needed" : e.message }),
+      );
     // Answered with or without a model (the offline dataset viewer): every page needs them.
     api
       .nodeTypes()
       .then((r) => setNodeTypes({ types: new NodeTypes(r.nodeTypes), error: null }))
-      .catch((e: Error) => setNodeTypes({ types: null, error: e.message }));
+      .catch((e: Error) => setNodeTypes({ types: null, error: e }));
   }, []);
 
   const parts = pathname.split("/").filter(Boolean).map(decodeURIComponent);
@@ -48,8 +56,10 @@ export default function App() {
     );
   } else page = <p className="error">No page at {pathname}.</p>;
   if (!nodeTypes.types)
-    page = nodeTypes.error ? (
-      <p className="error">{nodeTypes.error}</p>
+    page = isUnauthorized(nodeTypes.error) ? (
+      <TokenPrompt message={nodeTypes.error.message} />
+    ) : nodeTypes.error ? (
+      <p className="error">{nodeTypes.error.message}</p>
     ) : (
       <p className="loading">Loading…</p>
     );

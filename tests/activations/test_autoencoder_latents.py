@@ -45,8 +45,9 @@ from neuron_explainer.activations.processing import (
     generate,
     run_batched,
 )
-from neuron_explainer.models import HookedTransformer, ModelConfig
+from neuron_explainer.models import HookedTransformer, KVCache, ModelConfig
 from neuron_explainer.models.autoencoders import AutoencoderConfig, SparseAutoencoder
+from neuron_explainer.models.generation import next_token_logits
 from neuron_explainer.models.hooks import HookPoint
 
 MLP_LATENT = NodeType.MLP_AUTOENCODER_LATENT
@@ -528,6 +529,41 @@ def test_generation_holds_latent_ablations(model: HookedTransformer, tokens: lis
     )
     ref = Reference(model, tokens, [(ae.hook_name, node.token, node.component, value)])
     assert new == [int(ref.logits[-1].argmax())]
+
+
+@pytest.mark.parametrize(
+    "ablations",
+    [
+        [NodeAblation(NodeIndex(MLP_LATENT, 5, 4, 3), 30.0)],
+        [
+            NodeAblation(NodeIndex(ATTN_LATENT, 6, 9, 7), 30.0),
+            NodeAblation(NodeIndex(MLP_LATENT, 3, 11, 2)),
+        ],
+    ],
+    ids=["mlp", "attention+mlp"],
+)
+def test_cached_generation_under_latent_ablations_equals_rerunning_the_prefix(
+    model: HookedTransformer, tokens: list[int], ablations: list[NodeAblation]
+) -> None:
+    """With the cache the splices run in the prefill only; rerunning the prefix keeps them on at
+    every step, where they are exactly the identity at the new positions. Same tokens, and every
+    step's logits those of a full forward of the prefix with the splices on."""
+    engine = Engine(model)
+    cached = generate(engine, TEXT, 5, node_ablations=ablations)
+    assert cached == generate(engine, TEXT, 5, node_ablations=ablations, use_cache=False)
+    hooks = engine.ablation_hooks([ablations])
+    seq, cache = torch.tensor(tokens), KVCache()
+    moved = 0.0
+    with torch.no_grad():
+        for _ in range(4):
+            logits = next_token_logits(model, seq, cache, prefill_hooks=hooks)
+            with model.hooks(fwd=hooks):
+                full = model(seq[None])[0, -1]
+            assert (logits - full).abs().max() < 1e-4
+            if len(seq) > len(tokens):
+                moved = max(moved, float((logits - model(seq[None])[0, -1]).abs().max()))
+            seq = torch.cat([seq, logits.argmax()[None]])
+    assert moved > 1e-2  # the ablations reach the new positions, through the cache
 
 
 # ---- §5: tracing upstream from a latent --------------------------------------------------------

@@ -18,6 +18,7 @@ from activation_server.jobs import default_store_path
 from neuron_explainer.datasets import DatasetStore
 from neuron_explainer.datasets.corpus import default_corpus, default_corpus_dir
 from neuron_explainer.datasets.families import pair_of_position
+from tests.server.test_fuzz_openapi import fuzz, modes, openapi, operations
 from tests.servers import Server, call, start_server, stop_server
 
 
@@ -238,3 +239,58 @@ def test_auto_dataset_builds_the_default_store_in_the_background(
         assert status == 200 and math.isfinite(out["maxActivation"])
     finally:
         stop_server(server)
+
+
+@pytest.fixture(scope="module")
+def no_model_read_server(
+    tiny_store: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
+    """The dataset viewer: --no-model, the tiny store."""
+    log = tmp_path_factory.mktemp("no_model_read_server") / "server.log"
+    srv = start_server(["--no-model", "--dataset", str(tiny_store)], log)
+    yield srv
+    stop_server(srv)
+
+
+@pytest.mark.parametrize("which", ["read_server", "no_model_read_server"])
+def test_indices_beyond_64_bits_are_422(which: str, request: pytest.FixtureRequest) -> None:
+    """An index past SQLite's 64-bit integers was a 500 from the store's query; it is a 422
+    naming the field, with or without a model."""
+    server: Server = request.getfixturevalue(which)
+    huge = 2**70
+    cases = [
+        ("/neuron_record", {"layerIndex": 0, "componentIndex": huge}, "componentIndex"),
+        ("/neuron_record", {"layerIndex": huge, "componentIndex": 0}, "layerIndex"),
+        ("/attention_head_record", {"layerIndex": huge, "headIndex": 0}, "layerIndex"),
+        ("/attention_head_record", {"layerIndex": 0, "headIndex": huge}, "headIndex"),
+    ]
+    for path, body, field in cases:
+        status, out = call(server, path, body)
+        assert status == 422 and out["detail"][0]["field"] == field, (body, out)
+    # The largest index accepted is one no dataset holds: a 404 naming it.
+    status, out = call(server, "/neuron_record", {"layerIndex": 0, "componentIndex": 2**31 - 1})
+    assert status == 404 and out["detail"] == {"field": "componentIndex"}, out
+
+
+def test_read_endpoints_answer_as_documented(
+    no_model_read_server: Server, subtests: pytest.Subtests
+) -> None:
+    """Schemathesis (tests/server/test_fuzz_openapi.py) on the dataset endpoints of a server that
+    holds a store: generated requests, valid and invalid, answered as the document says."""
+    server = no_model_read_server
+    for operation in operations(server, openapi(server), ("503",)):
+        if operation.path in ("/neuron_record", "/attention_head_record"):
+            for mode in modes(operation):
+                fuzz(operation, mode, subtests)
+
+
+def test_a_side_on_a_neuron_is_400(no_model_read_server: Server) -> None:
+    """`autoencoderSide` on a node type that has none (found by Schemathesis: a 500)."""
+    body = {
+        "nodeType": "mlp_neuron",
+        "autoencoderSide": "mlp",
+        "layerIndex": 0,
+        "componentIndex": 0,
+    }
+    status, out = call(no_model_read_server, "/neuron_record", body)
+    assert status == 400 and out["detail"] == {"field": "autoencoderSide", "kind": "invalid"}, out

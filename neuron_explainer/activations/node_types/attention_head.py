@@ -166,6 +166,7 @@ register_node_type(
         ablation=Ablation(hooks=lambda model, node: [_PATTERN.format(L=node.layer)], set=_set),
         trace=Trace(hooks=_trace_hooks, pre_activation=_score, value=_through_value),
         view_hooks=_view_hooks,
+        token_view_lists=6,  # output, query-side and key-side tokens, up and down
         dataset_metric="write_magnitude",
         api_name="attention_head",
     )

@@ -205,6 +205,8 @@ def _describe(side: AutoencoderSide, label: str, replaces: NodeType) -> NodeType
             acts_name=lambda ae: latent_acts_name(ae.hook_name),
         ),
         view_hooks=partial(_view_hooks, side=side),
+        # Output and input tokens, up and down; attention-side latents add token-pair attributions.
+        token_view_lists=5 if side == "attention" else 4,
         replaces=replaces,
         dataset_metric="activation",
         api_name="autoencoder_latent",

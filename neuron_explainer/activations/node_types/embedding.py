@@ -56,6 +56,7 @@ register_node_type(
         width=lambda model, layer: 1 if layer == 0 else 0,
         ablation=Ablation(hooks=_ablation_hooks, set=_scale),
         view_hooks=lambda model, layer: set(_EMB),
+        token_view_lists=2,  # output tokens up and down
         api_name="embedding",
     )
 )

@@ -71,6 +71,7 @@ register_node_type(
             pre_activation=_pre_activation,
         ),
         view_hooks=lambda model, layer: {_POST.format(L=layer), f"blocks.{layer}.ln2.hook_scale"},
+        token_view_lists=4,  # output and input tokens, up and down
         dataset_metric="activation",
         api_name="mlp_neuron",
     )

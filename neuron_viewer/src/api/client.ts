@@ -1,5 +1,7 @@
 // Calls to the activation server. The base URL is the page's own origin unless set at runtime
 // (`?api=http://host:port` once, remembered in localStorage): nothing is baked in at build time.
+// A server started with an access token (--auth-token) gets it as `Authorization: Bearer` on
+// every call: the page takes it once from `?access_token=...` (rememberToken), per server.
 import type {
   AttentionHeadRecordRequest,
   AttentionHeadRecordResponse,
@@ -31,6 +33,48 @@ export function apiBase(): string {
     return fromUrl.replace(/\/$/, "");
   }
   return (window.localStorage.getItem(STORAGE_KEY) ?? window.location.origin).replace(/\/$/, "");
+}
+
+const TOKEN_KEY = "tdb.token ";
+// Not `token`: a component page's address already uses that for a token index.
+export const TOKEN_PARAM = "access_token";
+
+/** The URL's query without its access token parameter, and that token (null when absent). */
+export function splitToken(search: string): { token: string | null; search: string } {
+  const params = new URLSearchParams(search);
+  const token = params.get(TOKEN_PARAM);
+  params.delete(TOKEN_PARAM);
+  const rest = params.toString();
+  return { token: token || null, search: rest ? `?${rest}` : "" };
+}
+
+/** Takes `?access_token=...` from the page's address: remembered for the server the page talks
+ * to, and removed from the address, so that it stays out of shared links and the history. */
+export function rememberToken(): void {
+  const { token, search } = splitToken(window.location.search);
+  if (token == null) return;
+  setApiToken(token);
+  const { pathname, hash } = window.location;
+  window.history.replaceState(window.history.state, "", pathname + search + hash);
+}
+
+/** The access token remembered for the server at `base`, or null. */
+export function apiToken(base: string = apiBase()): string | null {
+  return window.localStorage.getItem(TOKEN_KEY + base);
+}
+
+export function setApiToken(token: string, base: string = apiBase()): void {
+  window.localStorage.setItem(TOKEN_KEY + base, token);
+}
+
+/** What a 401 means for the person at the page: the token is missing or not the server's. */
+export function tokenMessage(hadToken: boolean): string {
+  const how =
+    "open this page once with ?access_token=YOUR_TOKEN added to its address (the token the " +
+    "server was started with: --auth-token or TDB_AUTH_TOKEN)";
+  return hadToken
+    ? `The server refused this page's access token: ${how}.`
+    : `This server requires an access token: ${how}.`;
 }
 
 /** An error answer from the server (or no answer), with the server's own message. */
@@ -69,18 +113,32 @@ async function call<T>(
   signal?: AbortSignal,
 ): Promise<T> {
   let resp: Response;
+  const base = apiBase();
+  const token = apiToken(base);
+  const headers: Record<string, string> = {};
+  if (body !== undefined) headers["content-type"] = "application/json";
+  if (token) headers["authorization"] = `Bearer ${token}`;
   try {
-    resp = await fetch(apiBase() + path, {
+    resp = await fetch(base + path, {
       method,
-      headers: body === undefined ? {} : { "content-type": "application/json" },
+      headers,
       body: body === undefined ? undefined : JSON.stringify(body),
       signal,
     });
   } catch (e) {
     if ((e as Error).name === "AbortError") throw e;
-    throw new ApiError(0, `cannot reach the server at ${apiBase()}: ${(e as Error).message}`);
+    throw new ApiError(0, `cannot reach the server at ${base}: ${(e as Error).message}`);
   }
   const text = await resp.text();
+  if (resp.status === 401) {
+    let requestId: string | null = null;
+    try {
+      requestId = (JSON.parse(text) as Partial<ErrorResponse>).requestId ?? null;
+    } catch {
+      // not the server's JSON: the message below says all there is to say
+    }
+    throw new ApiError(401, tokenMessage(token != null), requestId);
+  }
   if (!resp.ok) {
     let err: Partial<ErrorResponse>;
     try {

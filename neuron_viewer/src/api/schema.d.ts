@@ -244,7 +244,7 @@ export interface paths {
         };
         /**
          * Health
-         * @description Liveness; says whether a model is loaded and how many requests wait for it.
+         * @description Liveness; says whether a model is loaded, what the model is doing and what waits for it.
          */
         get: operations["health_health_get"];
         put?: never;
@@ -692,7 +692,10 @@ export interface components {
             topK?: number | null;
             /** Topp */
             topP?: number | null;
-            /** Seed */
+            /**
+             * Seed
+             * @description the sampler's seed (64 bits)
+             */
             seed?: number | null;
             /**
              * Nodeablations
@@ -717,11 +720,6 @@ export interface components {
             /** Tokenstrings */
             tokenStrings: string[];
         };
-        /** HTTPValidationError */
-        HTTPValidationError: {
-            /** Detail */
-            detail?: components["schemas"]["ValidationError"][];
-        };
         /** HealthResponse */
         HealthResponse: {
             /**
@@ -734,8 +732,21 @@ export interface components {
             modelLoaded: boolean;
             /** Modelname */
             modelName: string | null;
-            /** Queuedrequests */
+            /**
+             * Queuedrequests
+             * @description requests waiting for the model (not running yet)
+             */
             queuedRequests: number;
+            /**
+             * Running
+             * @description what the model computes now: one request, or several merged debugger requests
+             */
+            running?: components["schemas"]["WorkerRequest"][];
+            /**
+             * Queue
+             * @description in the order they run
+             */
+            queue?: components["schemas"]["WorkerRequest"][];
             /**
              * Batchesrun
              * @description engine passes run so far
@@ -748,6 +759,24 @@ export interface components {
              * @default 0
              */
             requestsMerged?: number;
+            /**
+             * Requestscancelled
+             * @description requests whose client disconnected first: dropped from the queue or stopped
+             * @default 0
+             */
+            requestsCancelled?: number;
+            /**
+             * Requeststimedout
+             * @description requests past --request-timeout: answered 504, dropped or stopped
+             * @default 0
+             */
+            requestsTimedOut?: number;
+            /**
+             * Runsstopped
+             * @description model runs stopped early because no request waited for them any more
+             * @default 0
+             */
+            runsStopped?: number;
         };
         /**
          * InferenceRequestSpec
@@ -1415,18 +1444,48 @@ export interface components {
              */
             k?: number;
         };
-        /** ValidationError */
-        ValidationError: {
-            /** Location */
-            loc: (string | number)[];
-            /** Message */
-            msg: string;
-            /** Error Type */
-            type: string;
-            /** Input */
-            input?: unknown;
-            /** Context */
-            ctx?: Record<string, never>;
+        /**
+         * WorkerRequest
+         * @description A request the model worker holds: running, or queued behind the running ones.
+         */
+        WorkerRequest: {
+            /**
+             * Endpoint
+             * @description e.g. /batched_tdb
+             */
+            endpoint: string;
+            /**
+             * Requestid
+             * @description its x-request-id
+             */
+            requestId: string;
+            /** Subrequests */
+            subRequests: number;
+            /**
+             * Queuedat
+             * @description when it was queued (ISO 8601, UTC)
+             */
+            queuedAt: string;
+            /**
+             * Startedat
+             * @description when it started running; null while queued
+             */
+            startedAt: string | null;
+            /**
+             * Secondswaiting
+             * @description in the queue
+             */
+            secondsWaiting: number;
+            /**
+             * Secondsrunning
+             * @description null while queued
+             */
+            secondsRunning: number | null;
+            /**
+             * Abandoned
+             * @description its client went away or its deadline passed: it is being dropped or stopped
+             */
+            abandoned: boolean;
         };
     };
     responses: never;
@@ -1459,7 +1518,7 @@ export interface operations {
                     "application/json": components["schemas"]["BatchedTdbResponse"];
                 };
             };
-            /** @description a value the model rejects (named in the message) */
+            /** @description a value the model or the datasets reject (named by the message and detail.field) */
             400: {
                 headers: {
                     [name: string]: unknown;
@@ -1468,7 +1527,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description a prompt over the maximum length, or a request too large for memory */
+            /** @description over a limit: the request body (--max-body-bytes), a prompt (--max-prompt-tokens), the response's estimated size (--max-response-mb) or memory; the message names the fields to lower */
             413: {
                 headers: {
                     [name: string]: unknown;
@@ -1477,7 +1536,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description a field missing, of the wrong type or unknown; malformed JSON */
+            /** @description a field missing, of the wrong type, out of its bounds or unknown; malformed JSON */
             422: {
                 headers: {
                     [name: string]: unknown;
@@ -1488,6 +1547,15 @@ export interface operations {
             };
             /** @description no model loaded (a --no-model server) */
             503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description the request ran past the server's --request-timeout (its work was stopped) */
+            504: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -1519,7 +1587,7 @@ export interface operations {
                     "application/json": components["schemas"]["BatchedResponse"];
                 };
             };
-            /** @description a value the model rejects (named in the message) */
+            /** @description a value the model or the datasets reject (named by the message and detail.field) */
             400: {
                 headers: {
                     [name: string]: unknown;
@@ -1528,7 +1596,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description a prompt over the maximum length, or a request too large for memory */
+            /** @description over a limit: the request body (--max-body-bytes), a prompt (--max-prompt-tokens), the response's estimated size (--max-response-mb) or memory; the message names the fields to lower */
             413: {
                 headers: {
                     [name: string]: unknown;
@@ -1537,7 +1605,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description a field missing, of the wrong type or unknown; malformed JSON */
+            /** @description a field missing, of the wrong type, out of its bounds or unknown; malformed JSON */
             422: {
                 headers: {
                     [name: string]: unknown;
@@ -1548,6 +1616,15 @@ export interface operations {
             };
             /** @description no model loaded (a --no-model server) */
             503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description the request ran past the server's --request-timeout (its work was stopped) */
+            504: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -1579,7 +1656,7 @@ export interface operations {
                     "application/json": components["schemas"]["DerivedScalarsResponse"];
                 };
             };
-            /** @description a value the model rejects (named in the message) */
+            /** @description a value the model or the datasets reject (named by the message and detail.field) */
             400: {
                 headers: {
                     [name: string]: unknown;
@@ -1588,7 +1665,16 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description a prompt over the maximum length, or a request too large for memory */
+            /** @description a dataset, layer or component that no collated dataset holds (detail.field names it) */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description over a limit: the request body (--max-body-bytes), a prompt (--max-prompt-tokens), the response's estimated size (--max-response-mb) or memory; the message names the fields to lower */
             413: {
                 headers: {
                     [name: string]: unknown;
@@ -1597,7 +1683,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description a field missing, of the wrong type or unknown; malformed JSON */
+            /** @description a field missing, of the wrong type, out of its bounds or unknown; malformed JSON */
             422: {
                 headers: {
                     [name: string]: unknown;
@@ -1608,6 +1694,15 @@ export interface operations {
             };
             /** @description no model loaded (a --no-model server) */
             503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description the request ran past the server's --request-timeout (its work was stopped) */
+            504: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -1639,7 +1734,7 @@ export interface operations {
                     "application/json": components["schemas"]["DerivedAttentionScalarsResponse"];
                 };
             };
-            /** @description a value the model rejects (named in the message) */
+            /** @description a value the model or the datasets reject (named by the message and detail.field) */
             400: {
                 headers: {
                     [name: string]: unknown;
@@ -1648,7 +1743,16 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description a prompt over the maximum length, or a request too large for memory */
+            /** @description a dataset, layer or component that no collated dataset holds (detail.field names it) */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description over a limit: the request body (--max-body-bytes), a prompt (--max-prompt-tokens), the response's estimated size (--max-response-mb) or memory; the message names the fields to lower */
             413: {
                 headers: {
                     [name: string]: unknown;
@@ -1657,7 +1761,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description a field missing, of the wrong type or unknown; malformed JSON */
+            /** @description a field missing, of the wrong type, out of its bounds or unknown; malformed JSON */
             422: {
                 headers: {
                     [name: string]: unknown;
@@ -1668,6 +1772,15 @@ export interface operations {
             };
             /** @description no model loaded (a --no-model server) */
             503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description the request ran past the server's --request-timeout (its work was stopped) */
+            504: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -1699,7 +1812,7 @@ export interface operations {
                     "application/json": components["schemas"]["TokenizeResponse"];
                 };
             };
-            /** @description a value the model rejects (named in the message) */
+            /** @description a value the model or the datasets reject (named by the message and detail.field) */
             400: {
                 headers: {
                     [name: string]: unknown;
@@ -1708,7 +1821,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description a prompt over the maximum length, or a request too large for memory */
+            /** @description over a limit: the request body (--max-body-bytes), a prompt (--max-prompt-tokens), the response's estimated size (--max-response-mb) or memory; the message names the fields to lower */
             413: {
                 headers: {
                     [name: string]: unknown;
@@ -1717,7 +1830,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description a field missing, of the wrong type or unknown; malformed JSON */
+            /** @description a field missing, of the wrong type, out of its bounds or unknown; malformed JSON */
             422: {
                 headers: {
                     [name: string]: unknown;
@@ -1728,6 +1841,15 @@ export interface operations {
             };
             /** @description no model loaded (a --no-model server) */
             503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description the request ran past the server's --request-timeout (its work was stopped) */
+            504: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -1759,7 +1881,7 @@ export interface operations {
                     "application/json": components["schemas"]["GenerateResponse"];
                 };
             };
-            /** @description a value the model rejects (named in the message) */
+            /** @description a value the model or the datasets reject (named by the message and detail.field) */
             400: {
                 headers: {
                     [name: string]: unknown;
@@ -1768,7 +1890,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description a prompt over the maximum length, or a request too large for memory */
+            /** @description over a limit: the request body (--max-body-bytes), a prompt (--max-prompt-tokens), the response's estimated size (--max-response-mb) or memory; the message names the fields to lower */
             413: {
                 headers: {
                     [name: string]: unknown;
@@ -1777,7 +1899,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description a field missing, of the wrong type or unknown; malformed JSON */
+            /** @description a field missing, of the wrong type, out of its bounds or unknown; malformed JSON */
             422: {
                 headers: {
                     [name: string]: unknown;
@@ -1788,6 +1910,15 @@ export interface operations {
             };
             /** @description no model loaded (a --no-model server) */
             503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description the request ran past the server's --request-timeout (its work was stopped) */
+            504: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -1813,33 +1944,6 @@ export interface operations {
                 };
                 content: {
                     "application/json": components["schemas"]["ModelInfo"];
-                };
-            };
-            /** @description a value the model rejects (named in the message) */
-            400: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["ErrorResponse"];
-                };
-            };
-            /** @description a prompt over the maximum length, or a request too large for memory */
-            413: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["ErrorResponse"];
-                };
-            };
-            /** @description a field missing, of the wrong type or unknown; malformed JSON */
-            422: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
             /** @description no model loaded (a --no-model server) */
@@ -1871,26 +1975,8 @@ export interface operations {
                     "application/json": components["schemas"]["ModelInfo"];
                 };
             };
-            /** @description a value the model rejects (named in the message) */
-            400: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["ErrorResponse"];
-                };
-            };
-            /** @description a prompt over the maximum length, or a request too large for memory */
+            /** @description over a limit: the request body (--max-body-bytes), a prompt (--max-prompt-tokens), the response's estimated size (--max-response-mb) or memory; the message names the fields to lower */
             413: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["ErrorResponse"];
-                };
-            };
-            /** @description a field missing, of the wrong type or unknown; malformed JSON */
-            422: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -1947,6 +2033,15 @@ export interface operations {
                     "application/json": components["schemas"]["DatasetsMetadataResponse"];
                 };
             };
+            /** @description over a limit: the request body (--max-body-bytes), a prompt (--max-prompt-tokens), the response's estimated size (--max-response-mb) or memory; the message names the fields to lower */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
         };
     };
     neuron_record_neuron_record_post: {
@@ -1971,13 +2066,40 @@ export interface operations {
                     "application/json": components["schemas"]["NeuronRecordResponse"];
                 };
             };
-            /** @description Validation Error */
+            /** @description a value the model or the datasets reject (named by the message and detail.field) */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description a dataset, layer or component that no collated dataset holds (detail.field names it) */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description over a limit: the request body (--max-body-bytes), a prompt (--max-prompt-tokens), the response's estimated size (--max-response-mb) or memory; the message names the fields to lower */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description a field missing, of the wrong type, out of its bounds or unknown; malformed JSON */
             422: {
                 headers: {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["HTTPValidationError"];
+                    "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
         };
@@ -2004,13 +2126,31 @@ export interface operations {
                     "application/json": components["schemas"]["AttentionHeadRecordResponse"];
                 };
             };
-            /** @description Validation Error */
+            /** @description a dataset, layer or component that no collated dataset holds (detail.field names it) */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description over a limit: the request body (--max-body-bytes), a prompt (--max-prompt-tokens), the response's estimated size (--max-response-mb) or memory; the message names the fields to lower */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description a field missing, of the wrong type, out of its bounds or unknown; malformed JSON */
             422: {
                 headers: {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["HTTPValidationError"];
+                    "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
         };

@@ -32,10 +32,11 @@ function useJobs(): { jobs: Job[]; error: string | null } {
           if (anyActive(r.jobs)) timer = window.setTimeout(poll, POLL_MS);
         })
         .catch((e: Error) => {
-          // An old server without /jobs (404) has no jobs to show; anything else is retried.
+          // An old server without /jobs (404) has no jobs to show, and without the access token
+          // (401) none are shown until the page has it; anything else is retried.
           if (stopped || e.name === "AbortError") return;
           setState((s) => ({ ...s, error: e.message }));
-          if (!(e instanceof ApiError && e.status === 404))
+          if (!(e instanceof ApiError && (e.status === 404 || e.status === 401)))
             timer = window.setTimeout(poll, POLL_MS);
         });
     };
