@@ -1,5 +1,6 @@
 """Hooked transformer models, their loaders and tokenizers."""
 
+from neuron_explainer.models.architectures import ARCHITECTURES, UnsupportedArchitectureError
 from neuron_explainer.models.config import ModelConfig
 from neuron_explainer.models.generation import KVCache, generate
 from neuron_explainer.models.hooks import BLOCK_HOOKS, GLOBAL_HOOKS, HookPoint
@@ -10,6 +11,7 @@ from neuron_explainer.models.tokenizer_files import TokenizerError
 from neuron_explainer.models.transformer import HookedTransformer, pad_right
 
 __all__ = [
+    "ARCHITECTURES",
     "BLOCK_HOOKS",
     "DEFAULT_MODEL",
     "GLOBAL_HOOKS",
@@ -20,6 +22,7 @@ __all__ = [
     "ModelNotFoundError",
     "Tokenizer",
     "TokenizerError",
+    "UnsupportedArchitectureError",
     "export_hf",
     "generate",
     "load_model",

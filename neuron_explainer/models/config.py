@@ -16,6 +16,13 @@ from typing import Any, Literal
 from neuron_explainer.models.hooks import BLOCK_HOOKS, GLOBAL_HOOKS
 
 Activation = Literal["gelu_new", "gelu", "silu", "relu"]
+# Where a block normalizes: "pre" (x + f(norm(x)), GPT-2, Llama), "sandwich" (x + norm_post(f(norm(x))),
+# Gemma 2/3) or "post" (x + norm_post(f(x)), OLMo-2: ln1 and ln2 are then the identity).
+NormPlacement = Literal["pre", "sandwich", "post"]
+# Norms on queries and keys before rotary: none, per head over dh (Qwen3, Gemma 3), or over all
+# heads at once (OLMo-2).
+QKNorm = Literal["none", "head", "all_heads"]
+RopeScaling = Literal["none", "linear", "llama3"]
 
 
 @dataclass(frozen=True)
@@ -38,6 +45,24 @@ class ModelConfig:
     attn_out_bias: bool = False
     mlp_bias: bool = False
     tied_embeddings: bool = True
+    # Architecture choices beyond GPT-2 and Llama; the defaults are the plain pre-norm block.
+    family: str = ""  # the Hugging Face model_type this config was read as (architectures.py)
+    norm_placement: NormPlacement = "pre"
+    qk_norm: QKNorm = "none"
+    rotary_fraction: float = 1.0  # the leading part of each head's dims that rotary turns
+    rope_scaling: RopeScaling = "none"
+    rope_factor: float = 1.0  # "linear" and "llama3": positions stretched by this factor
+    rope_low_freq_factor: float = 1.0  # "llama3" only
+    rope_high_freq_factor: float = 4.0  # "llama3" only
+    rope_original_context: int = 8192  # "llama3" only
+    rope_local_theta: float = 0.0  # sliding-window layers' rotary base (Gemma 3); 0: rope_theta
+    sliding_window: int = 0  # keys within this many positions (the query included); 0: none
+    sliding_layers: tuple[int, ...] = ()  # the layers that use the sliding window
+    attn_scale: float = 0.0  # scores = q·k · attn_scale; 0: 1/sqrt(d_head)
+    attn_softcap: float = 0.0  # scores -> c·tanh(scores/c) when c > 0 (Gemma 2)
+    final_softcap: float = 0.0  # logits -> c·tanh(logits/c) when c > 0 (Gemma 2)
+    embed_scale: float = 1.0  # token embeddings are multiplied by this (Gemma: sqrt(d_model))
+    parallel_blocks: bool = False  # attention and MLP both read resid_pre (GPT-NeoX)
     name: str = ""
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
@@ -46,6 +71,7 @@ class ModelConfig:
             object.__setattr__(self, "d_head", self.d_model // self.n_heads)
         if self.n_kv_heads == 0:
             object.__setattr__(self, "n_kv_heads", self.n_heads)
+        object.__setattr__(self, "sliding_layers", tuple(self.sliding_layers))
         if self.n_heads % self.n_kv_heads:
             raise ValueError(
                 f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}"
@@ -53,7 +79,20 @@ class ModelConfig:
 
     @property
     def architecture(self) -> str:
+        """The Hugging Face model_type of the family (architectures.py's table)."""
+        if self.family:
+            return self.family
         return "gpt2" if self.positional == "learned" else "llama"
+
+    @property
+    def rotary_dims(self) -> int:
+        """How many leading dims of each query and key head rotary turns (even)."""
+        return int(self.d_head * self.rotary_fraction) // 2 * 2
+
+    @property
+    def post_norms(self) -> bool:
+        """Whether attention and MLP outputs pass a norm (ln1_post, ln2_post) before the residual."""
+        return self.norm_placement != "pre"
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -85,8 +124,12 @@ def expected_hook_names(cfg: ModelConfig) -> list[str]:
                 continue
             if suffix == "mlp.hook_pre_linear" and not cfg.gated_mlp:
                 continue
+            if "_post." in suffix and not cfg.post_norms:
+                continue
             names.append(f"blocks.{layer}.{suffix}")
-    names += [n for n in GLOBAL_HOOKS if n.startswith("ln_final")] + ["hook_logits"]
+    names += [n for n in GLOBAL_HOOKS if n.startswith("ln_final")]
+    names += ["logit_softcap.hook_scale"] if cfg.final_softcap else []
+    names += ["hook_logits"]
     return names
 
 

@@ -86,27 +86,40 @@ GLOBAL_HOOKS: dict[str, tuple[str, str]] = {
     "hook_pos_embed": ("b n d", "learned position embedding (learned-position models only)"),
     "ln_final.hook_scale": ("b n 1", "final norm denominator sqrt(var + eps) (RMS for RMSNorm)"),
     "ln_final.hook_normalized": ("b n d", "final norm output, after gain and bias"),
+    "logit_softcap.hook_scale": (
+        "b n V",
+        "soft-capped models only: raw / capped logit, capped = c·tanh(raw/c) (held fixed like a "
+        "norm scale)",
+    ),
     "hook_logits": ("b n V", "output logits"),
 }
 BLOCK_HOOKS: dict[str, tuple[str, str]] = {
     "hook_resid_pre": ("b n d", "residual stream entering the block"),
     "ln1.hook_scale": ("b n 1", "attention-input norm denominator"),
     "ln1.hook_normalized": ("b n d", "attention input, after gain and bias"),
-    "attn.hook_q": ("b n H dh", "queries (before rotary)"),
-    "attn.hook_k": ("b n Hkv dh", "keys (before rotary)"),
+    "attn.hook_q": ("b n H dh", "queries (before rotary; after the query norm where there is one)"),
+    "attn.hook_k": ("b n Hkv dh", "keys (before rotary; after the key norm where there is one)"),
     "attn.hook_v": ("b n Hkv dh", "values"),
     "attn.hook_rot_q": ("b n H dh", "queries after rotary (rotary models only)"),
     "attn.hook_rot_k": ("b n Hkv dh", "keys after rotary (rotary models only)"),
     "attn.hook_attn_scores": ("b H n n", "scaled, masked pre-softmax scores (masked = -inf)"),
     "attn.hook_pattern": ("b H n n", "attention probabilities A[q, k]"),
     "attn.hook_z": ("b n H dh", "per-head attention output before the output projection"),
+    "ln1_post.hook_scale": ("b n 1", "attention-output norm denominator (post-norm models only)"),
+    "ln1_post.hook_normalized": ("b n d", "attention output after its post-norm"),
     "hook_attn_out": ("b n d", "attention output written to the residual stream"),
-    "hook_resid_mid": ("b n d", "residual stream between attention and MLP"),
+    "hook_resid_mid": (
+        "b n d",
+        "residual stream between attention and MLP (parallel blocks: resid_pre + attn_out, which "
+        "the MLP does not read)",
+    ),
     "ln2.hook_scale": ("b n 1", "MLP-input norm denominator"),
     "ln2.hook_normalized": ("b n d", "MLP input, after gain and bias"),
     "mlp.hook_pre": ("b n m", "MLP pre-activation (the gate for SwiGLU)"),
     "mlp.hook_pre_linear": ("b n m", "SwiGLU up projection, multiplied by act(gate) (gated only)"),
     "mlp.hook_post": ("b n m", "neuron activations fed to the output projection"),
+    "ln2_post.hook_scale": ("b n 1", "MLP-output norm denominator (post-norm models only)"),
+    "ln2_post.hook_normalized": ("b n d", "MLP output after its post-norm"),
     "hook_mlp_out": ("b n d", "MLP output written to the residual stream"),
     "hook_resid_post": ("b n d", "residual stream leaving the block"),
 }

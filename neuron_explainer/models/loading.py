@@ -1,8 +1,8 @@
 """Load subject models from local files: Hugging Face folders, GGUF files, and registry names.
 
-One entry point, `load_model(name_or_path)`. Weight conversion lives here, apart from the forward
-pass: each architecture has one function from Hugging Face names to ours and one back (used by
-`export_hf`, so other tools can run the very same weights).
+One entry point, `load_model(name_or_path)`. Weight conversion lives apart from the forward pass:
+architectures.py maps each family's Hugging Face names onto ours and back (used by `export_hf`, so
+other tools can run the very same weights); the GGUF reader here maps llama.cpp's names.
 """
 
 from __future__ import annotations
@@ -18,6 +18,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from neuron_explainer.models.architectures import (
+    config_from_hf,
+    config_to_hf,
+    hf_from_native,
+    native_from_hf,
+)
 from neuron_explainer.models.registry import (
     DEFAULT_MODEL,
     ModelNotFoundError,
@@ -114,197 +120,6 @@ def _resolve(name: str) -> tuple[Path, str]:
 # ---- Hugging Face folders ------------------------------------------------------------------------
 
 
-def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
-    """Our config from a Hugging Face config.json (GPT-2 or Llama-style)."""
-    model_type = hf.get("model_type", "")
-    if model_type == "gpt2":
-        return ModelConfig.gpt2(
-            n_layers=hf["n_layer"],
-            d_model=hf["n_embd"],
-            n_heads=hf["n_head"],
-            d_mlp=hf.get("n_inner") or 4 * hf["n_embd"],
-            vocab_size=hf["vocab_size"],
-            n_ctx=hf.get("n_positions", 1024),
-            norm_eps=hf.get("layer_norm_epsilon", 1e-5),
-            activation=hf.get("activation_function", "gelu_new"),
-            tied_embeddings=hf.get("tie_word_embeddings", True),
-        )
-    if model_type in ("llama", "mistral", "qwen2"):
-        rope = hf.get("rope_parameters") or {}
-        scaling = hf.get("rope_scaling") or rope
-        if scaling.get("rope_type", scaling.get("type", "default")) not in ("default", None):
-            raise ValueError(f"rope scaling {scaling} is not supported yet")
-        if hf.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"hidden_act {hf['hidden_act']!r} is not supported for {model_type}")
-        return ModelConfig(
-            n_layers=hf["num_hidden_layers"],
-            d_model=hf["hidden_size"],
-            n_heads=hf["num_attention_heads"],
-            n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
-            d_head=hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"],
-            d_mlp=hf["intermediate_size"],
-            vocab_size=hf["vocab_size"],
-            n_ctx=hf.get("max_position_embeddings", 2048),
-            norm_eps=hf.get("rms_norm_eps", 1e-6),
-            rope_theta=hf.get("rope_theta", rope.get("rope_theta", 10000.0)),
-            attn_qkv_bias=model_type == "qwen2" or hf.get("attention_bias", False),
-            attn_out_bias=model_type != "qwen2" and hf.get("attention_bias", False),
-            mlp_bias=hf.get("mlp_bias", False),
-            tied_embeddings=hf.get("tie_word_embeddings", False),
-        )
-    raise ValueError(
-        f"model_type {model_type!r} is not supported; supported: gpt2, llama, mistral, qwen2"
-    )
-
-
-def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
-    if cfg.architecture == "gpt2":
-        return {
-            "architectures": ["GPT2LMHeadModel"],
-            "model_type": "gpt2",
-            "n_layer": cfg.n_layers,
-            "n_embd": cfg.d_model,
-            "n_head": cfg.n_heads,
-            "n_inner": cfg.d_mlp,
-            "vocab_size": cfg.vocab_size,
-            "n_positions": cfg.n_ctx,
-            "layer_norm_epsilon": cfg.norm_eps,
-            "activation_function": cfg.activation,
-            "tie_word_embeddings": cfg.tied_embeddings,
-            "torch_dtype": "float32",
-        }
-    qwen_style = cfg.attn_qkv_bias and not cfg.attn_out_bias
-    return {
-        "architectures": ["Qwen2ForCausalLM" if qwen_style else "LlamaForCausalLM"],
-        "model_type": "qwen2" if qwen_style else "llama",
-        "num_hidden_layers": cfg.n_layers,
-        "hidden_size": cfg.d_model,
-        "num_attention_heads": cfg.n_heads,
-        "num_key_value_heads": cfg.n_kv_heads,
-        "head_dim": cfg.d_head,
-        "intermediate_size": cfg.d_mlp,
-        "vocab_size": cfg.vocab_size,
-        "max_position_embeddings": cfg.n_ctx,
-        "rms_norm_eps": cfg.norm_eps,
-        "rope_theta": cfg.rope_theta,
-        "hidden_act": "silu",
-        "attention_bias": cfg.attn_qkv_bias,
-        "mlp_bias": cfg.mlp_bias,
-        "tie_word_embeddings": cfg.tied_embeddings,
-        "torch_dtype": "float32",
-    }
-
-
-def _gpt2_from_hf(sd: StateDict, cfg: ModelConfig) -> StateDict:
-    sd = {k.removeprefix("transformer."): v for k, v in sd.items()}
-    d = cfg.d_model
-    out: StateDict = {"embed.weight": sd["wte.weight"], "pos_embed.weight": sd["wpe.weight"]}
-    for i in range(cfg.n_layers):
-        h, b = f"h.{i}.", f"blocks.{i}."
-        # GPT-2 uses Conv1D modules: weights are stored (in, out), the transpose of nn.Linear.
-        w_qkv, b_qkv = sd[h + "attn.c_attn.weight"].T, sd[h + "attn.c_attn.bias"]
-        for j, proj in enumerate(("q_proj", "k_proj", "v_proj")):
-            out[b + f"attn.{proj}.weight"] = w_qkv[j * d : (j + 1) * d]
-            out[b + f"attn.{proj}.bias"] = b_qkv[j * d : (j + 1) * d]
-        pairs = {
-            "ln1": "ln_1",
-            "ln2": "ln_2",
-            "attn.o_proj": "attn.c_proj",
-            "mlp.w_in": "mlp.c_fc",
-            "mlp.w_out": "mlp.c_proj",
-        }
-        for ours, theirs in pairs.items():
-            w = sd[h + theirs + ".weight"]
-            out[b + ours + ".weight"] = w if ours.startswith("ln") else w.T
-            out[b + ours + ".bias"] = sd[h + theirs + ".bias"]
-    out["ln_final.weight"], out["ln_final.bias"] = sd["ln_f.weight"], sd["ln_f.bias"]
-    out["unembed.weight"] = sd.get("lm_head.weight", sd["wte.weight"])
-    return out
-
-
-def _gpt2_to_hf(sd: StateDict, cfg: ModelConfig) -> StateDict:
-    out: StateDict = {
-        "transformer.wte.weight": sd["embed.weight"],
-        "transformer.wpe.weight": sd["pos_embed.weight"],
-        "transformer.ln_f.weight": sd["ln_final.weight"],
-        "transformer.ln_f.bias": sd["ln_final.bias"],
-    }
-    for i in range(cfg.n_layers):
-        h, b = f"transformer.h.{i}.", f"blocks.{i}."
-        qkv = ("q_proj", "k_proj", "v_proj")
-        out[h + "attn.c_attn.weight"] = torch.cat([sd[b + f"attn.{p}.weight"] for p in qkv]).T
-        out[h + "attn.c_attn.bias"] = torch.cat([sd[b + f"attn.{p}.bias"] for p in qkv])
-        for ours, theirs in (
-            ("attn.o_proj", "attn.c_proj"),
-            ("mlp.w_in", "mlp.c_fc"),
-            ("mlp.w_out", "mlp.c_proj"),
-        ):
-            out[h + theirs + ".weight"] = sd[b + ours + ".weight"].T
-            out[h + theirs + ".bias"] = sd[b + ours + ".bias"]
-        for ours, theirs in (("ln1", "ln_1"), ("ln2", "ln_2")):
-            out[h + theirs + ".weight"] = sd[b + ours + ".weight"]
-            out[h + theirs + ".bias"] = sd[b + ours + ".bias"]
-    if not cfg.tied_embeddings:
-        out["lm_head.weight"] = sd["unembed.weight"]
-    return out
-
-
-# Llama-family names map one to one.
-_LLAMA_LAYER_NAMES = {
-    "ln1.weight": "input_layernorm.weight",
-    "ln2.weight": "post_attention_layernorm.weight",
-    "attn.q_proj": "self_attn.q_proj",
-    "attn.k_proj": "self_attn.k_proj",
-    "attn.v_proj": "self_attn.v_proj",
-    "attn.o_proj": "self_attn.o_proj",
-    "mlp.w_in": "mlp.gate_proj",
-    "mlp.w_up": "mlp.up_proj",
-    "mlp.w_out": "mlp.down_proj",
-}
-
-
-def _llama_name_pairs(cfg: ModelConfig) -> list[tuple[str, str]]:
-    pairs = [
-        ("embed.weight", "model.embed_tokens.weight"),
-        ("ln_final.weight", "model.norm.weight"),
-    ]
-    if not cfg.tied_embeddings:
-        pairs.append(("unembed.weight", "lm_head.weight"))
-    for i in range(cfg.n_layers):
-        for ours, theirs in _LLAMA_LAYER_NAMES.items():
-            if ours.startswith("ln"):
-                pairs.append((f"blocks.{i}.{ours}", f"model.layers.{i}.{theirs}"))
-                continue
-            pairs.append((f"blocks.{i}.{ours}.weight", f"model.layers.{i}.{theirs}.weight"))
-            has_bias = (
-                (ours in ("attn.q_proj", "attn.k_proj", "attn.v_proj") and cfg.attn_qkv_bias)
-                or (ours == "attn.o_proj" and cfg.attn_out_bias)
-                or (ours.startswith("mlp") and cfg.mlp_bias)
-            )
-            if has_bias:
-                pairs.append((f"blocks.{i}.{ours}.bias", f"model.layers.{i}.{theirs}.bias"))
-    return pairs
-
-
-def _llama_from_hf(sd: StateDict, cfg: ModelConfig) -> StateDict:
-    out = {ours: sd[theirs] for ours, theirs in _llama_name_pairs(cfg)}
-    if cfg.tied_embeddings:
-        out["unembed.weight"] = out["embed.weight"]
-    return out
-
-
-def _llama_to_hf(sd: StateDict, cfg: ModelConfig) -> StateDict:
-    return {theirs: sd[ours] for ours, theirs in _llama_name_pairs(cfg)}
-
-
-def native_from_hf(sd: StateDict, cfg: ModelConfig) -> StateDict:
-    return (_gpt2_from_hf if cfg.architecture == "gpt2" else _llama_from_hf)(sd, cfg)
-
-
-def hf_from_native(sd: StateDict, cfg: ModelConfig) -> StateDict:
-    return (_gpt2_to_hf if cfg.architecture == "gpt2" else _llama_to_hf)(sd, cfg)
-
-
 def _read_hf_weights(folder: Path) -> StateDict:
     from safetensors.torch import load_file
 
@@ -338,11 +153,7 @@ def model_from_state_dict(cfg: ModelConfig, sd: StateDict) -> HookedTransformer:
         )
     if cfg.tied_embeddings:
         model.unembed.weight = model.embed.weight
-    if cfg.positional == "rotary":
-        # Buffers were created on the meta device; rebuild them for real.
-        model.rotary.inv_freq = 1.0 / (
-            cfg.rope_theta ** (torch.arange(0, cfg.d_head, 2).float() / cfg.d_head)
-        )
+    model.init_buffers()  # buffers were created on the meta device; rebuild them for real
     return model
 
 

@@ -1,8 +1,9 @@
-"""One readable pre-norm decoder-only transformer covering the GPT-2 and Llama families.
+"""One readable decoder-only transformer for every supported family (architectures.py lists them).
 
-GPT-2: LayerNorm, GELU MLP, learned positions, biases everywhere.
-Llama family (Llama, SmolLM2, Mistral, Qwen2): RMSNorm, SwiGLU MLP, rotary positions, grouped-query
-attention, optional q/k/v biases (Qwen2), tied or untied embeddings.
+GPT-2: LayerNorm, GELU MLP, learned positions, biases everywhere. The Llama family (Llama 2/3,
+SmolLM2, Mistral, Qwen2/3, Phi-3): RMSNorm, SwiGLU, rotary, grouped-query attention. Gemma 2/3 and
+OLMo-2 add norms after attention and MLP; GPT-NeoX runs attention and MLP in parallel. The parts of
+a block, and each of these choices, are in layers.py.
 
 Sizes and architecture choices come from a `ModelConfig` (config.py). Every internal quantity passes
 through a named `HookPoint` (see hooks.py for the table). Weights live in `nn.Linear` modules in
@@ -16,13 +17,11 @@ then one position per new token).
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, Protocol, cast
+from typing import Any, cast
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from neuron_explainer.models.autoencoders import AutoencoderSide, SparseAutoencoder
@@ -34,204 +33,46 @@ from neuron_explainer.models.hooks import (
     NameFilter,
     matches,
 )
+from neuron_explainer.models.layers import (
+    Attention,
+    Block,
+    KeyValueCache,
+    Norm,
+    Rope,
+    Rotary,
+    causal_mask,
+)
 from neuron_explainer.models.tokenizer import Tokenizer
 
-_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu": F.gelu,
-    "silu": F.silu,
-    "relu": F.relu,
-}
+__all__ = [
+    "Attention",
+    "Block",
+    "HookedTransformer",
+    "KeyValueCache",
+    "ModelConfig",
+    "Norm",
+    "Rotary",
+    "causal_mask",
+    "pad_right",
+]
 
 
-class Norm(nn.Module):
-    """LayerNorm or RMSNorm, exposing its denominator at `hook_scale` so it can be held fixed."""
+class SoftCap(nn.Module):
+    """Final logit soft-cap (Gemma 2): capped = c·tanh(raw/c), written as raw / scale with
+    scale = raw / capped at `hook_scale`, so the engine can hold it fixed like a norm's scale
+    (docs/engine.md): then logits are linear in the residual stream and D decomposes exactly."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cap: float) -> None:
         super().__init__()
-        self.kind = cfg.norm
-        self.eps = cfg.norm_eps
-        self.weight = nn.Parameter(torch.ones(cfg.d_model))
-        self.bias = nn.Parameter(torch.zeros(cfg.d_model)) if cfg.norm == "layernorm" else None
-        self.hook_scale = HookPoint()  # [b, n, 1]
-        self.hook_normalized = HookPoint()  # [b, n, d]
+        self.cap = cap
+        self.hook_scale = HookPoint()  # [b, n, V]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        if self.kind == "layernorm":
-            x = x - x.mean(-1, keepdim=True)
-        scale = self.hook_scale((x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
-        x = (x / scale).to(dtype) * self.weight
-        if self.bias is not None:
-            x = x + self.bias
-        return self.hook_normalized(x)
-
-
-class Rotary(nn.Module):
-    """Rotary position embedding in the Hugging Face (rotate-half) layout."""
-
-    inv_freq: torch.Tensor
-
-    def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
-        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.d_head, 2).float() / cfg.d_head))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
-
-    def cos_sin(
-        self, positions: torch.Tensor, dtype: torch.dtype
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [b, n] -> cos, sin [b, n, 1, dh] to broadcast over heads."""
-        freqs = positions[..., None].float() * self.inv_freq  # [b, n, dh/2]
-        emb = torch.cat([freqs, freqs], dim=-1)[:, :, None, :]
-        return emb.cos().to(dtype), emb.sin().to(dtype)
-
-    @staticmethod
-    def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        half = x.shape[-1] // 2
-        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-        return x * cos + rotated * sin
-
-
-def causal_mask(n: int, n_k: int, device: torch.device) -> torch.Tensor:
-    """[n, n_k] bool: the n queries are the last n of n_k positions (n_k > n after cached ones)."""
-    return torch.ones(n, n_k, dtype=torch.bool, device=device).tril(n_k - n)
-
-
-class KeyValueCache(Protocol):
-    """What the forward pass needs of a key/value cache (generation.py's `KVCache` is one)."""
-
-    @property
-    def length(self) -> int:
-        """Positions cached so far (read before the first layer extends the cache)."""
-        ...
-
-    def extend(
-        self, layer: int, k: torch.Tensor, v: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append the new positions' keys (after rotary) and values [b, n, Hkv, dh] to the layer's
-        and return all of them [b, n_cached + n, Hkv, dh]."""
-        ...
-
-
-class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int) -> None:
-        super().__init__()
-        self.layer = layer  # names this layer's entry in a key/value cache
-        self.n_heads, self.n_kv_heads, self.d_head = cfg.n_heads, cfg.n_kv_heads, cfg.d_head
-        self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.d_head, bias=cfg.attn_qkv_bias)
-        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.d_head, bias=cfg.attn_qkv_bias)
-        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.d_head, bias=cfg.attn_qkv_bias)
-        self.o_proj = nn.Linear(cfg.n_heads * cfg.d_head, cfg.d_model, bias=cfg.attn_out_bias)
-        self.rotary = cfg.positional == "rotary"
-        self.hook_q, self.hook_k, self.hook_v = HookPoint(), HookPoint(), HookPoint()
-        if self.rotary:
-            self.hook_rot_q, self.hook_rot_k = HookPoint(), HookPoint()
-        self.hook_attn_scores = HookPoint()  # [b, H, q, k]
-        self.hook_pattern = HookPoint()  # [b, H, q, k]
-        self.hook_z = HookPoint()  # [b, n, H, dh]
-
-    @property
-    def W_O(self) -> torch.Tensor:
-        """[H, dh, d]: head h writes z[h] @ W_O[h] into the residual stream."""
-        return self.o_proj.weight.T.reshape(self.n_heads, self.d_head, -1)
-
-    def forward(
-        self,
-        x: torch.Tensor,  # [b, n, d], already normalized
-        rope: tuple[torch.Tensor, torch.Tensor] | None,
-        mask: torch.Tensor | None,  # [b, 1, n, n] bool (True = may attend), None = plain causal
-        kv_cache: KeyValueCache | None = None,
-    ) -> torch.Tensor:
-        b, n, _ = x.shape
-        q = self.hook_q(self.q_proj(x).view(b, n, self.n_heads, self.d_head))
-        k = self.hook_k(self.k_proj(x).view(b, n, self.n_kv_heads, self.d_head))
-        v = self.hook_v(self.v_proj(x).view(b, n, self.n_kv_heads, self.d_head))
-        if rope is not None:
-            q = self.hook_rot_q(Rotary.rotate(q, *rope))
-            k = self.hook_rot_k(Rotary.rotate(k, *rope))
-        if kv_cache is not None:  # the keys and values of the cached positions, then these
-            k, v = kv_cache.extend(self.layer, k, v)
-        group = self.n_heads // self.n_kv_heads
-        # Queries [b, H, n, dh], keys and values [b, H, n_k, dh] (n_k: cached and new positions);
-        # with grouped-query attention, head h reads key/value head h // group.
-        qh = q.transpose(1, 2)
-        kh = k.transpose(1, 2).repeat_interleave(group, dim=1)
-        vh = v.transpose(1, 2).repeat_interleave(group, dim=1)
-        n_k = kh.shape[2]
-        if self.hook_attn_scores.has_hooks or self.hook_pattern.has_hooks:
-            scores = qh @ kh.transpose(-1, -2) / math.sqrt(self.d_head)
-            if mask is None:
-                mask = causal_mask(n, n_k, x.device)
-            scores = self.hook_attn_scores(scores.masked_fill(~mask, float("-inf")))
-            pattern = self.hook_pattern(scores.softmax(dim=-1))
-            z = pattern @ vh
-        else:
-            # Nothing observes the pattern: the fused kernel is faster and never stores it. Causal
-            # needs no mask when n == n_k (is_causal), nor for one new position (it sees every key).
-            if mask is None and 1 < n < n_k:
-                mask = causal_mask(n, n_k, x.device)
-            causal = mask is None and n > 1
-            z = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, is_causal=causal)
-        z = self.hook_z(z.transpose(1, 2))  # [b, n, H, dh]
-        return self.o_proj(z.reshape(b, n, self.n_heads * self.d_head))
-
-
-class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
-        self.gated = cfg.gated_mlp
-        self.act = _ACTIVATIONS[cfg.activation]
-        self.w_in = nn.Linear(cfg.d_model, cfg.d_mlp, bias=cfg.mlp_bias)  # the gate when gated
-        if self.gated:
-            self.w_up = nn.Linear(cfg.d_model, cfg.d_mlp, bias=cfg.mlp_bias)
-            self.hook_pre_linear = HookPoint()
-        self.w_out = nn.Linear(cfg.d_mlp, cfg.d_model, bias=cfg.mlp_bias)
-        self.hook_pre = HookPoint()
-        self.hook_post = HookPoint()
-
-    @property
-    def W_out(self) -> torch.Tensor:
-        """[m, d]: neuron i writes post[i] * W_out[i] into the residual stream."""
-        return self.w_out.weight.T
-
-    def neuron_activations(self, x: torch.Tensor) -> torch.Tensor:
-        """x [..., d] (normalized) -> the neuron activations [..., m] fed to the output projection."""
-        pre = self.hook_pre(self.w_in(x))
-        if self.gated:
-            return self.act(pre) * self.hook_pre_linear(self.w_up(x))
-        return self.act(pre)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w_out(self.hook_post(self.neuron_activations(x)))
-
-
-class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int) -> None:
-        super().__init__()
-        self.ln1 = Norm(cfg)
-        self.attn = Attention(cfg, layer)
-        self.ln2 = Norm(cfg)
-        self.mlp = MLP(cfg)
-        self.hook_resid_pre, self.hook_attn_out, self.hook_resid_mid = (
-            HookPoint(),
-            HookPoint(),
-            HookPoint(),
-        )
-        self.hook_mlp_out, self.hook_resid_post = HookPoint(), HookPoint()
-
-    def forward(
-        self,
-        x: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor] | None,
-        mask: torch.Tensor | None,
-        kv_cache: KeyValueCache | None = None,
-    ) -> torch.Tensor:
-        x = self.hook_resid_pre(x)
-        x = self.hook_resid_mid(
-            x + self.hook_attn_out(self.attn(self.ln1(x), rope, mask, kv_cache))
-        )
-        return self.hook_resid_post(x + self.hook_mlp_out(self.mlp(self.ln2(x))))
+    def forward(self, raw: torch.Tensor) -> torch.Tensor:
+        capped = torch.tanh(raw / self.cap) * self.cap
+        if not self.hook_scale.has_hooks:
+            return capped
+        scale = torch.where(raw == 0, torch.ones_like(raw), raw / capped)
+        return raw / self.hook_scale(scale)
 
 
 class HookedTransformer(nn.Module):
@@ -247,6 +88,8 @@ class HookedTransformer(nn.Module):
             self.hook_pos_embed = HookPoint()
         else:
             self.rotary = Rotary(cfg)
+            if cfg.rope_local_theta and cfg.sliding_layers:
+                self.rotary_local = Rotary(cfg, local=True)
         # A ModuleList, typed as what it holds so `model.blocks[L].attn.W_O` type-checks.
         self.blocks = cast(
             Sequence[Block], nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
@@ -255,6 +98,8 @@ class HookedTransformer(nn.Module):
         self.unembed = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tied_embeddings:
             self.unembed.weight = self.embed.weight
+        if cfg.final_softcap:
+            self.logit_softcap = SoftCap(cfg.final_softcap)
         self.hook_logits = HookPoint()
         self.tokenizer: Tokenizer | None = None
         # Sparse autoencoders by hook name (attach_autoencoder). Held, not spliced: the engine
@@ -279,6 +124,21 @@ class HookedTransformer(nn.Module):
     def W_U(self) -> torch.Tensor:
         """[d, V] unembedding (logits = ln_final(x) @ W_U)."""
         return self.unembed.weight.T
+
+    def rotary_for(self, layer: int) -> Rotary:
+        """The rotary embedding block `layer` uses (Gemma 3's sliding layers have their own)."""
+        if hasattr(self, "rotary_local") and layer in self.cfg.sliding_layers:
+            return cast(Rotary, self.rotary_local)
+        return cast(Rotary, self.rotary)
+
+    def init_buffers(self) -> None:
+        """Recompute the buffers that are not weights (rotary frequencies, the unit gains of
+        identity norms), as after building the model on the meta device."""
+        for module in self.modules():
+            if isinstance(module, Rotary):
+                module.inv_freq = module.make_inv_freq().to(self.device)
+            elif isinstance(module, Norm) and module.kind == "identity":
+                module.register_buffer("weight", torch.ones(module.weight.shape), persistent=False)
 
     @property
     def device(self) -> torch.device:
@@ -325,18 +185,32 @@ class HookedTransformer(nn.Module):
             # A query sees real earlier keys, and always itself, so padded rows stay finite.
             eye = torch.eye(n, dtype=torch.bool, device=tokens.device)
             mask = ((causal & real[:, None, :]) | eye)[:, None]
-        x = self.hook_embed(self.embed(tokens))
-        rope = None
+        x = self.embed(tokens)
+        if self.cfg.embed_scale != 1.0:
+            x = x * self.cfg.embed_scale
+        x = self.hook_embed(x)
+        ropes: dict[bool, Rope] = {}
         if self.cfg.positional == "learned":
             x = x + self.hook_pos_embed(self.pos_embed(positions))
         else:
-            rope = self.rotary.cos_sin(positions, x.dtype)
-        for block in self.blocks:
+            ropes[False] = self.rotary.cos_sin(positions, x.dtype)
+            if hasattr(self, "rotary_local"):
+                ropes[True] = self.rotary_local.cos_sin(positions, x.dtype)
+        for i, block in enumerate(self.blocks):
+            rope = ropes.get(i in self.cfg.sliding_layers and True in ropes)
             x = block(x, rope, mask, kv_cache)
         if logits_positions is not None:
             x = x[torch.arange(b, device=x.device), logits_positions.to(x.device)][:, None]
-            return self.hook_logits(self.unembed(self.ln_final(x)))[:, 0]
-        return self.hook_logits(self.unembed(self.ln_final(x)))
+            return self.logits(x)[:, 0]
+        return self.logits(x)
+
+    def logits(self, resid: torch.Tensor) -> torch.Tensor:
+        """The last residual stream [b, n, d] -> logits [b, n, V] (final norm, unembedding, and
+        the soft-cap where the model has one)."""
+        raw = self.unembed(self.ln_final(resid))
+        if self.cfg.final_softcap:
+            raw = self.logit_softcap(raw)
+        return self.hook_logits(raw)
 
     # ---- hooks ---------------------------------------------------------------------------------
 

@@ -44,12 +44,97 @@ def _hf_model(kind: str, **overrides: object) -> transformers.PreTrainedModel:
             rms_norm_eps=1e-6,
         )
         common.update(overrides)  # type: ignore[arg-type]
-        if kind == "qwen2":
-            model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common))
-        else:
-            model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
+        config_class, model_class = FAMILIES[kind]
+        config = getattr(transformers, config_class)(**common)
+        # Gemma 2 soft-caps attention scores, which only the eager attention does.
+        model = getattr(transformers, model_class)._from_config(config, attn_implementation="eager")
     _perturb(model, seed=1)
     return model.eval()
+
+
+FAMILIES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM"),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+    "mistral": ("MistralConfig", "MistralForCausalLM"),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM"),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM"),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM"),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM"),
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM"),
+}
+# Per-family settings that exercise what the family adds: sliding windows shorter than the batch's
+# 11 positions, soft-caps small enough to bend the scores and logits, per-head dims apart from
+# d_model / n_heads, rotary scaling and partial rotary.
+GEMMA = {"head_dim": 16, "query_pre_attn_scalar": 24, "num_key_value_heads": 2}
+FAMILY_CASES: dict[str, tuple[str, dict[str, object]]] = {
+    "llama31_rope_scaling": (
+        "llama",
+        {
+            "num_key_value_heads": 2,
+            "rope_parameters": {
+                "rope_type": "llama3",
+                "rope_theta": 500000.0,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 16,
+            },
+        },
+    ),
+    "llama32_tied_rope_scaling": (
+        "llama",
+        {
+            "tie_word_embeddings": True,
+            "num_key_value_heads": 4,
+            "rope_parameters": {
+                "rope_type": "llama3",
+                "rope_theta": 500000.0,
+                "factor": 32.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8,
+            },
+        },
+    ),
+    "mistral_sliding_window": ("mistral", {"num_key_value_heads": 2, "sliding_window": 4}),
+    "qwen3_qk_norm": ("qwen3", {"num_key_value_heads": 2, "head_dim": 16}),
+    "gemma2_softcaps_sliding": (
+        "gemma2",
+        GEMMA
+        | {
+            "sliding_window": 3,
+            "attn_logit_softcapping": 2.0,
+            "final_logit_softcapping": 3.0,
+            "layer_types": ["sliding_attention", "full_attention"],
+        },
+    ),
+    "gemma3_local_global": (
+        "gemma3",
+        GEMMA
+        | {
+            "num_hidden_layers": 3,
+            "sliding_window": 4,
+            "layer_types": ["sliding_attention", "sliding_attention", "full_attention"],
+            "rope_parameters": {
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                "full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
+            },
+        },
+    ),
+    "olmo2_post_norms": ("olmo2", {"num_key_value_heads": 4}),
+    "phi3_fused": ("phi3", {"num_key_value_heads": 2, "pad_token_id": 0}),
+    "pythia_parallel_partial_rotary": (
+        "gpt_neox",
+        {
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+            "partial_rotary_factor": 0.25,
+            "layer_norm_eps": 1e-5,
+            "hidden_act": "gelu",
+        },
+    ),
+    "gpt_neox_sequential": ("gpt_neox", {"use_parallel_residual": False}),
+}
 
 
 def _batch() -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,7 +156,7 @@ CASES = {
     "llama_gqa_kv2": ("llama", {"num_key_value_heads": 2}),
     "llama_attention_bias": ("llama", {"attention_bias": True, "num_key_value_heads": 4}),
     "qwen2_qkv_bias": ("qwen2", {"num_key_value_heads": 2, "tie_word_embeddings": False}),
-}
+} | FAMILY_CASES
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -152,3 +237,30 @@ def test_names_resolve_from_a_local_hf_cache(
     with torch.no_grad():
         want = hf(input_ids=tokens, attention_mask=mask).logits
         assert (model(tokens, mask)[mask.bool()] - want[mask.bool()]).abs().max() <= 1e-4
+
+
+def test_unsupported_architecture_is_one_error_naming_it_and_the_supported_list(
+    tmp_path: Path,
+) -> None:
+    from neuron_explainer.models.architectures import ARCHITECTURES, UnsupportedArchitectureError
+
+    (tmp_path / "config.json").write_text('{"model_type": "mamba", "hidden_size": 64}')
+    with pytest.raises(UnsupportedArchitectureError) as error:
+        load_model(tmp_path, device="cpu")
+    message = str(error.value)
+    assert "'mamba'" in message
+    for supported in ("gemma3_text", "gemma2", "qwen3", "gpt_neox", "olmo2", "phi3", "gpt2"):
+        assert supported in ARCHITECTURES and supported in message
+
+
+def test_unsupported_rope_scaling_is_an_error(tmp_path: Path) -> None:
+    import json
+
+    from neuron_explainer.models.architectures import UnsupportedArchitectureError
+
+    _hf_model("llama").config.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UnsupportedArchitectureError, match="yarn"):
+        load_model(tmp_path, device="cpu")
