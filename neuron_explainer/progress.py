@@ -1,4 +1,5 @@
-"""The progress line of long jobs (collation, autoencoder training): tokens, tokens/s, ETA."""
+"""The progress line of long jobs (collation, autoencoder training, explanation): tokens (or
+nodes), their rate, ETA."""
 
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ class Progress:
     enabled: bool = True
     interval: float = 10.0
     callback: ProgressCallback | None = None
+    unit: str = "tokens"  # what is counted, and its rate's unit
+    rate_unit: str = "tok/s"
 
     def __post_init__(self) -> None:
         self.start_done, self.start = self.done, time.monotonic()
@@ -41,8 +44,9 @@ class Progress:
         self.last_print = now
         eta = (self.total - done) / rate if rate > 0 else float("inf")
         line = (
-            f"{self.label}: {done:,}/{self.total:,} tokens "
-            f"({100 * done / max(self.total, 1):.1f}%) {rate:,.0f} tok/s ETA {duration(eta)}{note}"
+            f"{self.label}: {done:,}/{self.total:,} {self.unit} "
+            f"({100 * done / max(self.total, 1):.1f}%) {rate:,.0f} {self.rate_unit} "
+            f"ETA {duration(eta)}{note}"
         )
         print(
             ("\r" + line + "\033[K") if self.tty else line,

@@ -1,7 +1,8 @@
 """The `tdb` command line: one entry point with subcommands.
 
 It sits above the library and the server: the subcommands wrap `neuron_explainer` (models,
-datasets, training) and `activation_server` (`tdb serve`); neither imports this package.
+datasets, training, explanations) and `activation_server` (`tdb serve`); neither imports this
+package.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from activation_server.main import add_serve_args, serve
-from neuron_explainer.cli import datasets, models, training
+from neuron_explainer.cli import datasets, explanations, models, training
 from neuron_explainer.datasets import DatasetError
 from neuron_explainer.models import ModelNotFoundError, TokenizerError
 
@@ -25,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_parser(sub)  # demo, top-tokens, generate, info, export-hf
     datasets.add_parser(sub)  # collate, export-tdb, merge-datasets, dataset-info
     training.add_parser(sub)  # train-sae
+    explanations.add_parser(sub)  # explain
     return parser
 
 

@@ -1,0 +1,130 @@
+"""Explain and score many components of a store (`tdb explain`): resumable, with progress.
+
+Components are done in chunks; each chunk's rows are one transaction, so a run killed at any
+moment (SIGKILL included) leaves whole chunks only, and a rerun with the same method skips every
+component that has a row and does the rest. Explainers and simulators are deterministic (the
+baseline; LLMs at temperature 0), so the final table is the same as that of one uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from neuron_explainer.datasets.store import DatasetStore
+from neuron_explainer.explanations.methods import (
+    ALL_EXCERPTS,
+    ExcerptLimits,
+    Explainer,
+    ExplanationError,
+    Method,
+    Simulator,
+    explain_and_score,
+)
+from neuron_explainer.explanations.scoring import Scores
+from neuron_explainer.explanations.store import ExplanationWriter, Node, StoredExplanation
+from neuron_explainer.progress import Progress
+
+
+@dataclass(frozen=True)
+class BatchSummary:
+    total: int  # components selected
+    skipped: int  # had a row already (a resumed run)
+    explained: int
+    failed: int
+    seconds: float
+
+
+def sample_components(nodes: Sequence[Node], limit: int | None, seed: int = 0) -> list[Node]:
+    """`limit` components drawn uniformly without replacement (those with the smallest hash of
+    (seed, family, layer, index): the same sample on every run, and a larger limit includes a
+    smaller one), in store order; all of them when `limit` is None."""
+    if limit is None or limit >= len(nodes):
+        return sorted(nodes)
+
+    def key(node: Node) -> bytes:
+        return hashlib.blake2b(
+            f"{seed}/{node[0]}/{node[1]}/{node[2]}".encode(), digest_size=8
+        ).digest()
+
+    return sorted(sorted(nodes, key=key)[:limit])
+
+
+def explain_one(
+    store: DatasetStore,
+    node: Node,
+    explainer: Explainer,
+    simulator: Simulator,
+    method: Method,
+    limits: ExcerptLimits,
+) -> StoredExplanation:
+    """One component's row: its explanation and scores, or the reason it failed."""
+    family, layer, index = node
+    record = store.record(family, layer, index)
+    try:
+        scored = explain_and_score(record, explainer, simulator, limits)
+    except ExplanationError as e:
+        return StoredExplanation(
+            family, layer, index, method, None, Scores(None, None, None), 0, str(e) or repr(e)
+        )
+    return StoredExplanation(
+        family, layer, index, method, scored.explanation, scored.scores, len(scored.scored)
+    )
+
+
+def explain_store(
+    path: str | Path,
+    explainer: Explainer,
+    simulator: Simulator,
+    method: Method,
+    limits: ExcerptLimits = ALL_EXCERPTS,
+    families: Sequence[str] | None = None,
+    layers: Sequence[int] | None = None,
+    limit: int | None = None,
+    chunk: int = 256,
+    progress: bool = True,
+    on_chunk: Callable[[int], None] | None = None,
+) -> BatchSummary:
+    """Explain and score the components of the store at `path` (of `families` and `layers`, a
+    sample of `limit` of them) with one method, writing a row per component into the store.
+    `on_chunk(done)` is called after each committed chunk."""
+    import time
+
+    start = time.monotonic()
+    with DatasetStore(path) as store:
+        nodes = [
+            n
+            for n in store.components()
+            if (families is None or n[0] in families) and (layers is None or n[1] in layers)
+        ]
+        selected = sample_components(nodes, limit)
+        with ExplanationWriter(path) as writer:
+            method_id = writer.method_id(method)
+            done = writer.done(method_id)
+            todo = [n for n in selected if n not in done]
+            bar = Progress(
+                "explain",
+                total=len(selected),
+                done=len(selected) - len(todo),
+                enabled=progress,
+                unit="nodes",
+                rate_unit="nodes/s",
+            )
+            explained = failed = 0
+            for c in range(0, len(todo), chunk):
+                rows = [
+                    explain_one(store, node, explainer, simulator, method, limits)
+                    for node in todo[c : c + chunk]
+                ]
+                writer.write(method_id, rows)
+                explained += sum(not r.failed for r in rows)
+                failed += sum(r.failed for r in rows)
+                bar.update(len(selected) - len(todo) + c + len(rows))
+                if on_chunk is not None:
+                    on_chunk(c + len(rows))
+            bar.finish()
+    return BatchSummary(
+        len(selected), len(selected) - len(todo), explained, failed, time.monotonic() - start
+    )
