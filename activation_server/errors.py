@@ -93,6 +93,8 @@ ENDPOINT_FIELDS: dict[str, tuple[str, dict[str, str]]] = {
     "/batched_tdb": ("subRequests", {}),
     "/batched": ("subRequests", {}),
     "/derived_attention_scalars": ("", {"component": "headIndex"}),
+    # OpenAI's field names are snake_case.
+    "/v1/chat/completions": ("", {"top_logprobs": "top_logprobs"}),
 }
 STATUS_OF_KIND = {"invalid": 400, "too_large": 413}
 
@@ -141,10 +143,10 @@ def field_path(loc: Sequence[int | str]) -> str:
     for p in parts:
         if isinstance(p, int):
             out += f"[{p}]"
-        elif p.startswith(
-            ("function-", "list[", "str", "int", "union[", "literal[", "constrained-")
+        elif p in ("str", "int", "float", "bool") or p.startswith(
+            ("function-", "list[", "union[", "literal[", "constrained-")
         ):
-            continue  # pydantic's union-member tags say nothing to a user
+            continue  # pydantic's union-member tags say nothing to a user (a field `stream` does)
         else:
             out += f".{p}" if out else p
     return out

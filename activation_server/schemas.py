@@ -680,3 +680,139 @@ class ErrorResponse(ResponseSchema):
     message: str = Field(description="what went wrong, naming the field")
     detail: object | None = None
     request_id: str
+
+
+# ---- OpenAI-compatible endpoints (/v1/...) -----------------------------------------------------
+# OpenAI's field names (snake_case) and shapes, so that OpenAI's clients and other tools work;
+# unknown fields are rejected here too, and every option OpenAI has that this server lacks is
+# either accepted at its neutral value (n = 1, stream = false, penalties 0) or absent (a 422).
+
+
+class OpenAISchema(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+class OpenAIResponse(OpenAISchema):
+    model_config = ConfigDict(extra="ignore", strict=False)
+
+
+MaxNewTokens = Annotated[int, Field(ge=0, le=512), BeforeValidator(_integral)]
+TopLogprobs = Annotated[int, Field(ge=0, le=20), BeforeValidator(_integral)]
+Seed = Annotated[int, Field(ge=0, le=2**64 - 1), BeforeValidator(_integral)]
+
+
+class OpenAIOptions(OpenAISchema):
+    """Options both completion endpoints take."""
+
+    model: str = Field(description="the served model's name (GET /v1/models)")
+    max_tokens: MaxNewTokens | None = Field(None, description="new tokens at most (default 16)")
+    temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 = greedy")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    n: Literal[1] = Field(1, description="one choice per request")
+    stream: Literal[False] = Field(False, description="no streaming")
+    stop: str | list[str] | None = Field(None, description="stop sequences (excluded)")
+    seed: Seed | None = None
+    frequency_penalty: Literal[0] = 0
+    presence_penalty: Literal[0] = 0
+    user: str | None = None
+
+
+class ChatMessage(OpenAISchema):
+    role: Literal["system", "user", "assistant", "developer"]
+    content: str
+
+
+class ChatCompletionRequest(OpenAIOptions):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: MaxNewTokens | None = Field(None, description="= max_tokens")
+    logprobs: bool = Field(False, description="log-probabilities of the new tokens")
+    top_logprobs: TopLogprobs | None = Field(None, description="alternatives per token (0-20)")
+
+
+class CompletionRequest(OpenAIOptions):
+    prompt: (
+        Annotated[str, Field(min_length=1)]
+        | Annotated[list[Annotated[int, Field(ge=0, le=MAX_INDEX)]], Field(min_length=1)]
+    ) = Field(description="text (special tokens allowed) or token ids")
+    logprobs: TopLogprobs | None = Field(
+        None, description="log-probabilities of each token and this many alternatives (0-20)"
+    )
+    echo: bool = Field(False, description="the prompt too: its text and its tokens' logprobs")
+
+
+class ModelCard(OpenAIResponse):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+
+
+class ModelList(OpenAIResponse):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class Usage(OpenAIResponse):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class TopLogprob(OpenAIResponse):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(OpenAIResponse):
+    content: list[ChatTokenLogprob]
+
+
+class AssistantMessage(OpenAIResponse):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(OpenAIResponse):
+    index: int
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None
+    finish_reason: Literal["stop", "length"]
+
+
+class ChatCompletion(OpenAIResponse):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class CompletionLogprobs(OpenAIResponse):
+    """Per token (the prompt's first when echoed has no logprob: null)."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
+class CompletionChoice(OpenAIResponse):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None
+    finish_reason: Literal["stop", "length"]
+
+
+class TextCompletion(OpenAIResponse):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage

@@ -43,7 +43,15 @@ SETTINGS = hypothesis.settings(
     suppress_health_check=list(hypothesis.HealthCheck),
 )
 # Narrowed for valid bodies only: what makes a model request expensive.
-CHEAP_MAXIMUM = {"maxNewTokens": 3, "topAndBottomKForNodeTable": 4, "tokenViewK": 4, "k": 4}
+CHEAP_MAXIMUM = {
+    "maxNewTokens": 3,
+    "topAndBottomKForNodeTable": 4,
+    "tokenViewK": 4,
+    "k": 4,
+    # The OpenAI-compatible /v1 endpoints (OpenAI's field names).
+    "max_tokens": 3,
+    "max_completion_tokens": 3,
+}
 CHEAP_MAX_ITEMS = 3  # lists: sub-requests, prompts as token ids, ablations, nodes
 CHEAP_MAX_LENGTH = 40  # strings: prompts, token texts
 CHEAP_MAX_ITEMS_BY_NAME = {"direction": 600}  # a d_model vector (576 for the default model)

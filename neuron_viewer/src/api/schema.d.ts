@@ -235,6 +235,67 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/v1/models": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /**
+         * List Models
+         * @description The one model this server runs.
+         */
+        get: operations["list_models_v1_models_get"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/chat/completions": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * Chat Completions
+         * @description The assistant's reply to the messages, rendered with the model's chat template.
+         */
+        post: operations["chat_completions_v1_chat_completions_post"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/completions": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * Completions
+         * @description A continuation of the prompt; `logprobs: N` adds each token's log-probability and the N
+         *     most likely alternatives, `echo` the prompt's text and tokens (the first with null).
+         */
+        post: operations["completions_v1_completions_post"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/health": {
         parameters: {
             query?: never;
@@ -296,6 +357,17 @@ export interface components {
              * @description the excerpt's window in the corpus
              */
             windowIndex?: number | null;
+        };
+        /** AssistantMessage */
+        AssistantMessage: {
+            /**
+             * Role
+             * @default assistant
+             * @constant
+             */
+            role?: "assistant";
+            /** Content */
+            content: string;
         };
         /** AttentionHeadRecordRequest */
         AttentionHeadRecordRequest: {
@@ -439,6 +511,243 @@ export interface components {
             timings?: {
                 [key: string]: number;
             };
+        };
+        /** ChatChoice */
+        ChatChoice: {
+            /** Index */
+            index: number;
+            message: components["schemas"]["AssistantMessage"];
+            logprobs: components["schemas"]["ChatLogprobs"] | null;
+            /**
+             * Finish Reason
+             * @enum {string}
+             */
+            finish_reason: "stop" | "length";
+        };
+        /** ChatCompletion */
+        ChatCompletion: {
+            /** Id */
+            id: string;
+            /**
+             * Object
+             * @default chat.completion
+             * @constant
+             */
+            object?: "chat.completion";
+            /** Created */
+            created: number;
+            /** Model */
+            model: string;
+            /** Choices */
+            choices: components["schemas"]["ChatChoice"][];
+            usage: components["schemas"]["Usage"];
+        };
+        /** ChatCompletionRequest */
+        ChatCompletionRequest: {
+            /**
+             * Model
+             * @description the served model's name (GET /v1/models)
+             */
+            model: string;
+            /**
+             * Max Tokens
+             * @description new tokens at most (default 16)
+             */
+            max_tokens?: number | null;
+            /**
+             * Temperature
+             * @description 0 = greedy
+             * @default 1
+             */
+            temperature?: number;
+            /**
+             * Top P
+             * @default 1
+             */
+            top_p?: number;
+            /**
+             * N
+             * @description one choice per request
+             * @default 1
+             * @constant
+             */
+            n?: 1;
+            /**
+             * Stream
+             * @description no streaming
+             * @default false
+             * @constant
+             */
+            stream?: false;
+            /**
+             * Stop
+             * @description stop sequences (excluded)
+             */
+            stop?: string | string[] | null;
+            /** Seed */
+            seed?: number | null;
+            /**
+             * Frequency Penalty
+             * @default 0
+             * @constant
+             */
+            frequency_penalty?: 0;
+            /**
+             * Presence Penalty
+             * @default 0
+             * @constant
+             */
+            presence_penalty?: 0;
+            /** User */
+            user?: string | null;
+            /** Messages */
+            messages: components["schemas"]["ChatMessage"][];
+            /**
+             * Max Completion Tokens
+             * @description = max_tokens
+             */
+            max_completion_tokens?: number | null;
+            /**
+             * Logprobs
+             * @description log-probabilities of the new tokens
+             * @default false
+             */
+            logprobs?: boolean;
+            /**
+             * Top Logprobs
+             * @description alternatives per token (0-20)
+             */
+            top_logprobs?: number | null;
+        };
+        /** ChatLogprobs */
+        ChatLogprobs: {
+            /** Content */
+            content: components["schemas"]["ChatTokenLogprob"][];
+        };
+        /** ChatMessage */
+        ChatMessage: {
+            /**
+             * Role
+             * @enum {string}
+             */
+            role: "system" | "user" | "assistant" | "developer";
+            /** Content */
+            content: string;
+        };
+        /** ChatTokenLogprob */
+        ChatTokenLogprob: {
+            /** Token */
+            token: string;
+            /** Logprob */
+            logprob: number;
+            /** Bytes */
+            bytes: number[];
+            /** Top Logprobs */
+            top_logprobs: components["schemas"]["TopLogprob"][];
+        };
+        /** CompletionChoice */
+        CompletionChoice: {
+            /** Index */
+            index: number;
+            /** Text */
+            text: string;
+            logprobs: components["schemas"]["CompletionLogprobs"] | null;
+            /**
+             * Finish Reason
+             * @enum {string}
+             */
+            finish_reason: "stop" | "length";
+        };
+        /**
+         * CompletionLogprobs
+         * @description Per token (the prompt's first when echoed has no logprob: null).
+         */
+        CompletionLogprobs: {
+            /** Tokens */
+            tokens: string[];
+            /** Token Logprobs */
+            token_logprobs: (number | null)[];
+            /** Top Logprobs */
+            top_logprobs: ({
+                [key: string]: number;
+            } | null)[];
+            /** Text Offset */
+            text_offset: number[];
+        };
+        /** CompletionRequest */
+        CompletionRequest: {
+            /**
+             * Model
+             * @description the served model's name (GET /v1/models)
+             */
+            model: string;
+            /**
+             * Max Tokens
+             * @description new tokens at most (default 16)
+             */
+            max_tokens?: number | null;
+            /**
+             * Temperature
+             * @description 0 = greedy
+             * @default 1
+             */
+            temperature?: number;
+            /**
+             * Top P
+             * @default 1
+             */
+            top_p?: number;
+            /**
+             * N
+             * @description one choice per request
+             * @default 1
+             * @constant
+             */
+            n?: 1;
+            /**
+             * Stream
+             * @description no streaming
+             * @default false
+             * @constant
+             */
+            stream?: false;
+            /**
+             * Stop
+             * @description stop sequences (excluded)
+             */
+            stop?: string | string[] | null;
+            /** Seed */
+            seed?: number | null;
+            /**
+             * Frequency Penalty
+             * @default 0
+             * @constant
+             */
+            frequency_penalty?: 0;
+            /**
+             * Presence Penalty
+             * @default 0
+             * @constant
+             */
+            presence_penalty?: 0;
+            /** User */
+            user?: string | null;
+            /**
+             * Prompt
+             * @description text (special tokens allowed) or token ids
+             */
+            prompt: string | number[];
+            /**
+             * Logprobs
+             * @description log-probabilities of each token and this many alternatives (0-20)
+             */
+            logprobs?: number | null;
+            /**
+             * Echo
+             * @description the prompt too: its text and its tokens' logprobs
+             * @default false
+             */
+            echo?: boolean;
         };
         /** DatasetInfoModel */
         DatasetInfoModel: {
@@ -878,6 +1187,21 @@ export interface components {
              */
             ranked: boolean;
         };
+        /** ModelCard */
+        ModelCard: {
+            /** Id */
+            id: string;
+            /**
+             * Object
+             * @default model
+             * @constant
+             */
+            object?: "model";
+            /** Created */
+            created: number;
+            /** Owned By */
+            owned_by: string;
+        };
         /** ModelInfo */
         ModelInfo: {
             /** Name */
@@ -920,6 +1244,17 @@ export interface components {
             autoencoders?: components["schemas"]["AutoencoderInfo"][];
             /** Bostoken */
             bosToken?: string | null;
+        };
+        /** ModelList */
+        ModelList: {
+            /**
+             * Object
+             * @default list
+             * @constant
+             */
+            object?: "list";
+            /** Data */
+            data: components["schemas"]["ModelCard"][];
         };
         /** NeuronRecordRequest */
         NeuronRecordRequest: {
@@ -1340,6 +1675,24 @@ export interface components {
             /** Distractortokens */
             distractorTokens: components["schemas"]["ScoredTokenModel"][];
         };
+        /** TextCompletion */
+        TextCompletion: {
+            /** Id */
+            id: string;
+            /**
+             * Object
+             * @default text_completion
+             * @constant
+             */
+            object?: "text_completion";
+            /** Created */
+            created: number;
+            /** Model */
+            model: string;
+            /** Choices */
+            choices: components["schemas"]["CompletionChoice"][];
+            usage: components["schemas"]["Usage"];
+        };
         /**
          * TokenPairAttributionSpec
          * @description Per key token: Σ_h A[q,k,h]·(v[k,h] W_O[h])·direction, for a residual-space direction.
@@ -1443,6 +1796,24 @@ export interface components {
              * @default 10
              */
             k?: number;
+        };
+        /** TopLogprob */
+        TopLogprob: {
+            /** Token */
+            token: string;
+            /** Logprob */
+            logprob: number;
+            /** Bytes */
+            bytes: number[];
+        };
+        /** Usage */
+        Usage: {
+            /** Prompt Tokens */
+            prompt_tokens: number;
+            /** Completion Tokens */
+            completion_tokens: number;
+            /** Total Tokens */
+            total_tokens: number;
         };
         /**
          * WorkerRequest
@@ -2171,6 +2542,173 @@ export interface operations {
                 };
                 content: {
                     "application/json": components["schemas"]["JobsResponse"];
+                };
+            };
+        };
+    };
+    list_models_v1_models_get: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Successful Response */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ModelList"];
+                };
+            };
+            /** @description no model loaded (a --no-model server) */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+        };
+    };
+    chat_completions_v1_chat_completions_post: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["ChatCompletionRequest"];
+            };
+        };
+        responses: {
+            /** @description Successful Response */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ChatCompletion"];
+                };
+            };
+            /** @description a value the model or the datasets reject (named by the message and detail.field) */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description over a limit: the request body (--max-body-bytes), a prompt (--max-prompt-tokens), the response's estimated size (--max-response-mb) or memory; the message names the fields to lower */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description a field missing, of the wrong type, out of its bounds or unknown; malformed JSON */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description no model loaded (a --no-model server) */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description the request ran past the server's --request-timeout (its work was stopped) */
+            504: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+        };
+    };
+    completions_v1_completions_post: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["CompletionRequest"];
+            };
+        };
+        responses: {
+            /** @description Successful Response */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["TextCompletion"];
+                };
+            };
+            /** @description a value the model or the datasets reject (named by the message and detail.field) */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description over a limit: the request body (--max-body-bytes), a prompt (--max-prompt-tokens), the response's estimated size (--max-response-mb) or memory; the message names the fields to lower */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description a field missing, of the wrong type, out of its bounds or unknown; malformed JSON */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description no model loaded (a --no-model server) */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description the request ran past the server's --request-timeout (its work was stopped) */
+            504: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
         };
