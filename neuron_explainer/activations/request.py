@@ -12,6 +12,7 @@ import torch
 from neuron_explainer.activations import node_types as _registered  # noqa: F401 (registers them)
 from neuron_explainer.activations.derived_scalars import METRICS
 from neuron_explainer.activations.nodes import (
+    AttentionTraceType,
     NodeAblation,
     NodeIndex,
     NodeToTrace,
@@ -90,24 +91,37 @@ def loss_value(
 def describe_trace(
     upstream: NodeToTrace | None, downstream: NodeToTrace | None, strings: list[str] | None
 ) -> str | None:
-    """The question a trace asks, in words: "What caused mlp L5 #3 at ' Paris' (4)?"."""
+    """The question a trace asks, in words: "What caused mlp L5 #3 at ' Paris' (4)?"; through a
+    head's value, "What drives the effect of attn L3 H1 at ... attending to ... through its value on
+    the loss?"."""
     if upstream is None:
         return None
 
     def at(t: int) -> str:
         return f"{strings[t]!r} ({t})" if strings else f"({t})"
 
+    def name(n: NodeToTrace) -> str:
+        node = n.node
+        desc = describe(node.node_type)
+        if desc.per_token_pair:
+            assert node.attended_token is not None
+            return (
+                f"{desc.short_name} L{node.layer} H{node.component} at {at(node.token)} "
+                f"attending to {at(node.attended_token)}"
+            )
+        return f"{desc.short_name} L{node.layer} #{node.component} at {at(node.token)}"
+
     node = upstream.node
     desc = describe(node.node_type)
+    if upstream.attention_trace_type == AttentionTraceType.VALUE:
+        # D is the pair's direct effect through its value (the pattern fixed), not a pre-activation.
+        onto = "the loss" if downstream is None else f"the pre-activation of {name(downstream)}"
+        return f"What drives the effect of {name(upstream)} through its value on {onto}?"
     if desc.per_token_pair:
         assert node.attended_token is not None
         side = (upstream.attention_trace_type or "query_and_key").replace("_", " ")
-        text = (
+        return (
             f"What caused {desc.short_name} L{node.layer} H{node.component} at {at(node.token)} "
             f"to attend to {at(node.attended_token)}, through the {side}?"
         )
-    else:
-        text = f"What caused {desc.short_name} L{node.layer} #{node.component} at {at(node.token)}?"
-    if downstream is not None:
-        text = text[:-1] + f", as it affects {downstream.node}?"
-    return text
+    return f"What caused {name(upstream)}?"

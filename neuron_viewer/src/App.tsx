@@ -1,4 +1,4 @@
-import { lazy, Suspense, useEffect, useState } from "react";
+import { Component, lazy, Suspense, useEffect, useState, type ReactNode } from "react";
 import { api, ApiError } from "./api/client";
 import type { ModelInfo } from "./api/types";
 import { JobsIndicator } from "./components/Jobs";
@@ -11,6 +11,34 @@ import { linkClick, useLocation } from "./router";
 // The debugger and node pages load on demand, keeping the initial bundle small.
 const Debugger = lazy(() => import("./pages/Debugger"));
 const NodePage = lazy(() => import("./pages/NodePage"));
+
+/** A page that failed to load its code (the server went away: "Failed to fetch dynamically
+ * imported module") or threw while rendering: a message and a reload button instead of a blank
+ * page; the header stays. Keyed by the path, so moving to another page starts afresh. */
+class PageBoundary extends Component<{ children: ReactNode }, { error: Error | null }> {
+  state: { error: Error | null } = { error: null };
+  static getDerivedStateFromError(error: Error) {
+    return { error };
+  }
+  render() {
+    const { error } = this.state;
+    if (!error) return this.props.children;
+    const chunk = /dynamically imported module|Importing a module script failed/i.test(
+      error.message,
+    );
+    return (
+      <div className="error" role="alert" data-testid="page-error">
+        <p>
+          {chunk
+            ? "This page could not be loaded: the server did not send its code (is it still running?)."
+            : "This page failed while showing its content."}{" "}
+          <span className="muted">({error.message})</span>
+        </p>
+        <button onClick={() => window.location.reload()}>Reload</button>
+      </div>
+    );
+  }
+}
 
 export type ModelState = { info: ModelInfo | null; error: string | null };
 
@@ -84,7 +112,9 @@ export default function App() {
       </header>
       <main>
         <NodeTypesContext.Provider value={nodeTypes.types}>
-          <Suspense fallback={<p className="loading">Loading…</p>}>{page}</Suspense>
+          <PageBoundary key={pathname}>
+            <Suspense fallback={<p className="loading">Loading…</p>}>{page}</Suspense>
+          </PageBoundary>
         </NodeTypesContext.Provider>
       </main>
     </div>

@@ -70,13 +70,32 @@ def ui_server(server: Server) -> Server:
     return server
 
 
+# Console errors a page may log without failing its test: failed requests (Chromium logs every
+# 4xx/5xx answer and refused connection, which tests provoke on purpose). Anything else logged with
+# console.error, and any uncaught page error, fails the test unless it declared it.
+EXPECTED_CONSOLE = ("Failed to load resource",)
+_expected: dict[int, list[str]] = {}
+
+
+def expect_console_errors(page: Page, *fragments: str) -> None:
+    """Console errors containing one of `fragments` are expected in this test's page."""
+    _expected.setdefault(id(page), []).extend(fragments)
+
+
 def open_page(browser: Browser, server: Server) -> Iterator[Page]:
-    """A fresh browser context on `server` (a generator for fixtures)."""
+    """A fresh browser context on `server` (a generator for fixtures). The test fails on a console
+    error or uncaught page error it did not expect (expect_console_errors)."""
     context = browser.new_context(viewport={"width": 1280, "height": 800}, base_url=server.url)
     page = context.new_page()
     page.set_default_timeout(90_000)
+    errors: list[str] = []
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: errors.append(f"uncaught: {e}"))
     yield page
     context.close()
+    allowed = (*EXPECTED_CONSOLE, *_expected.pop(id(page), []))
+    unexpected = [e for e in errors if not any(a in e for a in allowed)]
+    assert not unexpected, f"console errors in the page: {unexpected}"
 
 
 @pytest.fixture

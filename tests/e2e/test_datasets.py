@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from playwright.sync_api import Browser, Page, Route, expect
+from playwright.sync_api import Browser, Locator, Page, Route, expect
 
 from tests.e2e.conftest import (
     AUTO_TOKENS,
@@ -26,6 +26,7 @@ from tests.e2e.conftest import (
 )
 from tests.servers import Server, post, start_server, stop_server
 
+IOI_QUERY = "When+Mary+and+John+went+to+the+store%2C+John+gave+a+drink+to"
 FULL_RED = "rgba(220, 38, 38, 0.85)"  # lib/colors.ts at intensity 1 (the dataset max)
 
 
@@ -131,6 +132,62 @@ def test_node_page_shows_head_dataset_examples(dpage: Page, dataset_server: Serv
     screenshot(dpage, "node-page-dataset-head")
 
 
+def alphas(tokens: Locator) -> list[float]:
+    """The opacity of each token's heat-map colour (0 for none)."""
+    colours = tokens.evaluate_all("els => els.map(e => e.style.background)")
+    return [float(c.rsplit(",", 1)[1].rstrip(")")) if c.startswith("rgba") else 0 for c in colours]
+
+
+def test_head_prompt_is_coloured_on_the_scale_of_the_quantity_shown(
+    dpage: Page, dataset_server: Server
+) -> None:
+    """The prompt of interest and "your own text" of a head are scaled by the dataset max of the
+    quantity the page shows (the dataset's metric): the prompt's strongest pair is visible."""
+    record = post(dataset_server, "/attention_head_record", {"layerIndex": 1, "headIndex": 3})
+    dpage.goto(f"/{MODEL}/attention_head/1/3?prompt={IOI_QUERY}&token=13&attended=1")
+    view = dpage.get_by_test_id("prompt-of-interest").get_by_test_id("activations")
+    expect(view.get_by_test_id("activation-scale")).to_contain_text("dataset max")
+    assert max(alphas(view.locator(".token"))) > 0.04  # not a blank heat map
+    expect(view.get_by_test_id("activation-scale")).to_contain_text(
+        "write magnitude, scaled by its dataset max"
+    )
+    prompt_max = float(view.get_by_test_id("pair-max").inner_text())
+    assert prompt_max / record["maxActivation"] > 0.05  # the same quantity as the dataset max
+    dpage.get_by_label("your text").fill("The cat sat on the mat because it was tired")
+    dpage.get_by_role("button", name="Run").click()
+    own = dpage.get_by_test_id("own-text").get_by_test_id("activations")
+    expect(own.get_by_test_id("activation-scale")).to_contain_text("write magnitude")
+    assert max(alphas(own.locator(".token"))) > 0.04
+    screenshot(dpage, "node-page-head-prompt-scaled")
+
+
+def test_quantile_bins_and_precision_of_the_max_are_explained(
+    dpage: Page, dataset_server: Server
+) -> None:
+    """Empty by-quantile bins are not listed (they are named once), and where the top excerpt's
+    value and the statistics' max differ in the digits shown, the page says why."""
+    chosen = None
+    for index in range(64):
+        record = post(dataset_server, "/neuron_record", {"layerIndex": 0, "componentIndex": index})
+        groups = record["randomSampleByQuantile"] or []
+        top = max(record["mostPositiveActivationRecords"][0]["activations"])
+        if any(len(g) == 0 for g in groups) and f"{top:.3f}" != f"{record['maxActivation']:.3f}":
+            chosen = index, record
+            break
+    assert chosen, "no neuron of layer 0 among the first 64 has an empty by-quantile bin"
+    index, record = chosen
+    dpage.goto(f"/{MODEL}/mlp_neuron/0/{index}")
+    card = dpage.get_by_test_id("dataset-examples")
+    expect(card.get_by_test_id("precision-note")).to_contain_text("float16")
+    quantiles = card.get_by_test_id("quantile-examples")
+    quantiles.locator("summary").click()
+    non_empty = sum(1 for g in record["randomSampleByQuantile"] if g)
+    expect(quantiles.get_by_test_id("quantile-bin")).to_have_count(non_empty)
+    expect(quantiles.get_by_test_id("empty-bins")).to_contain_text("excerpt max")
+    for text in quantiles.get_by_test_id("quantile-bin").locator("h4").all_inner_texts():
+        assert not text.endswith("(0)")
+
+
 def test_home_lists_the_dataset_and_jumps_to_a_node_page(dpage: Page) -> None:
     dpage.goto("/")
     row = dpage.locator("[data-testid=dataset][data-name=small]")
@@ -166,8 +223,9 @@ def test_node_page_without_datasets_shows_the_servers_message(page: Page) -> Non
     """The default server has no datasets: the card says so, the rest of the page works."""
     page.goto(f"/{MODEL}/mlp_neuron/3/14")
     card = page.get_by_test_id("dataset-examples")
-    expect(card.get_by_role("alert")).to_contain_text("no collated datasets")
-    expect(card.get_by_role("alert")).to_contain_text("--dataset")
+    expect(card.get_by_test_id("no-dataset")).to_contain_text("no collated datasets")
+    expect(card.get_by_test_id("no-dataset")).to_contain_text("--dataset")
+    expect(card.get_by_role("alert")).to_have_count(0)  # a fact to explain, not an error
     expect(page.get_by_test_id("logit-lens")).to_contain_text("Upvoted output tokens")
     page.get_by_label("your text").fill("The cat sat on the mat")
     page.get_by_role("button", name="Run").click()

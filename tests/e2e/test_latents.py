@@ -189,3 +189,42 @@ def test_latent_page_shows_its_dataset_examples(lpage: Page, latent_server: Serv
     lpage.keyboard.press("ArrowDown" if other > layer else "ArrowUp")
     expect(lpage.get_by_test_id("node-title")).to_have_text(f"mlp latent L{other} #{index}")
     expect(card.get_by_test_id("dataset-stats")).to_contain_text("max")
+
+
+def test_switched_on_latents_rank_among_their_own_type(lpage: Page) -> None:
+    """Latents are ranked within their node type (as the server selects them), so switching them on
+    shows some without filtering, however much larger the neurons' and heads' values are."""
+    lpage.goto(IOI_URL + "&latents=mlp")
+    wait_for_table(lpage)
+    keys = node_keys(lpage)
+    assert any(k.startswith("mlp-latent:") for k in keys), keys
+    assert any(k.startswith("attn:") for k in keys) and any(k.startswith("mlp:") for k in keys)
+
+
+@pytest.fixture(scope="module")
+def latents_without_dataset(
+    latent_files: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
+    """The autoencoders, and no collated dataset."""
+    autoencoders, _ = latent_files
+    log = tmp_path_factory.mktemp("latents_without_dataset") / "server.log"
+    srv = start_server(
+        ["--model", MODEL, "--device", "cpu", "--autoencoder", str(autoencoders)], log
+    )
+    yield srv
+    stop_server(srv)
+
+
+def test_latent_page_without_a_latent_dataset_explains_it(
+    browser: Browser, latents_without_dataset: Server
+) -> None:
+    for page in open_page(browser, latents_without_dataset):
+        page.goto(f"/{MODEL}/mlp_autoencoder_latent/0/7?prompt=The+cat+sat+on+the+mat")
+        card = page.get_by_test_id("dataset-examples")
+        note = card.get_by_test_id("no-dataset")
+        expect(note).to_contain_text("no collated dataset the server reads holds this")
+        expect(note).to_contain_text("--autoencoder")
+        expect(card.get_by_role("alert")).to_have_count(0)  # not an error
+        expect(page.get_by_test_id("activation-scale")).to_contain_text("this prompt's max")
+        expect(page.get_by_test_id("logit-lens")).to_contain_text("Upvoted output tokens")
+        screenshot(page, "node-page-latent-no-dataset")

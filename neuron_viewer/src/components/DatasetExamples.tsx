@@ -1,5 +1,5 @@
 import { useEffect, useMemo, useRef, useState } from "react";
-import { api } from "../api/client";
+import { api, ApiError } from "../api/client";
 import type {
   ActivationRecord,
   AttentionHeadRecordResponse,
@@ -56,8 +56,10 @@ function useRecord(type: NodeTypeInfo, layer: number, index: number, dataset: st
   const [state, setState] = useState<{
     record: RecordData | null;
     error: string | null;
+    /** No collated dataset holds the component (a 404): not an error, a fact to explain. */
+    missing: boolean;
     loading: boolean;
-  }>({ record: null, error: null, loading: true });
+  }>({ record: null, error: null, missing: false, loading: true });
   const [reload, setReload] = useState(0);
   useEffect(() => onJobsChanged(() => setReload((r) => r + 1)), []);
   const latest = useRef(new LatestOnly());
@@ -70,6 +72,7 @@ function useRecord(type: NodeTypeInfo, layer: number, index: number, dataset: st
         setState({
           record: r.value ?? null,
           error: r.value ? null : (r.error as Error).message,
+          missing: r.error instanceof ApiError && r.error.status === 404,
           loading: false,
         });
       });
@@ -222,6 +225,48 @@ function StatsLine({ record }: { record: RecordData }) {
   );
 }
 
+/** The excerpts' values are stored at float16 precision, the statistics at float32: say so
+ * where the top excerpt's shown value and the shown max differ. */
+function PrecisionNote({ record }: { record: RecordData }) {
+  const d = record.data;
+  const top = d.mostPositiveActivationRecords[0];
+  if (!top || d.maxActivation == null) return null;
+  const excerptMax =
+    record.kind === "attention_head"
+      ? Math.max(...(top as PairActivationRecord).summaries.maxOut)
+      : Math.max(...top.activations);
+  if (fmt(excerptMax) === fmt(d.maxActivation)) return null;
+  return (
+    <p className="muted" data-testid="precision-note">
+      The top excerpt shows {fmt(excerptMax)}, the statistics max {fmt(d.maxActivation)}: excerpt
+      values are stored at float16 precision (about 3 significant digits), the statistics at full
+      precision.
+    </p>
+  );
+}
+
+/** Why there are no examples, and how to get some: the server's message (which datasets it
+ * reads and what they hold) and the commands that collate one. */
+function NoDataset({ type, message }: { type: NodeTypeInfo; message: string }) {
+  const latent = type.autoencoderSide != null;
+  return (
+    <div className="note" role="status" data-testid="no-dataset">
+      <p>
+        No dataset examples: no collated dataset the server reads holds this {type.label}.{" "}
+        <span className="muted">({message})</span>
+      </p>
+      <p className="muted">
+        To get some, collate one and start the server with it:{" "}
+        <code>
+          tdb collate --model MODEL{latent ? " --autoencoder PATH" : ""} --out FILE.sqlite
+        </code>
+        , then <code>tdb serve … --dataset FILE.sqlite</code>
+        {latent ? "" : " (or start it with --auto-dataset)"}.
+      </p>
+    </div>
+  );
+}
+
 /** All activations of the random sample (for heads all token pairs), for the histogram. */
 function sampleValues(record: RecordData): number[] {
   const out: number[] = [];
@@ -236,7 +281,12 @@ export function DatasetExamples(props: {
   index: number;
   dataset: string | null;
 }) {
-  const { record, error, loading } = useRecord(props.type, props.layer, props.index, props.dataset);
+  const { record, error, missing, loading } = useRecord(
+    props.type,
+    props.layer,
+    props.index,
+    props.dataset,
+  );
   const [showAll, setShowAll] = useState(false);
   const [mode, setMode] = useState<HeadMode>("in");
   const values = useMemo(() => (record ? sampleValues(record) : []), [record]);
@@ -258,7 +308,7 @@ export function DatasetExamples(props: {
     <Card
       title="Dataset examples"
       loading={loading}
-      error={error}
+      error={missing ? null : error}
       testId="dataset-examples"
       actions={
         current && (
@@ -296,6 +346,7 @@ export function DatasetExamples(props: {
         )
       }
     >
+      {missing && error && <NoDataset type={props.type} message={error} />}
       {current && d && (
         <div data-kind={current.kind}>
           <StatsLine record={current} />
@@ -310,6 +361,7 @@ export function DatasetExamples(props: {
             <h3 className="subhead">
               Top activating ({d.mostPositiveActivationRecords.length} excerpts)
             </h3>
+            <PrecisionNote record={current} />
             <Excerpts
               record={current}
               list={d.mostPositiveActivationRecords}
@@ -340,8 +392,19 @@ export function DatasetExamples(props: {
                 Random sample by quantile of the excerpt max ({byQuantile.length} bins,{" "}
                 {byQuantile.reduce((a, g) => a + g.length, 0)} excerpts)
               </summary>
+              {byQuantile.some((g) => g.length === 0) && (
+                <p className="muted" data-testid="empty-bins">
+                  Not listed, holding no excerpt of the sample:{" "}
+                  {byQuantile
+                    .map((g, i) => (g.length === 0 ? binLabels[i] : null))
+                    .filter((l) => l != null)
+                    .join("; ")}
+                  .
+                </p>
+              )}
               {byQuantile
                 .map((group, i) => ({ group, i }))
+                .filter(({ group }) => group.length > 0)
                 .reverse()
                 .map(({ group, i }) => (
                   <div key={i} className="quantile-bin" data-testid="quantile-bin">

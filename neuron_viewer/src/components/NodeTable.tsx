@@ -8,6 +8,7 @@ import {
   METRICS,
   metricValue,
   signedColumns,
+  sinkRows,
   sortRows,
   topKPerColumn,
   type Metric,
@@ -22,7 +23,9 @@ import { linkClick } from "../router";
 export interface NodeActions {
   ablate: (node: NodeIndex) => void;
   trace: (node: NodeIndex, type: AttentionTraceType | null) => void;
-  setDownstream?: (node: NodeIndex) => void; // when tracing through a head's value
+  /** While tracing a node through its pre-activation: trace a head of its upstream table
+   * through the head's value into that node (`name`), the downstream node. */
+  traceValueInto?: { name: string; run: (node: NodeIndex) => void };
 }
 
 const TRACE_LABELS: Record<AttentionTraceType, string> = {
@@ -95,12 +98,20 @@ function Actions({ row, actions }: { row: TableRow; actions: NodeActions }) {
   const [open, setOpen] = useState(false);
   const node = row.node;
   const items: [string, () => void][] = [["Ablate", () => actions.ablate(node)]];
+  if (row.type.perTokenPair) {
+    // The whole query row: every key position this token attends to.
+    items.push([
+      "Ablate whole head (all keys)",
+      () => actions.ablate({ ...node, attendedTokenIndex: null }),
+    ]);
+  }
   // A head pair is traced through its query, key or value; other components upstream.
   if (row.type.perTokenPair) {
     for (const t of TRACE_TYPES) items.push([TRACE_LABELS[t], () => actions.trace(node, t)]);
   } else if (row.type.traceable) items.push(["Trace upstream", () => actions.trace(node, null)]);
-  if (actions.setDownstream && row.type.traceable) {
-    items.push(["Use as downstream node", () => actions.setDownstream?.(node)]);
+  const into = actions.traceValueInto;
+  if (into && row.type.perTokenPair) {
+    items.push([`Trace value into ${into.name}`, () => into.run(node)]);
   }
   return (
     <div
@@ -142,6 +153,10 @@ export function NodeTable(props: {
   modelName: string;
   prompt: string;
   actions: NodeActions;
+  /** The request's top k: the table's own top k starts there (and follows it). */
+  topK: number;
+  /** Whether a row's node is ablated on the left side (marked in the table). */
+  isAblated?: (row: TableRow) => boolean;
 }) {
   const types = useNodeTypes();
   const [sort, setSort] = useState<SortSpec>({
@@ -151,8 +166,18 @@ export function NodeTable(props: {
   });
   const [shownTypes, setShownTypes] = useState<Set<string>>(new Set());
   const [layer, setLayer] = useState<string>("");
-  const [k, setK] = useState<number>(10);
+  const [k, setK] = useState<number>(props.topK);
+  const [requestK, setRequestK] = useState(props.topK);
+  if (requestK !== props.topK) {
+    // A new request's top k (adjusting state while rendering, as React recommends).
+    setRequestK(props.topK);
+    setK(props.topK);
+  }
   const [expanded, setExpanded] = useState<Set<string>>(new Set());
+  // On by default: in causal models the first token is an attention sink whose nodes crowd the
+  // table with huge activations and no effect.
+  const [hideSink, setHideSink] = useState(true);
+  const sink = useMemo(() => sinkRows(props.rows), [props.rows]);
   const sides: Side[] = useMemo(
     () => (props.twoSides ? ["left", "diff", "right"] : ["left"]),
     [props.twoSides],
@@ -172,9 +197,9 @@ export function NodeTable(props: {
     const filtered = filterRows(props.rows, {
       nodeTypes: active,
       layer: layer === "" ? null : Number(layer),
-    });
+    }).filter((r) => !(hideSink && sink.has(r.key)));
     return sortRows(topKPerColumn(filtered, k, sides), sort);
-  }, [props.rows, listedNames, shownTypes, layer, k, sort, sides]);
+  }, [props.rows, listedNames, shownTypes, layer, k, sort, sides, hideSink, sink]);
 
   const scales = useMemo(() => {
     const out: Record<string, number> = {};
@@ -237,7 +262,18 @@ export function NodeTable(props: {
             aria-label="top k per column"
           />
         </label>
-        <span className="muted">{visible.length} nodes</span>
+        <label title="rows at the first token (an attention sink) with under 1% of the table's largest effect on D">
+          <input
+            type="checkbox"
+            checked={hideSink}
+            onChange={(e) => setHideSink(e.target.checked)}
+            data-testid="hide-sink"
+          />
+          hide position-0 rows without effect ({sink.size})
+        </label>
+        <span className="muted" data-testid="nodes-shown">
+          {visible.length} nodes
+        </span>
       </div>
       <div className="scroll-x">
         <table className="node-table" data-testid="node-table">
@@ -289,7 +325,11 @@ export function NodeTable(props: {
               const open = expanded.has(r.key);
               return (
                 <Fragment key={r.key}>
-                  <tr data-node={r.key}>
+                  <tr
+                    data-node={r.key}
+                    className={props.isAblated?.(r) ? "ablated" : undefined}
+                    data-ablated={props.isAblated?.(r) ? "true" : undefined}
+                  >
                     <td>
                       <button
                         className="expander"
@@ -310,6 +350,11 @@ export function NodeTable(props: {
                       >
                         {componentName(r.type, r.node.layerIndex ?? 0, r.node.componentIndex ?? 0)}
                       </a>
+                      {props.isAblated?.(r) && (
+                        <span className="badge ablated-badge" title="ablated on the left side">
+                          ablated
+                        </span>
+                      )}
                     </td>
                     <td className="tok">{tok(r.node.tokenIndex)}</td>
                     <td className="tok">{tok(r.node.attendedTokenIndex)}</td>

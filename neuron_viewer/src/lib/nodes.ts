@@ -105,7 +105,8 @@ export class NodeTypes {
     if (this.of(n).perTokenPair && n.attendedTokenIndex != null) {
       return `${this.name(n)} from ${at(n.tokenIndex)} to ${at(n.attendedTokenIndex)}`;
     }
-    return `${this.name(n)} at ${at(n.tokenIndex)}`;
+    const whole = this.of(n).perTokenPair ? ", all keys" : "";
+    return `${this.name(n)} at ${at(n.tokenIndex)}${whole}`;
   }
 }
 

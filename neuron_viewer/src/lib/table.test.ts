@@ -6,6 +6,7 @@ import {
   alignRows,
   filterRows,
   metricValue,
+  sinkRows,
   signedColumns,
   sortRows,
   toCsv,
@@ -102,6 +103,24 @@ describe("node table diffing", () => {
     expect(des).toContain(-10);
     expect(des).toContain(-9);
     expect(des).not.toContain(0);
+  });
+
+  it("finds position-0 rows without effect (the attention sink)", () => {
+    const at0 = (de: number, i: number) => ({
+      ...row(neuron(0, i), de, 100),
+      node: { ...neuron(0, i), tokenIndex: 0 },
+    });
+    const rows = alignRows(types, [row(neuron(0, 9), 2), at0(0.001, 1), at0(1.5, 2)], null);
+    expect([...sinkRows(rows)]).toEqual(["mlp:0:0:1"]);
+  });
+
+  it("ranks within each node type: small-magnitude types keep their own top k", () => {
+    const heads = Array.from({ length: 10 }, (_, i) => row(head(0, i), 100 + i, 50));
+    const neurons = Array.from({ length: 10 }, (_, i) => row(neuron(0, i), 0.01 * i, 0.1));
+    const kept = topKPerColumn(alignRows(types, [...heads, ...neurons], null), 2, ["left"]);
+    const keptNeurons = kept.filter((r) => r.type.name === "mlp_neuron");
+    expect(keptNeurons.map((r) => r.left?.directEffect)).toContain(0.09);
+    expect(keptNeurons.length).toBeGreaterThanOrEqual(2);
   });
 
   it("keeps a row that is top on the right side only (an ablated node is 0 on the left)", () => {

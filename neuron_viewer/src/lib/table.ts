@@ -101,18 +101,43 @@ export function filterRows(rows: TableRow[], f: Filter): TableRow[] {
   );
 }
 
-/** The union over columns (every metric on every side given) of the top k rows of that column,
- * and the bottom k for signed columns (signedColumns of these rows) and Diff columns. */
+/** Rows at position 0 (their token, or for a head pair its attended token, is the first) whose
+ * effect on D is negligible on every side: below `fraction` of the table's largest direct or
+ * estimated total effect. The first token is an attention sink: its nodes have huge activations
+ * and write magnitudes and next to no effect. */
+export function sinkRows(rows: TableRow[], fraction = 0.01): Set<string> {
+  const effects = (r: TableRow) =>
+    (["directEffect", "estimatedTotalEffect"] as const).flatMap((m) =>
+      (["left", "right"] as const).map((s) => Math.abs(metricValue(r, m, s) ?? 0)),
+    );
+  const top = Math.max(0, ...rows.flatMap(effects));
+  const out = new Set<string>();
+  for (const r of rows) {
+    const atZero = r.node.tokenIndex === 0 || r.node.attendedTokenIndex === 0;
+    if (atZero && Math.max(...effects(r)) < fraction * top) out.add(r.key);
+  }
+  return out;
+}
+
+/** The union over node types and columns (every metric on every side given) of the top k rows
+ * of that type in that column, and the bottom k for signed columns (signedColumns of these rows)
+ * and Diff columns. Ranked within each node type, as the server selects them
+ * (`topAndBottomKForNodeTable`): latents or embeddings, whose magnitudes can be far smaller than
+ * the heads', keep their own top k. */
 export function topKPerColumn(rows: TableRow[], k: number, sides: Side[]): TableRow[] {
   const keep = new Set<string>();
   const signed = signedColumns(rows);
-  for (const side of sides) {
-    for (const metric of METRICS) {
-      const valued = rows.filter((r) => metricValue(r, metric, side) != null);
-      const sorted = sortRows(valued, { metric, side, descending: true });
-      sorted.slice(0, k).forEach((r) => keep.add(r.key));
-      if (signed[metric] || side === "diff") {
-        sorted.slice(Math.max(k, sorted.length - k)).forEach((r) => keep.add(r.key));
+  const byType = new Map<string, TableRow[]>();
+  for (const r of rows) byType.set(r.type.name, [...(byType.get(r.type.name) ?? []), r]);
+  for (const group of byType.values()) {
+    for (const side of sides) {
+      for (const metric of METRICS) {
+        const valued = group.filter((r) => metricValue(r, metric, side) != null);
+        const sorted = sortRows(valued, { metric, side, descending: true });
+        sorted.slice(0, k).forEach((r) => keep.add(r.key));
+        if (signed[metric] || side === "diff") {
+          sorted.slice(Math.max(k, sorted.length - k)).forEach((r) => keep.add(r.key));
+        }
       }
     }
   }

@@ -1,5 +1,5 @@
 import { describe, expect, it } from "vitest";
-import { differingPositions, displayToken, tokenWarnings } from "./tokens";
+import { differingPositions, displayToken, tokenWarnings, typedToken } from "./tokens";
 
 describe("token display", () => {
   it("makes whitespace visible", () => {
@@ -7,6 +7,14 @@ describe("token display", () => {
     expect(displayToken("\n\n")).toBe("↵↵");
     expect(displayToken("a\tb")).toBe("a⇥b");
     expect(displayToken("🙂")).toBe("🙂");
+  });
+
+  it("reads typed whitespace glyphs as whitespace", () => {
+    expect(typedToken("␣Paris")).toBe(" Paris");
+    expect(typedToken("·Paris")).toBe(" Paris");
+    expect(typedToken("↵")).toBe("\n");
+    expect(typedToken(displayToken(" a\tb\n"))).toBe(" a\tb\n");
+    expect(typedToken("Paris")).toBe("Paris");
   });
 
   it("warns about multi-token targets and missing leading spaces", () => {

@@ -4,6 +4,12 @@ export function displayToken(text: string): string {
   return text.replace(/ /g, "·").replace(/\n/g, "↵").replace(/\t/g, "⇥").replace(/\r/g, "␍");
 }
 
+/** A token as typed, with the glyphs displayToken shows for whitespace (and "␣", which the
+ * placeholder uses) read back as the whitespace they stand for: "␣Paris" and "·Paris" are " Paris". */
+export function typedToken(text: string): string {
+  return text.replace(/[·␣]/g, " ").replace(/↵/g, "\n").replace(/⇥/g, "\t").replace(/␍/g, "\r");
+}
+
 /** Warnings for a target/distractor token typed by the user, before the server is asked. */
 export function tokenWarnings(token: string, ids: number[] | null): string[] {
   const out: string[] = [];

@@ -61,6 +61,19 @@ const full: DebuggerState = {
       attendedTokenIndex: null,
     },
   },
+  trail: [
+    {
+      node: {
+        nodeType: "mlp_neuron",
+        layerIndex: 25,
+        tokenIndex: 13,
+        componentIndex: 7,
+        attendedTokenIndex: null,
+      },
+      attentionTraceType: null,
+      downstream: null,
+    },
+  ],
   topK: 25,
   latents: types.sides,
 };
@@ -108,6 +121,19 @@ describe("URL state", () => {
       "attn-latent:7:3:1999",
     ]);
     expect(stateToParams(types, full).get("trace")).toBe("attn:20:13:1:3@value>mlp:25:13:7");
+  });
+
+  it("round-trips a downstream head with how it is traced", () => {
+    const q = new URLSearchParams("prompt=hi&trace=attn:5:13:1:3@value>attn:9:13:2:4@query");
+    const s = paramsToState(types, q);
+    expect(s.trace?.downstream?.layerIndex).toBe(9);
+    expect(s.trace?.downstreamType).toBe("query");
+    expect(stateToParams(types, s).get("trace")).toBe("attn:5:13:1:3@value>attn:9:13:2:4@query");
+  });
+
+  it("keeps a trail only with a trace", () => {
+    const q = new URLSearchParams("prompt=hi&trail=mlp:25:13:7");
+    expect(paramsToState(types, q).trail).toEqual([]);
   });
 
   it("encodes prompts so that & # ? and newlines survive", () => {

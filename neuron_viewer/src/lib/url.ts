@@ -8,6 +8,8 @@ export interface Trace {
   node: NodeIndex;
   attentionTraceType: AttentionTraceType | null;
   downstream: NodeIndex | null; // only with attentionTraceType "value"
+  /** How a downstream head pair is traced (query, key or query_and_key); null for the others. */
+  downstreamType?: AttentionTraceType | null;
 }
 
 export interface DebuggerState {
@@ -17,6 +19,8 @@ export interface DebuggerState {
   secondPrompt: string | null; // a second prompt shown side by side
   ablations: NodeAblation[];
   trace: Trace | null;
+  /** The traces that led to this one, oldest first (the breadcrumb: loss › node › upstream …). */
+  trail: Trace[];
   topK: number;
   /** Sides whose layers show autoencoder latents instead of neurons / heads. */
   latents: AutoencoderSide[];
@@ -29,6 +33,7 @@ export const DEFAULT_STATE: DebuggerState = {
   secondPrompt: null,
   ablations: [],
   trace: null,
+  trail: [],
   topK: 10,
   latents: [],
 };
@@ -43,14 +48,23 @@ export function stateToParams(types: NodeTypes, s: DebuggerState): URLSearchPara
     p.append("ablate", a.value ? `${types.key(a.node)}=${a.value}` : types.key(a.node));
   }
   if (s.trace) {
-    let v = types.key(s.trace.node);
-    if (s.trace.attentionTraceType) v += `@${s.trace.attentionTraceType}`;
-    if (s.trace.downstream) v += `>${types.key(s.trace.downstream)}`;
-    p.set("trace", v);
+    p.set("trace", traceString(types, s.trace));
+    for (const t of s.trail) p.append("trail", traceString(types, t));
   }
   if (s.topK !== DEFAULT_STATE.topK) p.set("k", String(s.topK));
   for (const side of types.sides) if (s.latents.includes(side)) p.append("latents", side);
   return p;
+}
+
+/** A trace as the URL writes it: `key[@type][>downstreamKey[@type]]`. */
+export function traceString(types: NodeTypes, t: Trace): string {
+  let v = types.key(t.node);
+  if (t.attentionTraceType) v += `@${t.attentionTraceType}`;
+  if (t.downstream) {
+    v += `>${types.key(t.downstream)}`;
+    if (t.downstreamType) v += `@${t.downstreamType}`;
+  }
+  return v;
 }
 
 function parseAblation(types: NodeTypes, v: string): NodeAblation | null {
@@ -69,8 +83,13 @@ function parseTrace(types: NodeTypes, v: string): Trace | null {
   const attentionTraceType = TRACE_TYPES.includes(type as AttentionTraceType)
     ? (type as AttentionTraceType)
     : null;
-  const downstream = down ? types.parseKey(down) : null;
-  return { node, attentionTraceType, downstream };
+  const [downKey, downType] = (down ?? "").split("@");
+  const downstream = downKey ? types.parseKey(downKey) : null;
+  const downstreamType =
+    downstream && TRACE_TYPES.includes(downType as AttentionTraceType)
+      ? (downType as AttentionTraceType)
+      : null;
+  return { node, attentionTraceType, downstream, ...(downstreamType ? { downstreamType } : {}) };
 }
 
 /** Parse a URL query; malformed parts are dropped, never thrown. */
@@ -86,6 +105,12 @@ export function paramsToState(types: NodeTypes, p: URLSearchParams): DebuggerSta
       .map((v) => parseAblation(types, v))
       .filter((a): a is NodeAblation => a !== null),
     trace: p.has("trace") ? parseTrace(types, p.get("trace") ?? "") : null,
+    trail: p.has("trace")
+      ? p
+          .getAll("trail")
+          .map((v) => parseTrace(types, v))
+          .filter((t): t is Trace => t !== null)
+      : [],
     topK: Number.isInteger(k) && k >= 1 && k <= 1000 ? k : DEFAULT_STATE.topK,
     latents: types.sides.filter((side) => p.getAll("latents").includes(side)),
   };

@@ -17,7 +17,7 @@ import { LatestOnly } from "../lib/latest";
 import { formatLayers } from "../lib/jump";
 import { plural, SIDE_LABEL, type AutoencoderSide, type NodeTypes } from "../lib/nodes";
 import { alignRows, toCsv, toJson } from "../lib/table";
-import { differingPositions, displayToken, tokenWarnings } from "../lib/tokens";
+import { differingPositions, displayToken, tokenWarnings, typedToken } from "../lib/tokens";
 import { paramsToState, stateToParams, type DebuggerState, type Trace } from "../lib/url";
 import { useNodeTypes } from "../nodeTypes";
 import { navigate, useLocation } from "../router";
@@ -45,7 +45,7 @@ export function buildRequest(s: DebuggerState): Sides {
       ? { node: trace.node, attentionTraceType: trace.attentionTraceType }
       : null,
     downstreamNodeToTrace: trace?.downstream
-      ? { node: trace.downstream, attentionTraceType: null }
+      ? { node: trace.downstream, attentionTraceType: trace.downstreamType ?? null }
       : null,
   });
   const requests = [base(s.prompt, true)];
@@ -86,7 +86,8 @@ function TokenInput(props: {
   const [draft, setDraft] = useState("");
   const add = () => {
     if (!draft) return;
-    props.onChange([...props.tokens, draft]);
+    // The glyphs the page shows for whitespace ("·Paris", "␣Paris") are read as the whitespace.
+    props.onChange([...props.tokens, typedToken(draft)]);
     setDraft("");
   };
   return (
@@ -143,7 +144,10 @@ export default function Debugger({ model }: { model: ModelState }) {
     request: Sides;
     response: BatchedTdbResponse;
     query: string;
+    state: DebuggerState; // the state these results are of (the URL's may have moved on)
   } | null>(null);
+  // Bumped by a submit of the state already in the URL: it runs again (a retry after an error).
+  const [runs, setRuns] = useState(0);
   const [loading, setLoading] = useState(false);
   const [error, setError] = useState<{ message: string; side: "left" | "right" | "both" } | null>(
     null,
@@ -151,6 +155,12 @@ export default function Debugger({ model }: { model: ModelState }) {
   const latest = useRef(new LatestOnly());
   const promptTokens = useTokenize(draft.prompt);
   const prompt2Tokens = useTokenize(draft.secondPrompt ?? "");
+
+  useEffect(() => {
+    const what = state.trace ? ` · tracing ${types.name(state.trace.node)}` : "";
+    const prompt = state.prompt.length > 40 ? `${state.prompt.slice(0, 40)}…` : state.prompt;
+    document.title = `Debugger${prompt ? ` · “${prompt}”` : ""}${what} · Transformer debugger`;
+  }, [types, state]);
 
   // The URL is the source of truth: when it changes (submit, back/forward, reload), adopt it.
   useEffect(() => setDraft(state), [state]);
@@ -168,28 +178,39 @@ export default function Debugger({ model }: { model: ModelState }) {
         if (r.stale) return;
         setLoading(false);
         if (r.value) {
-          setResult({ request, response: r.value, query: stateToParams(types, state).toString() });
+          setResult({
+            request,
+            response: r.value,
+            query: stateToParams(types, state).toString(),
+            state,
+          });
           setError(null);
         } else {
           const message = r.error instanceof Error ? r.error.message : String(r.error);
           setError({ message, side: errorSide(r.error) });
         }
       });
-  }, [types, state]);
+  }, [types, state, runs]);
 
   const commit = (next: DebuggerState) => {
     if (!same(types, next, state)) navigate(`/debugger?${stateToParams(types, next)}`);
   };
-  const submit = () => commit(draft);
+  // Submit always runs: the state of the URL again when the draft is that state.
+  const submit = () => (same(types, draft, state) ? setRuns((n) => n + 1) : commit(draft));
+  const query = stateToParams(types, state).toString();
+  const stale = result != null && !loading && result.query !== query;
 
   const left = result?.response.subResponses[0] ?? null;
   const right = result?.response.subResponses[1] ?? null;
   const rightLabel = result?.request.right === "baseline" ? "Baseline (no ablations)" : "Right";
+  // With a baseline, the left side is the ablated run: named so, not "Left".
+  const leftLabel = result?.request.right === "baseline" ? "Ablated" : "Left";
   const rows = useMemo(
     () => (left ? alignRows(types, left.nodeTable, right?.nodeTable ?? null) : []),
     [types, left, right],
   );
   const tokens = left?.tokenStrings ?? [];
+  const shown = result?.state ?? state; // what the results on screen were asked with
   const modelName = model.info?.name ?? "model";
 
   const actions = {
@@ -198,11 +219,32 @@ export default function Debugger({ model }: { model: ModelState }) {
       commit({ ...state, ablations: [...state.ablations, { node, value: 0 }] });
     },
     trace: (node: NodeIndex, type: AttentionTraceType | null) =>
-      commit({ ...state, trace: { node, attentionTraceType: type, downstream: null } }),
-    setDownstream:
-      state.trace?.attentionTraceType === "value"
-        ? (node: NodeIndex) =>
-            commit({ ...state, trace: { ...(state.trace as Trace), downstream: node } })
+      commit({
+        ...state,
+        trace: { node, attentionTraceType: type, downstream: null },
+        trail: state.trace ? [...state.trail, state.trace] : [],
+      }),
+    // While tracing a node through its pre-activation, the heads of its upstream table can be
+    // traced through their value into it: the only rows where a downstream node is valid (it must
+    // write later than the head; a value trace's own rows are all upstream of its head).
+    traceValueInto:
+      state.trace && state.trace.attentionTraceType !== "value" && shown.trace
+        ? {
+            name: types.name(state.trace.node),
+            run: (node: NodeIndex) => {
+              const into = state.trace as Trace;
+              commit({
+                ...state,
+                trace: {
+                  node,
+                  attentionTraceType: "value",
+                  downstream: into.node,
+                  downstreamType: into.attentionTraceType,
+                },
+                trail: [...state.trail, into],
+              });
+            },
+          }
         : undefined,
   };
 
@@ -320,7 +362,30 @@ export default function Debugger({ model }: { model: ModelState }) {
                   {state.ablations.map((a, i) => (
                     <tr key={types.key(a.node)}>
                       <td>{types.describe(a.node, tokens)}</td>
-                      <td className="num">{a.value ?? 0}</td>
+                      <td className="num">
+                        <input
+                          className="narrow"
+                          type="number"
+                          step="any"
+                          key={`${types.key(a.node)}=${a.value ?? 0}`}
+                          defaultValue={a.value ?? 0}
+                          aria-label={`value of ${types.name(a.node)}`}
+                          title="the value written in place of the node's activation (Enter to apply)"
+                          onKeyDown={(e) => {
+                            if (e.key === "Enter") e.currentTarget.blur();
+                          }}
+                          onBlur={(e) => {
+                            const value = Number(e.currentTarget.value);
+                            if (!Number.isFinite(value) || value === (a.value ?? 0)) return;
+                            commit({
+                              ...state,
+                              ablations: state.ablations.map((x, j) =>
+                                j === i ? { ...x, value } : x,
+                              ),
+                            });
+                          }}
+                        />
+                      </td>
                       <td>
                         <button
                           onClick={() =>
@@ -347,13 +412,27 @@ export default function Debugger({ model }: { model: ModelState }) {
                   `What caused ${types.describe(state.trace.node, tokens)}?`}
               </p>
               {state.trace.attentionTraceType === "value" && (
-                <p className="muted">
+                <p className="muted" data-testid="trace-downstream">
                   {state.trace.downstream
                     ? `Downstream node: ${types.describe(state.trace.downstream, tokens)}`
-                    : "Through the value to the loss; pick a downstream node from a row's actions menu."}
+                    : "Through the value to the loss. To measure it against a later node " +
+                      "instead, trace that node, then pick “Trace value into …” on this head's row."}
                 </p>
               )}
-              <button onClick={() => commit({ ...state, trace: null })}>clear trace</button>
+              <Breadcrumb
+                trail={state.trail}
+                trace={state.trace}
+                onPick={(i) =>
+                  commit(
+                    i < 0
+                      ? { ...state, trace: null, trail: [] }
+                      : { ...state, trace: state.trail[i], trail: state.trail.slice(0, i) },
+                  )
+                }
+              />
+              <button onClick={() => commit({ ...state, trace: null, trail: [] })}>
+                clear trace
+              </button>
             </Card>
           )}
         </div>
@@ -371,7 +450,14 @@ export default function Debugger({ model }: { model: ModelState }) {
           data-testid="results"
           data-query={result.query}
           data-loading={loading ? "true" : "false"}
+          className={stale ? "stale" : ""}
         >
+          {stale && (
+            <p className="stale-note" data-testid="stale-results">
+              Showing the results of the previous request
+              {error ? " (the request above failed)" : ""}: {describeState(types, result.state)}.
+            </p>
+          )}
           <div className="two-col">
             <Card
               title="Direction of interest"
@@ -384,21 +470,31 @@ export default function Debugger({ model }: { model: ModelState }) {
                 />
               }
             >
-              <Summary left={left} right={right} rightLabel={rightLabel} state={state} />
+              <Summary
+                left={left}
+                right={right}
+                leftLabel={leftLabel}
+                rightLabel={rightLabel}
+                state={shown}
+              />
               <h3 className="subhead">Token effects (estimated total effect per token)</h3>
               <div data-testid="heatmaps">
-                <Heatmaps side={left} />
+                <Heatmaps left={left} right={right} leftLabel={leftLabel} rightLabel={rightLabel} />
               </div>
             </Card>
             <Card title="Next-token candidates" loading={loading} testId="candidates">
-              <Candidates side={left} label={right ? "Left" : ""} />
+              <Candidates side={left} label={right ? leftLabel : ""} />
               {right && <Candidates side={right} label={rightLabel} />}
             </Card>
           </div>
           <Card title="Tokens" loading={loading}>
             <TokenTable
               sides={[
-                { label: right ? "Left" : "", tokens: left.tokenStrings, ids: left.tokenIds },
+                {
+                  label: right ? leftLabel : "",
+                  tokens: left.tokenStrings,
+                  ids: left.tokenIds,
+                },
                 ...(right && result.request.right === "prompt2"
                   ? [{ label: "Right", tokens: right.tokenStrings, ids: right.tokenIds }]
                   : []),
@@ -433,8 +529,18 @@ export default function Debugger({ model }: { model: ModelState }) {
               tokens={tokens}
               twoSides={right != null}
               modelName={modelName}
-              prompt={state.prompt}
+              prompt={shown.prompt}
               actions={actions}
+              topK={shown.topK}
+              isAblated={(r) =>
+                shown.ablations.some(
+                  (a) =>
+                    types.same(a.node, r.node) ||
+                    (a.node.attendedTokenIndex == null &&
+                      r.type.perTokenPair &&
+                      types.same(a.node, { ...r.node, attendedTokenIndex: null })),
+                )
+              }
             />
           </Card>
         </div>
@@ -491,23 +597,22 @@ function LatentSwitches(props: {
 function Summary(props: {
   left: TdbSubResponse;
   right: TdbSubResponse | null;
+  leftLabel: string;
   rightLabel: string;
   state: DebuggerState;
 }) {
   const { left, right } = props;
-  const what = props.state.trace
-    ? "the traced node's pre-activation"
-    : props.state.targets.length
-      ? `logit(${props.state.targets.join(", ")})` +
-        (props.state.distractors.length ? ` − logit(${props.state.distractors.join(", ")})` : "")
-      : "none (no targets)";
+  const types = useNodeTypes();
+  const what = directionText(types, props.state, left.tokenStrings);
   return (
     <div data-testid="direction-values">
-      <p className="muted">D = {what}</p>
+      <p className="muted" data-testid="d-caption">
+        D = {what}
+      </p>
       <table className="small">
         <tbody>
           <tr>
-            <th>{right ? "Left" : "D"}</th>
+            <th>{right ? props.leftLabel : "D"}</th>
             <td className="num" data-testid="d-left">
               {left.directionValue.toFixed(4)}
             </td>
@@ -532,6 +637,71 @@ function Summary(props: {
       </table>
     </div>
   );
+}
+
+/** A trace in a few words: "mlp L5 #3", "attn L3 H1 (query)", "attn L3 H1 (value → mlp L5 #3)". */
+function traceLabel(types: NodeTypes, t: Trace): string {
+  const how = t.attentionTraceType?.replace(/_/g, " ");
+  const into = t.downstream ? ` → ${types.name(t.downstream)}` : "";
+  return types.name(t.node) + (how ? ` (${how}${into})` : "");
+}
+
+/** The chain of traces that led here, each a link back to it; "loss" clears the trace. */
+function Breadcrumb(props: { trail: Trace[]; trace: Trace; onPick: (i: number) => void }) {
+  const types = useNodeTypes();
+  return (
+    <nav className="breadcrumb" aria-label="trace history" data-testid="trace-breadcrumb">
+      <button className="link" onClick={() => props.onPick(-1)}>
+        loss
+      </button>
+      {props.trail.map((t, i) => (
+        <span key={i}>
+          {" › "}
+          <button className="link" onClick={() => props.onPick(i)}>
+            {traceLabel(types, t)}
+          </button>
+        </span>
+      ))}
+      {" › "}
+      <strong aria-current="step">{traceLabel(types, props.trace)}</strong>
+    </nav>
+  );
+}
+
+/** The loss in words: logit(targets) − logit(distractors). */
+function lossText(s: DebuggerState): string {
+  if (!s.targets.length) return "none (no targets)";
+  const mean = (t: string[]) => (t.length > 1 ? `mean logit(${t.join(", ")})` : `logit(${t[0]})`);
+  return mean(s.targets) + (s.distractors.length ? ` − ${mean(s.distractors)}` : "");
+}
+
+/** What D is for a state: the loss; a traced node's pre-activation; or, through a head's value,
+ * the head pair's direct effect on the loss or on a downstream node's pre-activation. */
+export function directionText(types: NodeTypes, s: DebuggerState, tokens: string[]): string {
+  const trace = s.trace;
+  if (!trace) return lossText(s);
+  const node = types.describe(trace.node, tokens);
+  if (trace.attentionTraceType === "value") {
+    const onto = trace.downstream
+      ? `the pre-activation of ${types.describe(trace.downstream, tokens)}`
+      : lossText(s);
+    return `the direct effect of ${node} through its value on ${onto}`;
+  }
+  const via = trace.attentionTraceType
+    ? ` (its attention logit, through the ${trace.attentionTraceType.replace(/_/g, " ")})`
+    : "";
+  return `the pre-activation of ${node}${via}`;
+}
+
+/** A state in a few words, for the note over stale results. */
+function describeState(types: NodeTypes, s: DebuggerState): string {
+  const short = (t: string) => (t.length > 40 ? `${t.slice(0, 40)}…` : t);
+  const parts = [`“${short(s.prompt)}”`];
+  if (s.targets.length) parts.push(`D = ${lossText(s)}`);
+  if (s.trace) parts.push(`tracing ${types.name(s.trace.node)}`);
+  if (s.ablations.length) parts.push(`${s.ablations.length} ablated`);
+  if (s.secondPrompt) parts.push(`second prompt “${short(s.secondPrompt)}”`);
+  return parts.join(", ");
 }
 
 function Candidates({ side, label }: { side: TdbSubResponse; label: string }) {
@@ -572,8 +742,16 @@ function Candidates({ side, label }: { side: TdbSubResponse; label: string }) {
 }
 
 /** One heat map per node type in the table's token sums, keyed by the type's name; token pairs
- * have two, by query token (`…_attended_from`) and by key token (`…_attended_to`). */
-function Heatmaps({ side }: { side: TdbSubResponse }) {
+ * have two, by query token (`…_attended_from`) and by key token (`…_attended_to`). With two sides,
+ * each type has three rows: left, Diff (left − right, token by token where both have the token)
+ * and right, each on its own scale. */
+function Heatmaps(props: {
+  left: TdbSubResponse;
+  right: TdbSubResponse | null;
+  leftLabel: string;
+  rightLabel: string;
+}) {
+  const { left, right } = props;
   const types = useNodeTypes();
   const maps: [string, string][] = types.all.flatMap((t) => {
     const label = plural(t).charAt(0).toUpperCase() + plural(t).slice(1);
@@ -586,13 +764,45 @@ function Heatmaps({ side }: { side: TdbSubResponse }) {
   });
   return (
     <div className="heatmaps">
+      <p className="muted legend" data-testid="heatmap-legend">
+        <span className="swatch pos" /> raises D <span className="swatch neg" /> lowers D · each row
+        on its own scale (its largest magnitude fully coloured); hover a token for its value
+      </p>
       {maps.map(([key, label]) => {
-        const values = side.tokenSums[key]?.estimatedTotalEffect;
-        if (!values) return null;
+        const l = left.tokenSums[key]?.estimatedTotalEffect;
+        const r = right?.tokenSums[key]?.estimatedTotalEffect;
+        if (!l && !r) return null;
+        if (!right) {
+          return (
+            <div key={key} className="heatmap-row" data-type={key} data-side="left">
+              <span className="label">{label}</span>
+              <TokenHeatmap tokens={left.tokenStrings} values={l ?? []} />
+            </div>
+          );
+        }
+        const n = Math.max(left.tokenStrings.length, right.tokenStrings.length);
+        const diff = Array.from({ length: n }, (_, i) =>
+          l?.[i] != null && r?.[i] != null ? l[i] - r[i] : null,
+        );
+        const diffTokens = Array.from(
+          { length: n },
+          (_, i) => left.tokenStrings[i] ?? right.tokenStrings[i] ?? "",
+        );
         return (
-          <div key={key} className="heatmap-row">
+          <div key={key} className="heatmap-group" data-type={key}>
             <span className="label">{label}</span>
-            <TokenHeatmap tokens={side.tokenStrings} values={values} />
+            {(
+              [
+                ["left", props.leftLabel, left.tokenStrings, l ?? []],
+                ["diff", "Diff", diffTokens, diff],
+                ["right", props.rightLabel, right.tokenStrings, r ?? []],
+              ] as const
+            ).map(([side, sideLabel, tokens, values]) => (
+              <div key={side} className="heatmap-row" data-side={side}>
+                <span className="label sub">{sideLabel}</span>
+                <TokenHeatmap tokens={[...tokens]} values={[...values]} />
+              </div>
+            ))}
           </div>
         );
       })}

@@ -181,6 +181,9 @@ export default function Home({ model }: { model: ModelState }) {
   const [jump, setJump] = useState("");
   const [kindName, setKindName] = useState<string | null>(null);
   const [jumpError, setJumpError] = useState<string | null>(null);
+  useEffect(() => {
+    document.title = "Transformer debugger";
+  }, []);
   // The component types the model has (latents: when the server loaded autoencoders of their
   // side; without a model, none).
   const kinds = types.components.filter((t) =>
@@ -269,6 +272,15 @@ export default function Home({ model }: { model: ModelState }) {
             Open the debugger
           </a>{" "}
           or start from an example:
+        </p>
+        <p className="muted" data-testid="home-terms">
+          <strong>D</strong>, the direction of interest, is the logit of the target tokens minus
+          that of the distractors (or, when tracing, the traced node&apos;s pre-activation); the
+          node table ranks components by how they move it. <strong>Activation</strong> is a
+          node&apos;s value (a head&apos;s attention probability), <strong>write magnitude</strong>{" "}
+          the size of what it adds to the residual stream, <strong>direct effect</strong> what that
+          write adds to D through no later layer, and <strong>estimated total effect</strong>{" "}
+          activation × gradient of D, every later path included.
         </p>
         <ul>
           {EXAMPLES.map((ex) => (

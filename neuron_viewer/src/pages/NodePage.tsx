@@ -28,8 +28,8 @@ import { navigate, useLocation } from "../router";
 
 /** Per-token activations (neurons, latents) or per token pair (heads). */
 type Activations =
-  | { kind: "per_token"; data: DerivedScalarsResponse }
-  | { kind: "attention_head"; data: DerivedAttentionScalarsResponse };
+  | { kind: "per_token"; data: DerivedScalarsResponse; metric: string }
+  | { kind: "attention_head"; data: DerivedAttentionScalarsResponse; metric: string };
 
 async function rawOrNormalized(
   type: NodeTypeInfo,
@@ -44,11 +44,14 @@ async function rawOrNormalized(
     ? { normalizeByDatasetMax: true, datasetName: dataset ?? undefined }
     : { normalizeByDatasetMax: false };
   if (type.perTokenPair) {
+    // Scaled by the dataset max, the quantity shown is the one the dataset records (a head's
+    // write magnitude), never the attention probability on another quantity's scale.
+    const metric = normalize ? (type.datasetMetric ?? "activation") : "activation";
     const data = await api.derivedAttentionScalars(
-      { prompt, layerIndex: layer, headIndex: index, ...norm },
+      { prompt, layerIndex: layer, headIndex: index, metric, ...norm },
       signal,
     );
-    return { kind: "attention_head", data };
+    return { kind: "attention_head", data, metric };
   }
   const data = await api.derivedScalars(
     {
@@ -58,7 +61,7 @@ async function rawOrNormalized(
     },
     signal,
   );
-  return { kind: "per_token", data };
+  return { kind: "per_token", data, metric: "activation" };
 }
 
 /** A prompt's activations scaled by the component's dataset max (so they are coloured like the
@@ -79,12 +82,19 @@ async function activations(
   }
 }
 
-function ScaleNote({ datasetMax }: { datasetMax: number | null | undefined }) {
+/** The quantity shown, in words: a head's activation is its attention probability. */
+function quantity(acts: Activations): string {
+  if (acts.kind === "attention_head")
+    return acts.metric === "activation" ? "attention probability" : acts.metric.replace(/_/g, " ");
+  return "activation";
+}
+
+function ScaleNote({ datasetMax, what }: { datasetMax: number | null | undefined; what: string }) {
   return (
     <span className="muted" data-testid="activation-scale">
       {datasetMax
-        ? `colour scale: the dataset max ${datasetMax.toPrecision(3)}`
-        : "colour scale: this prompt's max (no dataset holds this component)"}
+        ? `colour: ${what}, scaled by its dataset max ${datasetMax.toPrecision(3)}`
+        : `colour: ${what}, scaled by this prompt's max (no dataset holds this component)`}
     </span>
   );
 }
@@ -109,7 +119,7 @@ function ActivationView({ acts }: { acts: Activations }) {
           {hover != null &&
             acts.data.normalizedValues &&
             ` (${acts.data.normalizedValues[hover]?.toFixed(2)} of the dataset max)`}{" "}
-          · <ScaleNote datasetMax={acts.data.datasetMax} />
+          · <ScaleNote datasetMax={acts.data.datasetMax} what={quantity(acts)} />
         </p>
       </div>
     );
@@ -132,9 +142,11 @@ function ActivationView({ acts }: { acts: Activations }) {
       />
       <p className="muted">
         {hover == null
-          ? "colour: each query token's strongest attention; hover a token to see what it attends to"
-          : `token ${hover} attends to (colour)`}{" "}
-        · <ScaleNote datasetMax={acts.data.datasetMax} />
+          ? `each query token's strongest pair; hover a token to see its pairs`
+          : `token ${hover}'s pairs with the tokens it attends to`}
+        {" · max "}
+        <span data-testid="pair-max">{maxAbs(rows.flat()).toPrecision(3)}</span> ·{" "}
+        <ScaleNote datasetMax={acts.data.datasetMax} what={quantity(acts)} />
       </p>
     </div>
   );
@@ -287,6 +299,9 @@ function ComponentPage(props: {
   }, [inRange, info, type, layer, index, prompt, token, attended]);
 
   const name = componentName(type, layer, index);
+  useEffect(() => {
+    document.title = `${name} · ${props.modelName} · Transformer debugger`;
+  }, [name, props.modelName]);
   if (!inRange) {
     const side = type.autoencoderSide;
     // In a layer without this type, the width of its others (neurons and heads: the same in
