@@ -52,6 +52,26 @@ class PassState:
             )
         return self.g
 
+    def post_norm_gain(self, layer: int, writes: str) -> torch.Tensor | None:
+        """[b, n, d] w / s of the norm a block's attention ("attention") or MLP ("mlp") output
+        passes before the residual stream (ln1_post, ln2_post), its scale s held at the forward's
+        value: a write v there adds v ⊙ w / s to the residual (docs/engine.md). None for pre-norm
+        models, whose writes go straight in."""
+        if not self.model.cfg.post_norms:
+            return None
+        norm = "ln1_post" if writes == "attention" else "ln2_post"
+        scale = self.act(f"blocks.{layer}.{norm}.hook_scale")
+        block = self.model.blocks[layer]
+        return getattr(block, norm).weight / scale
+
+    def gradient_at_write(self, layer: int, writes: str, write_position: int) -> torch.Tensor:
+        """[b, n, d] the gradient at the cut as seen by a node of block `layer` writing through
+        its attention or MLP output: g ⊙ w / s through a frozen post-norm (g itself in pre-norm
+        blocks), zero in rows whose cut is before `write_position`."""
+        g = self.gradient_at_cut() * self.cut_mask(write_position)
+        gain = self.post_norm_gain(layer, writes)
+        return g if gain is None else g * gain
+
     def cut_mask(self, write_position: int) -> torch.Tensor:
         """[b, 1, 1] (broadcastable) 1.0 where a node writing at `write_position` is before the cut."""
         keep = [1.0 if write_position <= c else 0.0 for c in self.cut]
@@ -124,6 +144,18 @@ def hook_names_for(
         return out
 
     return expand(scalar.acts), expand(scalar.grads)
+
+
+def post_norm_reads(*names: str, writes: str) -> Reads:
+    """`names` plus the scale of the post-norm the block's attention or MLP output passes, where
+    the model has post-norms (what `PassState.post_norm_gain` reads)."""
+    norm = "ln1_post" if writes == "attention" else "ln2_post"
+
+    def reads(model: HookedTransformer, layer: int) -> Sequence[str]:
+        post = (f"blocks.{{L}}.{norm}.hook_scale",) if model.cfg.post_norms else ()
+        return (*names, *post)
+
+    return reads
 
 
 def act_times_grad(name: str) -> ScalarFn:

@@ -198,7 +198,7 @@ class Engine:
             grads[hook.name] = g.detach()
 
         ablations = [r.request.node_ablations for r in rows]
-        fwd = ablation_hooks(model, ablations) + norm_hooks(rows)
+        fwd = ablation_hooks(model, ablations) + norm_hooks(model, rows)
         fwd += [(n, record) for n in sorted(act_names | live_names)]
         # After the recording hooks, which so see (and trace from) the splices' inputs.
         fwd += splice_hooks(model, spliced, ablations, acts, grads if needs_backward else None)
@@ -250,6 +250,8 @@ class Engine:
         grad_names: set[str] = set()
         if needs_backward:
             grad_names = {"hook_embed"} | {r.cut_hook for r in rows}
+        if model.cfg.post_norms:  # writes through post-norms are scaled by them (§3.7)
+            act_names |= {n for n in model.hook_names() if "_post.hook_scale" in n}
         for s in scalars:
             reads, read_grads = hook_names_for(s, model, describe(s.node_type).layers(model))
             act_names |= reads
@@ -408,16 +410,20 @@ class Engine:
         return results
 
     def _bias_direct_effect(self, i: int, row: Row, state: PassState) -> float:
-        """Σ over layers before the cut of (b_O + b_out)·g: the part of D written by biases."""
+        """Σ over layers before the cut of (b_O + b_out)·g: the part of D written by biases
+        (through a frozen post-norm, b ⊙ w / s)."""
         if state.g is None:
             return 0.0
-        g_sum = state.g[i].sum(0)  # biases are written at every token; g is per token
         total = 0.0
         for layer, block in enumerate(self.model.blocks):
-            if block.attn.o_proj.bias is not None and 2 * layer + 1 <= row.cut:
-                total += float(block.attn.o_proj.bias @ g_sum)
-            if block.mlp.w_out.bias is not None and 2 * layer + 2 <= row.cut:
-                total += float(block.mlp.w_out.bias @ g_sum)
+            for bias, writes, position in (
+                (block.attn.o_proj.bias, "attention", 2 * layer + 1),
+                (block.mlp.w_out.bias, "mlp", 2 * layer + 2),
+            ):
+                if bias is not None and position <= row.cut:
+                    # biases are written at every token; g is per token
+                    g_sum = state.gradient_at_write(layer, writes, position)[i].sum(0)
+                    total += float(bias @ g_sum)
         return total
 
 

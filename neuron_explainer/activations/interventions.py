@@ -138,10 +138,13 @@ def _detach_rows(row_ids: list[int]) -> ForwardHookFn:
     return detach_rows
 
 
-def norm_hooks(rows: Sequence[Row]) -> Hooks:
-    """Hold norm scales fixed in the backward pass: the final norm (always) and, per row, the
-    norm in front of each traced node (docs/engine.md §2, §5). Forward values are unchanged."""
+def norm_hooks(model: HookedTransformer, rows: Sequence[Row]) -> Hooks:
+    """Hold norm scales fixed in the backward pass: the final norm and the final logit soft-cap
+    (always) and, per row, the norm in front of each traced node (docs/engine.md §2, §5).
+    Forward values are unchanged."""
     hooks: Hooks = [("ln_final.hook_scale", lambda x, h: x.detach())]
+    if model.cfg.final_softcap:
+        hooks.append(("logit_softcap.hook_scale", lambda x, h: x.detach()))
     per_layer: dict[str, list[int]] = {}
     for i, row in enumerate(rows):
         for trace in traces(row):

@@ -124,15 +124,16 @@ class ViewQueue:
         self.model, self.state, self.row, self.k = model, state, row, k
         self.output, self.input, self.key_side = _Projector(), _Projector(), _Projector()
         self.pairs: dict[NodeIndex, list[ScoredKeyToken]] = {}
-        self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._rope: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def rope(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin of the rotary positions of this batch (rotary models)."""
-        if self._rope is None:
+    def rope(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin of the rotary positions of this batch in block `layer` (rotary models)."""
+        rotary = self.model.rotary_for(layer)
+        if id(rotary) not in self._rope:
             n = self.state.acts["hook_embed"].shape[1]
             positions = torch.arange(n, device=self.model.device)[None]
-            self._rope = self.model.rotary.cos_sin(positions, self.model.dtype)
-        return self._rope
+            self._rope[id(rotary)] = rotary.cos_sin(positions, self.model.dtype)
+        return self._rope[id(rotary)]
 
     def act(self, name: str) -> torch.Tensor | None:
         """A recorded hook value, or None when it was not recorded (that view stays empty)."""

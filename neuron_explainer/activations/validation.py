@@ -217,12 +217,12 @@ def validate_trace(
 def trace_cut(model: HookedTransformer, trace: NodeToTrace | None) -> tuple[int, str]:
     """(write position, hook name) of the residual stream D reads: the end of the model, or just
     before the traced node (before its block for attention writers, between attention and MLP for
-    MLP writers)."""
+    MLP writers; before the block for both in parallel blocks, whose MLP reads resid_pre)."""
     n_layers = model.cfg.n_layers
     if trace is None:
         return 2 * n_layers, f"blocks.{n_layers - 1}.hook_resid_post"
     L = trace.node.layer
-    if describe(trace.node.node_type).writes == "attention":
+    if describe(trace.node.node_type).writes == "attention" or model.cfg.parallel_blocks:
         return 2 * L, f"blocks.{L}.hook_resid_pre"
     return 2 * L + 1, f"blocks.{L}.hook_resid_mid"
 

@@ -18,8 +18,6 @@ through the query, the key, both (the pre-softmax score, the ln1 scale fixed), o
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from neuron_explainer.activations.derived_scalars import (
@@ -27,6 +25,7 @@ from neuron_explainer.activations.derived_scalars import (
     act_times_grad,
     derived_scalar,
     nonzero_tokens,
+    post_norm_reads,
     weight_derived,
 )
 from neuron_explainer.activations.nodes import (
@@ -74,17 +73,19 @@ def pattern(state: PassState, layer: int) -> torch.Tensor:
 def head_write_norms(state: PassState, layer: int) -> torch.Tensor:
     """[b, n_k, H] ‖v[k,h] W_O[h]‖ without an n·H·d tensor: with the QR factorization
     W_O[h]ᵀ = Q R (Q [d, dh] with orthonormal columns), ‖v W_O[h]‖ = ‖v Rᵀ Qᵀ‖ = ‖v Rᵀ‖, a dh×dh
-    product per head (half the time of the Gram form v G vᵀ on CPU)."""
+    product per head (half the time of the Gram form v G vᵀ on CPU). With a post-norm, W_O[h] ⊙ w
+    (its gain; the 1/s at the query is the caller's)."""
     attn = state.model.blocks[layer].attn
-    r_t = weight_derived(
-        "w_o_qr",
-        attn.o_proj.weight,
-        lambda _: (
-            torch.linalg.qr(attn.W_O.detach().double().transpose(1, 2))
-            .R.transpose(1, 2)
-            .to(attn.W_O.dtype)
-        ),
-    )  # [H, dh, dh]
+    gain = state.model.blocks[layer].ln1_post.weight if state.model.cfg.post_norms else None
+
+    def r_factor(_: torch.Tensor) -> torch.Tensor:
+        w_o = attn.W_O.detach().double()
+        if gain is not None:
+            w_o = w_o * gain.detach().double()
+        return torch.linalg.qr(w_o.transpose(1, 2)).R.transpose(1, 2).to(attn.W_O.dtype)
+
+    key = "w_o_qr" if gain is None else "w_o_gain_qr"
+    r_t = weight_derived(key, attn.o_proj.weight, r_factor)  # [H, dh, dh]
     v = head_values(state, layer)  # [b, n, H, dh]
     b, n, h, dh = v.shape
     per_head = torch.bmm(v.reshape(b * n, h, dh).transpose(0, 1), r_t)  # [H, b·n, dh]
@@ -133,7 +134,7 @@ def _score(model: HookedTransformer, live: Live, row: int, trace: NodeToTrace) -
         k = k.detach()
     elif trace.attention_trace_type == AttentionTraceType.KEY:
         q = q.detach()
-    return (q @ k) / math.sqrt(attn.d_head)
+    return attn.scores(q @ k)
 
 
 def _through_value(
@@ -183,13 +184,20 @@ def head_activation(state: PassState, layer: int) -> torch.Tensor:
 
 @derived_scalar(T, "write_magnitude", acts=(_PATTERN, _V), signed=False)
 def head_write_magnitude(state: PassState, layer: int) -> torch.Tensor:
-    return pattern(state, layer) * head_write_norms(state, layer).transpose(1, 2)[:, :, None, :]
+    """A·‖v W_O‖; through a post-norm A·‖v W_O ⊙ w‖ / s[q] where its scale was recorded (the
+    engine always records it; a dataset, whose hooks do not depend on the model, gets the
+    magnitude before the post-norm's 1/s)."""
+    out = pattern(state, layer) * head_write_norms(state, layer).transpose(1, 2)[:, :, None, :]
+    scale = state.acts.get(f"blocks.{layer}.ln1_post.hook_scale")
+    if scale is not None:
+        out = out / scale[:, None, :, :]
+    return out
 
 
-@derived_scalar(T, "direct_effect", acts=(_PATTERN, _V))
+@derived_scalar(T, "direct_effect", acts=post_norm_reads(_PATTERN, _V, writes="attention"))
 def head_direct_effect(state: PassState, layer: int) -> torch.Tensor:
     w_o = state.model.blocks[layer].attn.W_O  # [H, dh, d]
-    g = state.gradient_at_cut() * state.cut_mask(2 * layer + 1)  # [b, n, d]
+    g = state.gradient_at_write(layer, "attention", 2 * layer + 1)  # [b, n, d]
     probs = pattern(state, layer)
     out = torch.zeros_like(probs)
     # g is non-zero at a few tokens only (the read position, or the traced pair's tokens): project
@@ -234,9 +242,9 @@ def head_views(queue: ViewQueue, node: NodeIndex) -> None:
     kvh = h // (attn.n_heads // attn.n_kv_heads)
     q_vec, k_vec = q_all[row, t, h], k_all[row, kt, kvh]
     # d score / d q_raw = R(pos_q)^T k_rot / sqrt(dh); R^T rotates by -θ.
-    g_q, g_k = k_vec / math.sqrt(attn.d_head), q_vec / math.sqrt(attn.d_head)
+    g_q, g_k = k_vec * attn.scale, q_vec * attn.scale
     if model.cfg.positional == "rotary":
-        cos, sin = queue.rope()
+        cos, sin = queue.rope(L)
         g_q = Rotary.rotate(g_q[None, None, None], cos[:, t : t + 1], -sin[:, t : t + 1]).flatten()
         g_k = Rotary.rotate(
             g_k[None, None, None], cos[:, kt : kt + 1], -sin[:, kt : kt + 1]

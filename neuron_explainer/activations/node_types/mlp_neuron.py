@@ -21,6 +21,7 @@ from neuron_explainer.activations.derived_scalars import (
     act_times_grad,
     derived_scalar,
     nonzero_tokens,
+    post_norm_reads,
     weight_derived,
 )
 from neuron_explainer.activations.nodes import (
@@ -85,15 +86,24 @@ def neuron_activation(state: PassState, layer: int) -> torch.Tensor:
 
 @derived_scalar(T, "write_magnitude", acts=(_POST,), signed=False)
 def neuron_write_magnitude(state: PassState, layer: int) -> torch.Tensor:
+    """|a|·‖W_out[i]‖; through a post-norm |a|·‖W_out[i] ⊙ w‖ / s (docs/engine.md §3.7), the 1/s
+    where the scale was recorded (always by the engine)."""
     weight = state.model.blocks[layer].mlp.w_out.weight  # [d, m]
-    norms = weight_derived("w_out_norms", weight, lambda w: w.norm(dim=0))
-    return state.act(_POST.format(L=layer)).abs() * norms
+    post = state.act(_POST.format(L=layer)).abs()
+    if not state.model.cfg.post_norms:
+        return post * weight_derived("w_out_norms", weight, lambda w: w.norm(dim=0))
+    gain = state.model.blocks[layer].ln2_post.weight
+    out = post * weight_derived(
+        "w_out_gain_norms", weight, lambda w: (w * gain[:, None]).norm(dim=0)
+    )
+    scale = state.acts.get(f"blocks.{layer}.ln2_post.hook_scale")
+    return out if scale is None else out / scale
 
 
-@derived_scalar(T, "direct_effect", acts=(_POST,))
+@derived_scalar(T, "direct_effect", acts=post_norm_reads(_POST, writes="mlp"))
 def neuron_direct_effect(state: PassState, layer: int) -> torch.Tensor:
     w_out = state.model.blocks[layer].mlp.W_out
-    g = state.gradient_at_cut() * state.cut_mask(2 * layer + 2)
+    g = state.gradient_at_write(layer, "mlp", 2 * layer + 2)
     post = state.act(_POST.format(L=layer))
     out = torch.zeros_like(post)
     rows = nonzero_tokens(g)  # g is non-zero at a few tokens only
