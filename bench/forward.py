@@ -1,15 +1,18 @@
 """Forward-pass throughput of the hooked model vs Hugging Face `transformers`, and hook overhead.
 
 All figures come from this run, on the same weights and the same token batch:
-1. tokens/s of our forward vs `transformers` (the default model exported with `export_hf` and
-   loaded with AutoModelForCausalLM; fp32, eval, no grad; both use PyTorch's fused attention);
+1. tokens/s of our forward vs `transformers` (the model exported with `export_hf` and loaded with
+   AutoModelForCausalLM, or, for a GGUF family export does not write, such as Gemma 3,
+   `transformers`' own loading of the same GGUF file; fp32, eval, no grad; both use PyTorch's
+   fused attention);
 2. the cost of hook points with nothing attached: the normal model vs the same model with every
    HookPoint call replaced by the identity at the class level (the hook points "compiled out");
 3. the cost of a no-op function attached to every hook point vs none attached. Observing
    `hook_pattern` switches attention from the fused kernel to the explicit one, so this figure
    includes that switch.
 
-    python bench/forward.py [--batch 4] [--seq 128] [--repeats 10] [--threads N]
+    python bench/forward.py [--model smollm2-135m | gemma3-270m] [--batch 4] [--seq 128]
+                            [--repeats 10] [--threads N]
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import transformers
@@ -53,6 +57,19 @@ def make_batch(model: HookedTransformer, batch: int, seq: int) -> torch.Tensor:
     return torch.tensor([ids[i * seq + i : (i + 1) * seq + i] for i in range(batch)])
 
 
+def reference_model(model: HookedTransformer) -> transformers.PreTrainedModel:
+    """The same weights in `transformers`: its GGUF loading where export_hf does not cover the
+    family, else our export of the model."""
+    source = Path(model.cfg.extra.get("source", ""))
+    if source.suffix == ".gguf" and model.cfg.architecture not in ("llama", "qwen2", "gpt2"):
+        return transformers.AutoModelForCausalLM.from_pretrained(
+            source.parent, gguf_file=source.name, dtype=torch.float32
+        ).eval()
+    with tempfile.TemporaryDirectory() as folder:
+        export_hf(model, folder)
+        return transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -69,9 +86,7 @@ def main() -> None:
     model = load_model(args.model, device="cpu")
     tokens = make_batch(model, args.batch, args.seq)
     n_tokens = tokens.numel()
-    with tempfile.TemporaryDirectory() as folder:
-        export_hf(model, folder)
-        hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    hf = reference_model(model)
     print(
         f"model {model.cfg.name}; batch {args.batch} x {args.seq} tokens; torch {torch.__version__}, "
         f"transformers {transformers.__version__}; {torch.get_num_threads()} threads, "

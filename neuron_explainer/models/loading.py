@@ -19,26 +19,38 @@ import numpy as np
 import torch
 
 from neuron_explainer.models.architectures import (
+    UnsupportedArchitectureError,
     config_from_hf,
     config_to_hf,
     hf_from_native,
     native_from_hf,
 )
+from neuron_explainer.models.gguf_file import GGUFFile
 from neuron_explainer.models.registry import (
     DEFAULT_MODEL,
+    GEMMA3_MODEL,
     ModelNotFoundError,
     find_in_hf_cache,
+    gemma3_gguf_path,
     smollm2_gguf_path,
 )
 from neuron_explainer.models.tokenizer import Tokenizer
+from neuron_explainer.models.tokenizer_spm import SentencePieceTokenizer
 from neuron_explainer.models.transformer import HookedTransformer, ModelConfig
 
 log = logging.getLogger(__name__)
 StateDict = dict[str, torch.Tensor]
 
 # Registry names that resolve to files shipped in a package (no network, no cache needed).
-REGISTRY: dict[str, Callable[[], Path]] = {DEFAULT_MODEL: smollm2_gguf_path}
-ALIASES = {"smollm2": DEFAULT_MODEL, "smollm2-135m-instruct": DEFAULT_MODEL}
+REGISTRY: dict[str, Callable[[], Path]] = {
+    DEFAULT_MODEL: smollm2_gguf_path,
+    GEMMA3_MODEL: gemma3_gguf_path,
+}
+ALIASES = {
+    "smollm2": DEFAULT_MODEL,
+    "smollm2-135m-instruct": DEFAULT_MODEL,
+    "gemma-3-270m": GEMMA3_MODEL,
+}
 
 
 def default_device() -> torch.device:
@@ -169,6 +181,26 @@ def _load_hf_folder(folder: Path) -> HookedTransformer:
 
 # ---- GGUF ----------------------------------------------------------------------------------------
 
+# llama.cpp's block tensor names -> ours. Gemma's "ffn_norm" is its pre-feedforward norm.
+GGUF_BLOCK_NAMES = {
+    "attn_norm": "ln1",
+    "ffn_norm": "ln2",
+    "post_attention_norm": "ln1_post",
+    "post_ffw_norm": "ln2_post",
+    "attn_q": "attn.q_proj",
+    "attn_k": "attn.k_proj",
+    "attn_v": "attn.v_proj",
+    "attn_output": "attn.o_proj",
+    "attn_q_norm": "attn.q_norm",
+    "attn_k_norm": "attn.k_norm",
+    "ffn_gate": "mlp.w_in",
+    "ffn_up": "mlp.w_up",
+    "ffn_down": "mlp.w_out",
+}
+GGUF_ARCHITECTURES = ("gemma3", "llama")
+GEMMA3_SLIDING_PATTERN = 6  # every 6th layer global, the rest sliding (not stored in the GGUF)
+GEMMA3_LOCAL_ROPE_THETA = 10000.0
+
 
 def _unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
     """Undo llama.cpp's reordering of Q/K rows (interleaved rotary pairs -> rotate-half layout)."""
@@ -177,63 +209,74 @@ def _unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, d_out // n_heads // 2, 2, *rest).swapaxes(1, 2).reshape(d_out, *rest)
 
 
-def _load_gguf(path: Path) -> HookedTransformer:
-    from gguf import GGUFReader
-    from gguf.quants import dequantize
+def hf_config_from_gguf(gguf: GGUFFile) -> dict[str, Any]:
+    """The Hugging Face style config.json a GGUF's metadata describes (for `config_from_hf`)."""
+    meta, tensors = gguf.metadata, gguf.tensors
+    arch = meta["general.architecture"]
+    if arch not in GGUF_ARCHITECTURES:
+        raise UnsupportedArchitectureError(
+            f"GGUF architecture {arch!r} is not supported; supported: {', '.join(GGUF_ARCHITECTURES)}"
+        )
+    if "rope_freqs.weight" in tensors or f"{arch}.rope.scaling.type" in meta:
+        raise UnsupportedArchitectureError(f"rope scaling in a {arch} GGUF is not supported")
 
-    reader = GGUFReader(str(path))
-    arch = reader.fields["general.architecture"].contents()
-    if arch != "llama":
-        raise ValueError(f"GGUF architecture {arch!r} is not supported (only 'llama')")
+    def m(key: str, default: Any = None) -> Any:
+        return meta.get(f"{arch}.{key}", default)
 
-    def meta(key: str, default: Any = None) -> Any:
-        f = reader.fields.get(f"{arch}.{key}")
-        return default if f is None else f.contents()
-
-    tensors = {t.name: t for t in reader.tensors}
-    n_heads, d_model = meta("attention.head_count"), meta("embedding_length")
-    n_kv = meta("attention.head_count_kv", n_heads)
-    vocab = int(tensors["token_embd.weight"].shape[-1])
-    cfg = ModelConfig(
-        n_layers=meta("block_count"),
-        d_model=d_model,
-        n_heads=n_heads,
-        n_kv_heads=n_kv,
-        d_head=meta("attention.key_length", d_model // n_heads),
-        d_mlp=meta("feed_forward_length"),
-        vocab_size=vocab,
-        n_ctx=meta("context_length", 2048),
-        norm_eps=meta("attention.layer_norm_rms_epsilon", 1e-5),
-        rope_theta=meta("rope.freq_base", 10000.0),
-        attn_qkv_bias="blk.0.attn_q.bias" in tensors,
-        attn_out_bias="blk.0.attn_output.bias" in tensors,
-        tied_embeddings="output.weight" not in tensors,
+    d_model, n_heads = m("embedding_length"), m("attention.head_count")
+    d_head = m("attention.key_length", d_model // n_heads)
+    n_layers = m("block_count")
+    theta = m("rope.freq_base", 10000.0)
+    hf: dict[str, Any] = dict(
+        model_type=arch,
+        num_hidden_layers=n_layers,
+        hidden_size=d_model,
+        intermediate_size=m("feed_forward_length"),
+        num_attention_heads=n_heads,
+        num_key_value_heads=m("attention.head_count_kv", n_heads),
+        head_dim=d_head,
+        vocab_size=tensors["token_embd.weight"].shape[0],
+        max_position_embeddings=m("context_length", 2048),
+        rms_norm_eps=m("attention.layer_norm_rms_epsilon", 1e-5),
+        rope_parameters=dict(rope_type="default", rope_theta=theta),
+        attention_bias="blk.0.attn_q.bias" in tensors,
+        tie_word_embeddings="output.weight" not in tensors,
+        hidden_act="silu",
     )
+    if arch == "gemma3":
+        # What the file leaves out is Gemma 3's own (transformers' Gemma3TextConfig defaults):
+        # GELU-tanh, scores scaled by head_dim^-1/2, 5 sliding layers to 1 global, local base 1e4.
+        hf |= dict(
+            hidden_activation="gelu_pytorch_tanh",
+            query_pre_attn_scalar=d_head,
+            sliding_window=m("attention.sliding_window"),
+            layer_types=[
+                "full_attention" if (i + 1) % GEMMA3_SLIDING_PATTERN == 0 else "sliding_attention"
+                for i in range(n_layers)
+            ],
+            rope_parameters=dict(
+                sliding_attention=dict(rope_type="default", rope_theta=GEMMA3_LOCAL_ROPE_THETA),
+                full_attention=dict(rope_type="default", rope_theta=theta),
+            ),
+        )
+    return hf
+
+
+def _load_gguf(path: Path) -> HookedTransformer:
+    gguf = GGUFFile(path)
+    hf = hf_config_from_gguf(gguf)
+    cfg = config_from_hf(hf)
+    permuted = hf["model_type"] == "llama"  # llama.cpp reorders Q/K rows for llama only
 
     def get(name: str) -> torch.Tensor:
-        t = tensors[name]
-        arr = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
-        # GGUF lists dims innermost first; dequantized arrays are already (out, in) but 1-D tensors
-        # may come back as (1, n).
-        arr = np.ascontiguousarray(arr.reshape([int(s) for s in reversed(t.shape)]))
-        if name.endswith(("attn_q.weight", "attn_q.bias")):
+        arr = gguf.tensor(name)
+        if permuted and name.endswith(("attn_q.weight", "attn_q.bias")):
             arr = _unpermute_qk(arr, cfg.n_heads)
-        elif name.endswith(("attn_k.weight", "attn_k.bias")):
+        elif permuted and name.endswith(("attn_k.weight", "attn_k.bias")):
             arr = _unpermute_qk(arr, cfg.n_kv_heads)
-        # F32 tensors come back as read-only views of the memory-mapped file: copy those.
-        return torch.from_numpy(arr if arr.flags.writeable else arr.copy())
+        # Norm gains are stored as multipliers (llama.cpp already added Gemma's 1), as ours are.
+        return torch.from_numpy(np.ascontiguousarray(arr))
 
-    names = {
-        "attn_norm.weight": "ln1.weight",
-        "ffn_norm.weight": "ln2.weight",
-        "attn_q": "attn.q_proj",
-        "attn_k": "attn.k_proj",
-        "attn_v": "attn.v_proj",
-        "attn_output": "attn.o_proj",
-        "ffn_gate": "mlp.w_in",
-        "ffn_up": "mlp.w_up",
-        "ffn_down": "mlp.w_out",
-    }
     sd: StateDict = {
         "embed.weight": get("token_embd.weight"),
         "ln_final.weight": get("output_norm.weight"),
@@ -241,15 +284,15 @@ def _load_gguf(path: Path) -> HookedTransformer:
     if not cfg.tied_embeddings:
         sd["unembed.weight"] = get("output.weight")
     for i in range(cfg.n_layers):
-        for theirs, ours in names.items():
-            for suffix in ("", ".weight", ".bias"):
-                if theirs.endswith(".weight") and suffix:
-                    continue
-                key = f"blk.{i}.{theirs}{suffix}"
-                if key in tensors:
-                    sd[f"blocks.{i}.{ours}{suffix}"] = get(key)
+        for theirs, ours in GGUF_BLOCK_NAMES.items():
+            for suffix in (".weight", ".bias"):
+                if f"blk.{i}.{theirs}{suffix}" in gguf.tensors:
+                    sd[f"blocks.{i}.{ours}{suffix}"] = get(f"blk.{i}.{theirs}{suffix}")
     model = model_from_state_dict(cfg, sd)
-    model.tokenizer = Tokenizer.from_gguf(reader)
+    if gguf.metadata.get("tokenizer.ggml.model") == "llama":
+        model.tokenizer = SentencePieceTokenizer.from_metadata(gguf.metadata)
+    else:
+        model.tokenizer = Tokenizer.from_gguf(path)
     return model
 
 

