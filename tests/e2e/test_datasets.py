@@ -147,7 +147,9 @@ def test_head_prompt_is_coloured_on_the_scale_of_the_quantity_shown(
     dpage.goto(f"/{MODEL}/attention_head/1/3?prompt={IOI_QUERY}&token=13&attended=1")
     view = dpage.get_by_test_id("prompt-of-interest").get_by_test_id("activations")
     expect(view.get_by_test_id("activation-scale")).to_contain_text("dataset max")
-    assert max(alphas(view.locator(".token"))) > 0.04  # not a blank heat map
+    strongest = max(alphas(view.locator(".token")))
+    print(f"strongest token colour alpha: {strongest}")
+    assert strongest > 0.1  # not a (nearly) blank heat map
     expect(view.get_by_test_id("activation-scale")).to_contain_text(
         "write magnitude, scaled by its dataset max"
     )
@@ -157,7 +159,7 @@ def test_head_prompt_is_coloured_on_the_scale_of_the_quantity_shown(
     dpage.get_by_role("button", name="Run").click()
     own = dpage.get_by_test_id("own-text").get_by_test_id("activations")
     expect(own.get_by_test_id("activation-scale")).to_contain_text("write magnitude")
-    assert max(alphas(own.locator(".token"))) > 0.04
+    assert max(alphas(own.locator(".token"))) > 0.1
     screenshot(dpage, "node-page-head-prompt-scaled")
 
 

@@ -4,8 +4,11 @@ whose code cannot load; against the real default model."""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import re
+from pathlib import Path
 from urllib.parse import parse_qs, quote_plus, urlparse
 
 from playwright.sync_api import Page, expect
@@ -101,7 +104,7 @@ def test_a_value_trace_offers_the_traced_node_as_downstream(page: Page) -> None:
 def test_a_value_trace_is_described_as_one(page: Page) -> None:
     page.goto(f"{IOI_URL}&trace={quote_plus('attn:10:13:2:1@value>mlp:11:13:5')}")
     wait_for_table(page)
-    caption = page.get_by_test_id("d-caption")
+    caption = page.get_by_test_id("direction-values").locator("p").first  # "D = ..."
     expect(caption).to_contain_text("through its value")
     expect(caption).to_contain_text("mlp L11 #5")
     expect(caption).not_to_contain_text("pre-activation of the traced")
@@ -326,3 +329,34 @@ def test_latency_from_submit_to_rendered_table(page: Page) -> None:
     LATENCY.write_text(json.dumps(timings, indent=2) + "\n")
     print(f"click to rendered: {timings}")
     assert len(timings) == 2 and all(0 < s < 120 for s in timings.values())
+
+
+def test_csv_export_follows_the_visible_sort_and_filter(page: Page) -> None:
+    page.goto(IOI_URL)
+    wait_for_table(page)
+    page.locator("[data-testid=node-type-filter][data-kind-label='attention heads']").uncheck()
+    page.locator("th[data-metric=writeMagnitude]").click()  # sort by write magnitude, descending
+    shown = node_keys(page)
+    names = page.locator(f"{ROWS} a.node-link").all_inner_texts()
+    assert shown and not any(k.startswith("attn:") for k in shown)
+    with page.expect_download() as download:
+        page.get_by_test_id("nodes-card").get_by_role("button", name="CSV").click()
+    header, *rows = list(csv.reader(io.StringIO(Path(download.value.path()).read_text())))
+    assert all(re.fullmatch(r"[a-z_]+", c) for c in header), header  # one naming style
+    column = header.index("write_magnitude")
+    assert [r[0] for r in rows] == names  # the rows shown, in the order shown
+    magnitudes = [float(r[column]) for r in rows]
+    assert magnitudes == sorted(magnitudes, reverse=True)
+
+
+def test_cancel_a_running_request(page: Page) -> None:
+    page.goto(f"/debugger?prompt={quote_plus(LONG)}&target=+Mary")
+    running = page.get_by_test_id("running")
+    expect(running).to_contain_text("running")
+    running.get_by_role("button", name="Cancel").click()
+    expect(page.get_by_test_id("cancelled")).to_be_visible()
+    expect(running).to_have_count(0)
+    expect(page.get_by_test_id("results")).to_have_count(0)
+    page.get_by_role("button", name="Submit").click()  # and it runs again
+    wait_for_table(page)
+    expect(page.get_by_test_id("cancelled")).to_have_count(0)

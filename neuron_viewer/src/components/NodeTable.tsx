@@ -1,4 +1,4 @@
-import { Fragment, useMemo, useState } from "react";
+import { Fragment, useEffect, useMemo, useState } from "react";
 import type { AttentionTraceType, NodeIndex, NodeRow, ScoredToken } from "../api/types";
 import { cellColor, maxAbs, textColor } from "../lib/colors";
 import { componentName, plural, TRACE_TYPES } from "../lib/nodes";
@@ -157,6 +157,8 @@ export function NodeTable(props: {
   topK: number;
   /** Whether a row's node is ablated on the left side (marked in the table). */
   isAblated?: (row: TableRow) => boolean;
+  /** Told the rows shown, in their order, whenever they change (the exports follow them). */
+  onVisible?: (rows: TableRow[]) => void;
 }) {
   const types = useNodeTypes();
   const [sort, setSort] = useState<SortSpec>({
@@ -200,6 +202,9 @@ export function NodeTable(props: {
     }).filter((r) => !(hideSink && sink.has(r.key)));
     return sortRows(topKPerColumn(filtered, k, sides), sort);
   }, [props.rows, listedNames, shownTypes, layer, k, sort, sides, hideSink, sink]);
+
+  const { onVisible } = props;
+  useEffect(() => onVisible?.(visible), [onVisible, visible]);
 
   const scales = useMemo(() => {
     const out: Record<string, number> = {};

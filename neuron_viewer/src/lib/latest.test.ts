@@ -26,4 +26,11 @@ describe("latest request wins", () => {
     await latest.run((s) => later(1, 2, s));
     expect((await first).stale).toBe(true);
   });
+
+  it("cancels the running request: it resolves as stale", async () => {
+    const latest = new LatestOnly();
+    const running = latest.run((s) => later(50, 1, s));
+    latest.cancel();
+    expect((await running).stale).toBe(true);
+  });
 });

@@ -19,4 +19,11 @@ export class LatestOnly {
       return { error, stale: mine !== this.seq || (error as Error)?.name === "AbortError" };
     }
   }
+
+  /** Abort the running call, if any: it resolves as stale. */
+  cancel(): void {
+    this.controller?.abort();
+    this.controller = null;
+    this.seq++;
+  }
 }

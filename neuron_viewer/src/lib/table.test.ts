@@ -134,7 +134,8 @@ describe("node table diffing", () => {
   it("exports CSV with quoted tokens and one column per metric and side", () => {
     const csv = toCsv(alignRows(types, left, right), ["a", 'say "hi", ok', "c"], true);
     const [header, first] = csv.trim().split("\n");
-    expect(header.split(",")).toContain("directEffect_diff");
+    expect(header.split(",")).toContain("direct_effect_diff");
+    expect(header.split(",").every((c) => /^[a-z_]+$/.test(c))).toBe(true);
     expect(first).toContain('"say ""hi"", ok"');
     expect(csv.trim().split("\n")).toHaveLength(5);
   });

@@ -150,7 +150,13 @@ function csvCell(v: string | number | null): string {
   return /[",\n]/.test(s) ? `"${s.replace(/"/g, '""')}"` : s;
 }
 
-/** CSV of the table: node fields, then every metric for each side present. */
+/** writeMagnitude → write_magnitude: one naming style for every CSV column. */
+function snake(name: string): string {
+  return name.replace(/[A-Z]/g, (c) => `_${c.toLowerCase()}`);
+}
+
+/** CSV of the rows given (the table's visible rows, in their order): node fields, then every
+ * metric for each side present, all columns in snake_case. */
 export function toCsv(rows: TableRow[], tokens: string[], twoSides: boolean): string {
   const sides: Side[] = twoSides ? ["left", "diff", "right"] : ["left"];
   const header = [
@@ -162,7 +168,7 @@ export function toCsv(rows: TableRow[], tokens: string[], twoSides: boolean): st
     "component",
     "attended_token_index",
     "attended_token",
-    ...sides.flatMap((s) => METRICS.map((m) => (twoSides ? `${m}_${s}` : m))),
+    ...sides.flatMap((s) => METRICS.map((m) => snake(m) + (twoSides ? `_${s}` : ""))),
   ];
   const lines = [header.join(",")];
   for (const r of rows) {

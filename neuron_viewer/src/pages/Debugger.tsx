@@ -16,7 +16,7 @@ import { errorSide } from "../lib/errors";
 import { LatestOnly } from "../lib/latest";
 import { formatLayers } from "../lib/jump";
 import { plural, SIDE_LABEL, type AutoencoderSide, type NodeTypes } from "../lib/nodes";
-import { alignRows, toCsv, toJson } from "../lib/table";
+import { alignRows, toCsv, toJson, type TableRow } from "../lib/table";
 import { differingPositions, displayToken, tokenWarnings, typedToken } from "../lib/tokens";
 import { paramsToState, stateToParams, type DebuggerState, type Trace } from "../lib/url";
 import { useNodeTypes } from "../nodeTypes";
@@ -148,6 +148,8 @@ export default function Debugger({ model }: { model: ModelState }) {
   } | null>(null);
   // Bumped by a submit of the state already in the URL: it runs again (a retry after an error).
   const [runs, setRuns] = useState(0);
+  const [cancelled, setCancelled] = useState(false);
+  const [visibleRows, setVisibleRows] = useState<TableRow[]>([]);
   const [loading, setLoading] = useState(false);
   const [error, setError] = useState<{ message: string; side: "left" | "right" | "both" } | null>(
     null,
@@ -172,6 +174,7 @@ export default function Debugger({ model }: { model: ModelState }) {
     }
     const request = buildRequest(state);
     setLoading(true);
+    setCancelled(false);
     latest.current
       .run((signal) => api.batchedTdb({ subRequests: request.requests }, signal))
       .then((r) => {
@@ -302,6 +305,15 @@ export default function Debugger({ model }: { model: ModelState }) {
           <button className="primary" onClick={submit} disabled={!draft.prompt}>
             Submit
           </button>
+          {loading && (
+            <Running
+              onCancel={() => {
+                latest.current.cancel();
+                setLoading(false);
+                setCancelled(true);
+              }}
+            />
+          )}
           <button
             onClick={() =>
               setDraft({ ...draft, targets: draft.distractors, distractors: draft.targets })
@@ -438,6 +450,11 @@ export default function Debugger({ model }: { model: ModelState }) {
         </div>
       )}
 
+      {cancelled && (
+        <p className="note" data-testid="cancelled">
+          Cancelled. Submit runs it again.
+        </p>
+      )}
       {error && (
         <p className="error" role="alert" data-testid={`error-${error.side}`}>
           {error.side === "both" ? "" : error.side === "left" ? "Left: " : `${rightLabel}: `}
@@ -514,13 +531,19 @@ export default function Debugger({ model }: { model: ModelState }) {
             actions={
               <>
                 <button
+                  title="the rows shown, in the order shown"
                   onClick={() =>
-                    download("nodes.csv", toCsv(rows, tokens, right != null), "text/csv")
+                    download("nodes.csv", toCsv(visibleRows, tokens, right != null), "text/csv")
                   }
                 >
                   CSV
                 </button>
-                <button onClick={() => download("nodes.json", toJson(rows))}>JSON</button>
+                <button
+                  title="the rows shown, in the order shown"
+                  onClick={() => download("nodes.json", toJson(visibleRows))}
+                >
+                  JSON
+                </button>
               </>
             }
           >
@@ -532,6 +555,7 @@ export default function Debugger({ model }: { model: ModelState }) {
               prompt={shown.prompt}
               actions={actions}
               topK={shown.topK}
+              onVisible={setVisibleRows}
               isAblated={(r) =>
                 shown.ablations.some(
                   (a) =>
@@ -547,6 +571,23 @@ export default function Debugger({ model }: { model: ModelState }) {
       )}
       {loading && !left && <p className="loading">Running the model…</p>}
     </div>
+  );
+}
+
+/** While a request runs: the seconds elapsed and a Cancel button (the server stops the work of an
+ * abandoned request). */
+function Running({ onCancel }: { onCancel: () => void }) {
+  const [start] = useState(() => Date.now());
+  const [now, setNow] = useState(start);
+  useEffect(() => {
+    const timer = setInterval(() => setNow(Date.now()), 500);
+    return () => clearInterval(timer);
+  }, []);
+  return (
+    <span className="running" data-testid="running">
+      <span className="spinner" aria-hidden="true" /> running {Math.round((now - start) / 1000)} s{" "}
+      <button onClick={onCancel}>Cancel</button>
+    </span>
   );
 }
 
