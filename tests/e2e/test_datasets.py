@@ -188,6 +188,9 @@ def test_quantile_bins_and_precision_of_the_max_are_explained(
     expect(quantiles.get_by_test_id("empty-bins")).to_contain_text("excerpt max")
     for text in quantiles.get_by_test_id("quantile-bin").locator("h4").all_inner_texts():
         assert not text.endswith("(0)")
+    histogram = card.get_by_test_id("activation-histogram")  # with its axes named
+    expect(histogram.get_by_test_id("histogram-x-label")).to_have_text("activation of a token")
+    expect(histogram.get_by_test_id("histogram-y-axis")).to_contain_text("count")
 
 
 def test_home_lists_the_dataset_and_jumps_to_a_node_page(dpage: Page) -> None:

@@ -64,7 +64,7 @@ def test_ablate_from_actions_menu_shows_left_diff_right(page: Page) -> None:
     first = page.locator("[data-testid=node-table] tbody tr[data-node^='attn']").first
     key = first.get_attribute("data-node")
     first.get_by_role("button", name="actions").click()
-    page.get_by_role("menuitem", name="Ablate").click()
+    page.get_by_role("menuitem", name="Ablate", exact=True).click()
     expect(page.get_by_test_id("ablations")).to_be_visible()
     wait_for_table(page)
     expect(page.get_by_test_id("d-right")).to_be_visible()  # the unablated baseline
@@ -118,7 +118,7 @@ def test_reload_restores_state_from_url(page: Page) -> None:
     page.locator("[data-testid=node-table] tbody tr[data-node^='attn']").first.get_by_role(
         "button", name="actions"
     ).click()
-    page.get_by_role("menuitem", name="Ablate").click()
+    page.get_by_role("menuitem", name="Ablate", exact=True).click()
     expect(page.get_by_test_id("d-right")).to_be_visible()
     wait_for_table(page)
     before = (node_keys(page), page.get_by_test_id("d-left").inner_text(), page.url)

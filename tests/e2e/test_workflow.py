@@ -96,7 +96,7 @@ def test_a_value_trace_offers_the_traced_node_as_downstream(page: Page) -> None:
     expect(page.get_by_test_id("trace")).to_contain_text(f"mlp L{layer} #{component}")
     # Its rows are upstream of the head: none of them can be a downstream node.
     open_actions(page, ROWS)
-    expect(page.get_by_role("menuitem", name="Ablate")).to_be_visible()
+    expect(page.get_by_role("menuitem", name="Ablate", exact=True)).to_be_visible()
     expect(page.get_by_role("menuitem", name="Use as downstream node")).to_have_count(0)
     screenshot(page, "debugger-value-trace-downstream")
 
@@ -357,6 +357,10 @@ def test_cancel_a_running_request(page: Page) -> None:
     expect(page.get_by_test_id("cancelled")).to_be_visible()
     expect(running).to_have_count(0)
     expect(page.get_by_test_id("results")).to_have_count(0)
+    # The long prompt's live preview shows its ends, all of it on demand.
+    live = page.get_by_test_id("live-tokens")
+    expect(live.get_by_role("button", name=re.compile(r"show all \d+"))).to_be_visible()
+    assert live.locator(".token").count() == 2 * 48 + 1
     page.get_by_role("button", name="Submit").click()  # and it runs again
     wait_for_table(page)
     expect(page.get_by_test_id("cancelled")).to_have_count(0)

@@ -375,6 +375,11 @@ export function DatasetExamples(props: {
               values={values}
               markers={markers}
               testId="activation-histogram"
+              xLabel={
+                current.kind === "attention_head"
+                  ? `${props.type.datasetMetric?.replace(/_/g, " ") ?? "activation"} of a token pair`
+                  : "activation of a token"
+              }
               caption={
                 `${current.kind === "attention_head" ? "token pairs" : "tokens"} of the ` +
                 `${d.randomSample.length} random excerpts; lines: the by-quantile bin ` +

@@ -3,7 +3,7 @@ import { axisFraction, binValues } from "../lib/histogram";
 
 const W = 560;
 const H = 140;
-const PAD = { left: 8, right: 8, top: 8, bottom: 22 };
+const PAD = { left: 44, right: 8, top: 8, bottom: 34 };
 
 function fmt(x: number): string {
   const a = Math.abs(x);
@@ -18,6 +18,8 @@ export function Histogram(props: {
   bins?: number;
   testId?: string;
   caption?: string;
+  /** the x axis's title (default "value") */
+  xLabel?: string;
 }) {
   const [log, setLog] = useState(true);
   const markers = props.markers ?? [];
@@ -71,6 +73,31 @@ export function Histogram(props: {
           y2={PAD.top + plotH}
           className="axis"
         />
+        <g data-testid="histogram-y-axis">
+          <line x1={PAD.left} x2={PAD.left} y1={PAD.top} y2={PAD.top + plotH} className="axis" />
+          <text x={PAD.left - 4} y={PAD.top + 8} className="tick" textAnchor="end">
+            {Math.max(0, ...h.counts).toLocaleString()}
+          </text>
+          <text x={PAD.left - 4} y={PAD.top + plotH} className="tick" textAnchor="end">
+            0
+          </text>
+          <text
+            className="tick"
+            textAnchor="middle"
+            transform={`translate(10 ${PAD.top + plotH / 2}) rotate(-90)`}
+          >
+            {log ? "count (log)" : "count"}
+          </text>
+        </g>
+        <text
+          x={PAD.left + plotW / 2}
+          y={H - 4}
+          className="tick"
+          textAnchor="middle"
+          data-testid="histogram-x-label"
+        >
+          {props.xLabel ?? "value"}
+        </text>
         {zeroInside && (
           <line x1={x(0)} x2={x(0)} y1={PAD.top} y2={PAD.top + plotH} className="zero" />
         )}
@@ -88,14 +115,14 @@ export function Histogram(props: {
             </title>
           </g>
         ))}
-        <text x={PAD.left} y={H - 6} className="tick">
+        <text x={PAD.left} y={PAD.top + plotH + 12} className="tick">
           {fmt(h.edges[0])}
         </text>
-        <text x={W - PAD.right} y={H - 6} className="tick" textAnchor="end">
+        <text x={W - PAD.right} y={PAD.top + plotH + 12} className="tick" textAnchor="end">
           {fmt(h.edges[h.edges.length - 1])}
         </text>
         {zeroInside && (
-          <text x={x(0)} y={H - 6} className="tick" textAnchor="middle">
+          <text x={x(0)} y={PAD.top + plotH + 12} className="tick" textAnchor="middle">
             0
           </text>
         )}

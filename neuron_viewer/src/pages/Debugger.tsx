@@ -266,12 +266,7 @@ export default function Debugger({ model }: { model: ModelState }) {
                 if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) submit();
               }}
             />
-            {promptTokens && (
-              <div className="live-tokens" data-testid="live-tokens">
-                <TokenHeatmap tokens={promptTokens.tokens} values={[]} />
-                <span className="muted">{promptTokens.tokens.length} tokens</span>
-              </div>
-            )}
+            {promptTokens && <LiveTokens tokens={promptTokens.tokens} testId="live-tokens" />}
           </div>
           {draft.secondPrompt != null && (
             <div>
@@ -285,7 +280,7 @@ export default function Debugger({ model }: { model: ModelState }) {
                   if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) submit();
                 }}
               />
-              {prompt2Tokens && <TokenHeatmap tokens={prompt2Tokens.tokens} values={[]} />}
+              {prompt2Tokens && <LiveTokens tokens={prompt2Tokens.tokens} testId="live-tokens-2" />}
             </div>
           )}
         </div>
@@ -570,6 +565,37 @@ export default function Debugger({ model }: { model: ModelState }) {
         </div>
       )}
       {loading && !left && <p className="loading">Running the model…</p>}
+    </div>
+  );
+}
+
+const PREVIEW = 48; // tokens of a long prompt shown before "show all"
+
+/** The live tokenization of a prompt, its count, and for a long prompt its first and last
+ * tokens until "show all". */
+function LiveTokens({ tokens, testId }: { tokens: string[]; testId: string }) {
+  const [all, setAll] = useState(false);
+  const long = tokens.length > PREVIEW * 2;
+  const shown =
+    long && !all ? [...tokens.slice(0, PREVIEW), "…", ...tokens.slice(-PREVIEW)] : tokens;
+  return (
+    <div className="live-tokens" data-testid={testId}>
+      <TokenHeatmap
+        tokens={shown}
+        values={[]}
+        describe={(i) => {
+          const index = long && !all && i > PREVIEW ? tokens.length - (shown.length - i) : i;
+          return long && !all && i === PREVIEW
+            ? `${tokens.length - 2 * PREVIEW} tokens not shown`
+            : `${index}: ${JSON.stringify(tokens[index])}`;
+        }}
+      />
+      <span className="muted">{tokens.length} tokens</span>{" "}
+      {long && (
+        <button className="link" onClick={() => setAll(!all)}>
+          {all ? "show fewer" : `show all ${tokens.length}`}
+        </button>
+      )}
     </div>
   );
 }
