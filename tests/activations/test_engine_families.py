@@ -163,7 +163,8 @@ class PlainForward:
         fixed = ["ln_final.hook_scale", "logit_softcap.hook_scale", *frozen]
         hooks: list[Hook] = [*edits, ("hook_embed", leaf)]
         hooks += [(n, lambda x, h: x.detach()) for n in fixed if n in model.hook_names()]
-        suffixes = (*self.KEEP, "hook_attn_out", "hook_mlp_out", "hook_resid_pre")
+        suffixes = (*self.KEEP, "hook_attn_out", "hook_mlp_out", "hook_resid_pre", "attn.hook_v")
+        suffixes += ("ln1_post.hook_scale", "ln2_post.hook_scale") if model.cfg.post_norms else ()
         hooks += [(f"blocks.{L}.{s}", keep) for L in range(n_layers) for s in suffixes]
         hooks.append((f"blocks.{n_layers - 1}.hook_resid_post", keep))
         with torch.enable_grad(), model.hooks(fwd=hooks):
@@ -270,6 +271,31 @@ def test_direct_effects_decompose_d_and_match_autograd(case: Case) -> None:
     assert_close(
         node_values(res, "direct_effect"), lambda n: direct["fw"].effect(direct, n), "direct"
     )
+    # Write magnitudes: the norm of what the node adds to the residual stream, written out.
+    assert_close(
+        node_values(res, "write_magnitude"), lambda n: write_norm(fw, n), "write_magnitude"
+    )
+
+
+def write_norm(fw: PlainForward, node: NodeIndex) -> float:
+    """‖the node's write into the residual stream‖: a·W_out[i] or A·(v[k] W_O[h]), times w / s of
+    the block's post-norm where there is one (docs/engine.md §3.7)."""
+    model, t, c, L = fw.model, node.token, node.component, node.layer
+    if node.node_type == EMB:
+        return float(fw.act("hook_embed")[t].norm().detach())
+    block = model.blocks[L]
+    if node.node_type == MLP:
+        write = fw.act(f"blocks.{L}.mlp.hook_post")[t, c] * block.mlp.w_out.weight[:, c]
+        post = "ln2_post"
+    else:
+        attn, k = block.attn, node.attended_token
+        v = fw.rec[f"blocks.{L}.attn.hook_v"][0, k, c // (attn.n_heads // attn.n_kv_heads)]
+        w_o = attn.o_proj.weight[:, c * attn.d_head : (c + 1) * attn.d_head]
+        write = fw.act(f"blocks.{L}.attn.hook_pattern")[c, t, k] * (w_o @ v)
+        post = "ln1_post"
+    if model.cfg.post_norms:
+        write = write * getattr(block, post).weight / fw.rec[f"blocks.{L}.{post}.hook_scale"][0, t]
+    return float(write.norm().detach())
 
 
 # ---- ablation --------------------------------------------------------------------------------------
