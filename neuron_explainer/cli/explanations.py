@@ -2,27 +2,47 @@
 
 tdb explain smollm2.sqlite                               # the no-LLM baseline, every component
 tdb explain smollm2.sqlite --families mlp_neuron --layers 0-3 --limit 200
+tdb explain smollm2.sqlite --explainer local --limit 20  # the default model, in this process
+tdb explain smollm2.sqlite --explainer http://127.0.0.1:8000/v1 --limit 20   # any OpenAI API
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 from typing import Any
+
+from neuron_explainer.models.registry import DEFAULT_MODEL
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("TDB_CACHE")
+    return (Path(base) if base else Path.home() / ".cache" / "tdb") / "llm-cache"
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
     from neuron_explainer.datasets.collate import parse_layers
     from neuron_explainer.datasets.store import DatasetStore
     from neuron_explainer.explanations import (
+        ALL_EXCERPTS,
         BASELINE_METHOD,
+        BackendUnreachableError,
         BaselineExplainer,
         BaselineSimulator,
         explain_store,
     )
+    from neuron_explainer.explanations.llm import (
+        LLM_LIMITS,
+        AllAtOnceSimulator,
+        LLMExplainer,
+        LocalBackend,
+        OpenAIBackend,
+        llm_method,
+    )
 
-    if args.explainer != "baseline":
-        raise ValueError(f"--explainer {args.explainer!r}: this build knows 'baseline' only")
+    # Everything that can fail without the model or the endpoint fails first, writing nothing.
     with DatasetStore(args.store) as store:
         meta = store.metadata()
         families = [f.strip() for f in args.families.split(",")] if args.families else None
@@ -33,21 +53,59 @@ def cmd_explain(args: argparse.Namespace) -> int:
                     f"{', '.join(meta.families)})"
                 )
         layers = parse_layers(args.layers, meta.model["nLayers"]) if args.layers else None
-    summary = explain_store(
-        args.store,
-        BaselineExplainer(),
-        BaselineSimulator(),
-        BASELINE_METHOD,
-        families=families,
-        layers=layers,
-        limit=args.limit,
-        chunk=args.chunk,
-        progress=not args.quiet,
-    )
+    explainer_name = args.explainer
+    if explainer_name == "openai":
+        explainer_name = os.environ.get("OPENAI_BASE_URL", "")
+        if not explainer_name:
+            raise ValueError("--explainer openai needs OPENAI_BASE_URL (or pass the URL itself)")
+    workers = 1
+    try:
+        if explainer_name == "baseline":
+            explainer: Any = BaselineExplainer()
+            simulator: Any = BaselineSimulator()
+            method, limits = BASELINE_METHOD, ALL_EXCERPTS
+        elif explainer_name == "local":
+            from neuron_explainer.cli.models import load_from_args
+
+            backend: Any = LocalBackend(load_from_args(args))
+            explainer, simulator = LLMExplainer(backend), AllAtOnceSimulator(backend)
+            method, limits = llm_method(backend), LLM_LIMITS
+        elif explainer_name.startswith(("http://", "https://")):
+            backend = OpenAIBackend(
+                explainer_name,
+                model=args.llm_model or "",
+                api_key=args.api_key or "",
+                concurrency=args.concurrency,
+                cache_dir=None if args.no_cache else _cache_dir(),
+            )
+            backend.check()
+            explainer, simulator = LLMExplainer(backend), AllAtOnceSimulator(backend)
+            method, limits, workers = llm_method(backend), LLM_LIMITS, args.concurrency
+        else:
+            raise ValueError(
+                f"--explainer {args.explainer!r}: 'baseline', 'local', 'openai' or an "
+                "http(s) URL of an OpenAI-compatible API (ending in /v1)"
+            )
+        summary = explain_store(
+            args.store,
+            explainer,
+            simulator,
+            method,
+            limits=limits,
+            families=families,
+            layers=layers,
+            limit=args.limit,
+            chunk=args.chunk,
+            workers=workers,
+            progress=not args.quiet,
+        )
+    except BackendUnreachableError as e:
+        print(f"tdb: error: {e}", file=sys.stderr)
+        return 2
     print(
         f"{args.store}: {summary.explained + summary.failed:,} components explained "
         f"({summary.failed:,} failed), {summary.skipped:,} already done, method "
-        f"{BASELINE_METHOD.label()}, {summary.seconds:.1f}s",
+        f"{method.label()}, {summary.seconds:.1f}s",
         file=sys.stderr,
     )
     return 0
@@ -65,7 +123,9 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument(
         "--explainer",
         default="baseline",
-        help="'baseline' (no LLM: token statistics, deterministic; the default)",
+        help="'baseline' (no LLM: token statistics, deterministic; the default), 'local' (the "
+        "--model loaded here, greedy), an OpenAI-compatible base URL such as "
+        "http://127.0.0.1:8000/v1 (tdb serve has one), or 'openai' for $OPENAI_BASE_URL",
     )
     p.add_argument("--families", default=None, help="comma-separated (default: all in the store)")
     p.add_argument("--layers", default=None, help="e.g. 0,1,5-7 (default: all)")
@@ -76,5 +136,20 @@ def add_parser(subparsers: Any) -> None:
         help="explain a random sample of N components (the same N on every run)",
     )
     p.add_argument("--chunk", type=int, default=256, help="components per commit (default 256)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="--explainer local: the model to load")
+    p.add_argument("--device", default=None, help="--explainer local: cpu, cuda, ...")
+    p.add_argument("--dtype", default=None, help="--explainer local: float32 (default), ...")
+    p.add_argument(
+        "--llm-model", default=None, help="the endpoint's model (default: the first it lists)"
+    )
+    p.add_argument("--api-key", default=None, help="the endpoint's key (default $OPENAI_API_KEY)")
+    p.add_argument(
+        "--concurrency", type=int, default=4, help="requests at once to an endpoint (default 4)"
+    )
+    p.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="do not cache the endpoint's answers ($TDB_CACHE/llm-cache by default)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress line")
     p.set_defaults(fn=cmd_explain)

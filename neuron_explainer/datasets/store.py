@@ -259,7 +259,9 @@ class DatasetStore:
         self._conn = connect(self.path, readonly=True)
         self._lock = threading.Lock()
         self._metadata = read_metadata(self._conn, str(self.path))
-        self._vocabulary: dict[int, str] | None = None
+        # The vocabulary table as arrays indexed by token id: its strings, and which ids it has.
+        self._token_text: np.ndarray | None = None
+        self._token_known = np.zeros(0, dtype=bool)
 
     def close(self) -> None:
         self._conn.close()
@@ -297,12 +299,29 @@ class DatasetStore:
             rows = self._conn.execute(query + " ORDER BY family, layer, idx", args).fetchall()
         return [(str(f), int(lay), int(i)) for f, lay, i in rows]
 
+    def _load_vocabulary(self) -> None:
+        rows = self._conn.execute("SELECT token_id, token FROM vocabulary").fetchall()
+        size = max((int(i) for i, _ in rows), default=-1) + 1
+        text = np.empty(size, dtype=object)
+        known = np.zeros(size, dtype=bool)
+        for i, token in rows:
+            text[i], known[i] = token, True
+        self._token_text, self._token_known = text, known
+
+    def _has_tokens(self, ids: np.ndarray) -> bool:
+        known = self._token_known
+        return ids.size == 0 or (int(ids.max()) < len(known) and bool(known[ids].all()))
+
     def _tokens(self, ids: np.ndarray) -> list[str]:
+        ids = ids.astype(np.int64)
         # A store still being written gains vocabulary rows: reload when an id is missing.
-        if self._vocabulary is None or any(int(i) not in self._vocabulary for i in ids):
-            self._vocabulary = dict(self._conn.execute("SELECT token_id, token FROM vocabulary"))
-        vocab = self._vocabulary
-        return [vocab.get(int(i), f"<{int(i)}>") for i in ids]
+        if self._token_text is None or not self._has_tokens(ids):
+            self._load_vocabulary()
+        assert self._token_text is not None
+        if self._has_tokens(ids):
+            return list(self._token_text[ids].tolist())
+        text, known = self._token_text, self._token_known
+        return [text[i] if i < len(known) and known[i] else f"<{i}>" for i in ids.tolist()]
 
     def record(self, family: str, layer: int, index: int) -> ComponentRecord:
         """The record of one component; ComponentNotFoundError if the store does not hold it."""

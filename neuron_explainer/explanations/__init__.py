@@ -13,6 +13,7 @@ from neuron_explainer.explanations.baseline import explain_baseline, simulate_ba
 from neuron_explainer.explanations.batch import BatchSummary, explain_store, sample_components
 from neuron_explainer.explanations.excerpts import ExcerptSplit, split_excerpts
 from neuron_explainer.explanations.methods import (
+    ALL_EXCERPTS,
     BASELINE_METHOD,
     BackendUnreachableError,
     BaselineExplainer,
@@ -41,6 +42,7 @@ from neuron_explainer.explanations.store import (
 )
 
 __all__ = [
+    "ALL_EXCERPTS",
     "BASELINE_METHOD",
     "BackendUnreachableError",
     "BaselineExplainer",

@@ -8,8 +8,10 @@ baseline; LLMs at temperature 0), so the final table is the same as that of one 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,47 +86,56 @@ def explain_store(
     layers: Sequence[int] | None = None,
     limit: int | None = None,
     chunk: int = 256,
+    workers: int = 1,
     progress: bool = True,
     on_chunk: Callable[[int], None] | None = None,
 ) -> BatchSummary:
     """Explain and score the components of the store at `path` (of `families` and `layers`, a
     sample of `limit` of them) with one method, writing a row per component into the store.
-    `on_chunk(done)` is called after each committed chunk."""
+    `workers` components of a chunk are done at once (threads: for methods that wait on a remote
+    model). `on_chunk(done)` is called after each committed chunk. A BackendUnreachableError
+    stops the run; the chunks committed before it stay (whole), and a rerun goes on from there."""
     import time
 
     start = time.monotonic()
-    with DatasetStore(path) as store:
+    with contextlib.ExitStack() as stack:
+        store = stack.enter_context(DatasetStore(path))
         nodes = [
             n
             for n in store.components()
             if (families is None or n[0] in families) and (layers is None or n[1] in layers)
         ]
         selected = sample_components(nodes, limit)
-        with ExplanationWriter(path) as writer:
-            method_id = writer.method_id(method)
-            done = writer.done(method_id)
-            todo = [n for n in selected if n not in done]
-            bar = Progress(
-                "explain",
-                total=len(selected),
-                done=len(selected) - len(todo),
-                enabled=progress,
-                unit="nodes",
-                rate_unit="nodes/s",
-            )
-            explained = failed = 0
-            for c in range(0, len(todo), chunk):
-                rows = [
-                    explain_one(store, node, explainer, simulator, method, limits)
-                    for node in todo[c : c + chunk]
-                ]
-                writer.write(method_id, rows)
-                explained += sum(not r.failed for r in rows)
-                failed += sum(r.failed for r in rows)
-                bar.update(len(selected) - len(todo) + c + len(rows))
-                if on_chunk is not None:
-                    on_chunk(c + len(rows))
-            bar.finish()
+        writer = stack.enter_context(ExplanationWriter(path))
+        method_id = writer.method_id(method)
+        done = writer.done(method_id)
+        todo = [n for n in selected if n not in done]
+        bar = Progress(
+            "explain",
+            total=len(selected),
+            done=len(selected) - len(todo),
+            enabled=progress,
+            unit="nodes",
+            rate_unit="nodes/s",
+        )
+        explained = failed = 0
+        pool = ThreadPoolExecutor(workers) if workers > 1 else None
+        if pool is not None:
+            stack.callback(pool.shutdown, cancel_futures=True)
+
+        def one(node: Node) -> StoredExplanation:
+            return explain_one(store, node, explainer, simulator, method, limits)
+
+        for c in range(0, len(todo), chunk):
+            part = todo[c : c + chunk]
+            rows = list(pool.map(one, part)) if pool else [one(node) for node in part]
+            writer.write(method_id, rows)
+            explained += sum(not r.failed for r in rows)
+            failed += sum(r.failed for r in rows)
+            bar.update(len(selected) - len(todo) + c + len(rows))
+            if on_chunk is not None:
+                on_chunk(c + len(rows))
+        bar.finish()
     return BatchSummary(
         len(selected), len(selected) - len(todo), explained, failed, time.monotonic() - start
     )
