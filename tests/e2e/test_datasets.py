@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import parse_qs, urlparse
 
 import pytest
 from playwright.sync_api import Browser, Locator, Page, Route, expect
@@ -24,6 +25,7 @@ from tests.e2e.conftest import (
     open_page,
     screenshot,
 )
+from tests.e2e.test_debugger import wait_for_table
 from tests.servers import Server, post, start_server, stop_server
 
 IOI_QUERY = "When+Mary+and+John+went+to+the+store%2C+John+gave+a+drink+to"
@@ -303,3 +305,24 @@ def test_jobs_panel_shows_the_collation_progress(apage: Page) -> None:
             re.compile(r"running · \d+%")
         )
     screenshot(apage, "jobs-panel-running")
+
+
+def test_mean_ablation_and_an_ablation_value(dpage: Page, dataset_server: Server) -> None:
+    """An ablated neuron's value can be typed, or set to its mean over the collated dataset."""
+    record = post(dataset_server, "/neuron_record", {"layerIndex": 1, "componentIndex": 5})
+    dpage.goto(
+        f"/debugger?prompt={IOI_QUERY}&target=+Mary&distractor=+John&ablate=mlp%3A1%3A13%3A5"
+    )
+    wait_for_table(dpage)
+    ablations = dpage.get_by_test_id("ablations")
+    ablations.get_by_role("button", name="dataset mean").click()
+    dpage.wait_for_url(re.compile(r"ablate=mlp%3A1%3A13%3A5%3D"))
+    wait_for_table(dpage)
+    value = float(parse_qs(urlparse(dpage.url).query)["ablate"][0].split("=")[1])
+    assert value == pytest.approx(record["mean"], rel=1e-5)
+    field = ablations.get_by_label("value of mlp L1 #5")
+    field.fill("2.5")
+    field.press("Enter")
+    dpage.wait_for_url(re.compile(r"ablate=mlp%3A1%3A13%3A5%3D2.5"))
+    wait_for_table(dpage)
+    expect(dpage.get_by_role("alert")).to_have_count(0)

@@ -15,7 +15,13 @@ import { TokenHeatmap, TokenTable } from "../components/Tokens";
 import { errorSide } from "../lib/errors";
 import { LatestOnly } from "../lib/latest";
 import { formatLayers } from "../lib/jump";
-import { plural, SIDE_LABEL, type AutoencoderSide, type NodeTypes } from "../lib/nodes";
+import {
+  plural,
+  SIDE_LABEL,
+  tokenComponent,
+  type AutoencoderSide,
+  type NodeTypes,
+} from "../lib/nodes";
 import { alignRows, toCsv, toJson, type TableRow } from "../lib/table";
 import { differingPositions, displayToken, tokenWarnings, typedToken } from "../lib/tokens";
 import { paramsToState, stateToParams, type DebuggerState, type Trace } from "../lib/url";
@@ -394,6 +400,17 @@ export default function Debugger({ model }: { model: ModelState }) {
                         />
                       </td>
                       <td>
+                        <MeanButton
+                          node={a.node}
+                          onMean={(value) =>
+                            commit({
+                              ...state,
+                              ablations: state.ablations.map((x, j) =>
+                                j === i ? { ...x, value } : x,
+                              ),
+                            })
+                          }
+                        />{" "}
                         <button
                           onClick={() =>
                             commit({
@@ -566,6 +583,43 @@ export default function Debugger({ model }: { model: ModelState }) {
       )}
       {loading && !left && <p className="loading">Running the model…</p>}
     </div>
+  );
+}
+
+/** Mean ablation: sets an ablated neuron's or latent's value to its mean activation over its
+ * collated dataset (the record's statistics); says why when no dataset holds it. Not offered for
+ * heads (their datasets record the write magnitude, not the attention an ablation sets). */
+function MeanButton({ node, onMean }: { node: NodeIndex; onMean: (value: number) => void }) {
+  const types = useNodeTypes();
+  const type = types.of(node);
+  const [error, setError] = useState<string | null>(null);
+  if (type.perTokenPair || type.datasetMetric !== "activation" || node.layerIndex == null)
+    return null;
+  return (
+    <>
+      <button
+        title="set the value to the component's mean activation over its collated dataset"
+        onClick={() => {
+          setError(null);
+          api
+            .neuronRecord(tokenComponent(type, node.layerIndex ?? 0, node.componentIndex ?? 0))
+            .then((r) =>
+              r.mean != null && Number.isFinite(r.mean)
+                ? onMean(Number(r.mean.toPrecision(6)))
+                : setError("its dataset has no mean"),
+            )
+            .catch((e: Error) => setError(e.message));
+        }}
+      >
+        dataset mean
+      </button>
+      {error && (
+        <span className="warning-text" data-testid="mean-error">
+          {" "}
+          {error}
+        </span>
+      )}
+    </>
   );
 }
 
