@@ -23,7 +23,7 @@ from activation_server.body_limit import BodyLimitMiddleware
 from activation_server.datasets import DatasetRegistry
 from activation_server.errors import RequestIdMiddleware, install_error_handlers
 from activation_server.jobs import CollationJob, default_store_path
-from activation_server.routes import inference, openai_compat, read
+from activation_server.routes import explanations, inference, openai_compat, read
 from activation_server.state import ServerState, Settings, server_state
 from activation_server.worker import ModelWorker
 from neuron_explainer.activations import Engine
@@ -113,6 +113,7 @@ def create_app(model: HookedTransformer | None, settings: Settings | None = None
     app.include_router(inference.router)
     app.include_router(read.router)
     app.include_router(openai_compat.router)
+    app.include_router(explanations.router)
     app.include_router(ops)
     # Order matters: the last added middleware is the outermost. CORS wraps the request-id
     # middleware, so the contract's 500 responses get CORS headers too.

@@ -38,6 +38,7 @@ from neuron_explainer.datasets.records import (
 )
 from neuron_explainer.datasets.store import DatasetStore
 from neuron_explainer.datasets.tdb_format import is_url, local_path, read_tdb_record_async
+from neuron_explainer.explanations.store import ExplanationReader, StoredExplanation
 
 DEFAULT_TDB_FAMILY = "mlp_neuron"
 
@@ -48,6 +49,17 @@ class _StoreSource:
     path: Path
     store: DatasetStore | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
+    explanation_reader: ExplanationReader | None = None
+
+    def explanations(self, family: str, layer: int, index: int) -> list[StoredExplanation]:
+        """The explanations the store holds for one component (none before it is written)."""
+        if self.open() is None:
+            return []
+        with self.lock:
+            if self.explanation_reader is None:
+                self.explanation_reader = ExplanationReader(self.path)
+            reader = self.explanation_reader
+        return reader.explanations(family, layer, index)
 
     def open(self) -> DatasetStore | None:
         with self.lock:
@@ -250,8 +262,21 @@ class DatasetRegistry:
         record = await source.record(family, layer, index)
         return source.info(), record
 
+    async def explanations(
+        self, family: str, layer: int, index: int, dataset: str | None = None
+    ) -> tuple[DatasetInfoModel, list[StoredExplanation]]:
+        """The explanations of one component in `dataset` (or the first dataset holding
+        `family`), best first; TDB layouts hold none here."""
+        source = self._pick(family, dataset)
+        if not isinstance(source, _StoreSource):
+            return source.info(), []
+        found = await asyncio.to_thread(source.explanations, family, layer, index)
+        return source.info(), found
+
     async def close(self) -> None:
         for source in self._sources.values():
+            if isinstance(source, _StoreSource) and source.explanation_reader is not None:
+                source.explanation_reader.close()
             if isinstance(source, _TdbSource) and source.session is not None:
                 await source.session.close()
             elif isinstance(source, _StoreSource) and source.store is not None:

@@ -642,6 +642,9 @@ class NeuronRecordResponse(RecordStatistics):
     )
     layer_index: int
     component_index: int
+    explanation: ExplanationModel | None = Field(
+        None, description="the best-scoring explanation the dataset holds (null: none)"
+    )
     most_positive_activation_records: list[ActivationRecordModel]
     random_sample: list[ActivationRecordModel]
     random_sample_by_quantile: list[list[ActivationRecordModel]] | None = None
@@ -651,6 +654,9 @@ class AttentionHeadRecordResponse(RecordStatistics):
     dataset: DatasetInfoModel
     layer_index: int
     head_index: int
+    explanation: ExplanationModel | None = Field(
+        None, description="the best-scoring explanation the dataset holds (null: none)"
+    )
     most_positive_activation_records: list[PairActivationRecordModel]
     random_sample: list[PairActivationRecordModel]
     random_sample_by_quantile: list[list[PairActivationRecordModel]] | None = None
@@ -680,6 +686,79 @@ class ErrorResponse(ResponseSchema):
     message: str = Field(description="what went wrong, naming the field")
     detail: object | None = None
     request_id: str
+
+
+# ---- explanations (TDB's route names) -----------------------------------------------------------
+
+if TYPE_CHECKING:
+    ExplainedNodeType = str
+else:
+    # Node types whose components are collated (neurons, heads, latents) and so can be explained.
+    ExplainedNodeType = Literal[_api_names(lambda d: d.dataset_metric)]
+
+
+class ExplanationMethodModel(ResponseSchema):
+    explainer: str = Field(description="'baseline' or 'llm'")
+    simulator: str = Field(description="'baseline' or 'all_at_once'")
+    model: str = Field(description="the LLM's name; '' for the baseline")
+    prompt_version: str
+
+
+class ExplanationModel(ResponseSchema):
+    """One explanation of a component and its scores on held-out excerpts (datasets.md,
+    "Explanations"). Scores are null where undefined."""
+
+    explanation: str | None = Field(description="null when this method failed for the component")
+    score: float | None = Field(
+        description="the headline score: rocAucScore for heads, else the correlation"
+    )
+    ev_correlation_score: float | None
+    rsquared_score: float | None
+    absolute_dev_explained_score: float | None
+    roc_auc_score: float | None = Field(description="attention heads only")
+    n_scored_excerpts: int
+    method: ExplanationMethodModel
+    error: str | None = Field(None, description="why this method failed, else null")
+    dataset_name: str
+
+
+class ExplanationNodeRequest(Schema):
+    """A collated component: an MLP neuron, attention head or autoencoder latent."""
+
+    dataset_name: str | None = Field(
+        None, description="name or location (default: the first dataset holding the family)"
+    )
+    node_type: ExplainedNodeType = "mlp_neuron"
+    autoencoder_side: AutoencoderSideName | None = None
+    layer_index: Index
+    component_index: Index = Field(description="neuron, head or latent index")
+
+
+class ExistingExplanationsRequest(ExplanationNodeRequest):
+    pass
+
+
+class ExistingExplanationsResponse(ResponseSchema):
+    explanations: list[ExplanationModel] = Field(description="best score first; failed ones last")
+
+
+class ExplainRequest(ExplanationNodeRequest):
+    pass
+
+
+class ExplainResponse(ResponseSchema):
+    explanations: list[ExplanationModel] = Field(description="the baseline's explanation, scored")
+    dataset: DatasetInfoModel
+
+
+class ScoreRequest(ExplanationNodeRequest):
+    explanation: Text = Field(description="an explanation to score (in the baseline's form)")
+
+
+class ScoreResponse(ResponseSchema):
+    score: float | None
+    explanation: ExplanationModel
+    dataset: DatasetInfoModel
 
 
 # ---- OpenAI-compatible endpoints (/v1/...) -----------------------------------------------------

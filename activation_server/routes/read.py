@@ -24,6 +24,7 @@ from neuron_explainer.datasets.records import (
     ComponentRecord,
     DatasetNotFoundError,
 )
+from neuron_explainer.explanations import Method, Scores, StoredExplanation
 
 router = APIRouter(tags=["datasets"])
 
@@ -52,6 +53,48 @@ async def lookup(
         raise NotFoundError(
             "layerIndex" if layers and layer not in layers else field, str(e)
         ) from e
+
+
+def explanation_model(
+    text: str | None,
+    scores: Scores,
+    n_scored: int,
+    method: Method,
+    dataset: str,
+    error: str | None = None,
+) -> s.ExplanationModel:
+    return s.ExplanationModel(
+        explanation=text,
+        score=scores.best,
+        ev_correlation_score=scores.ev_correlation_score,
+        rsquared_score=scores.rsquared_score,
+        absolute_dev_explained_score=scores.absolute_dev_explained_score,
+        roc_auc_score=scores.roc_auc_score,
+        n_scored_excerpts=n_scored,
+        method=s.ExplanationMethodModel(
+            explainer=method.explainer,
+            simulator=method.simulator,
+            model=method.model,
+            prompt_version=method.prompt_version,
+        ),
+        error=error,
+        dataset_name=dataset,
+    )
+
+
+def stored_explanation_model(e: StoredExplanation, dataset: str) -> s.ExplanationModel:
+    return explanation_model(
+        e.explanation, e.scores, e.n_scored_excerpts, e.method, dataset, error=e.error
+    )
+
+
+async def best_explanation(
+    request: Request, family: str, layer: int, index: int, dataset: str
+) -> s.ExplanationModel | None:
+    """The best-scoring explanation (of any method, failed ones never) the dataset holds."""
+    _, found = await _registry(request).explanations(family, layer, index, dataset)
+    best = next((e for e in found if not e.failed), None)
+    return None if best is None else stored_explanation_model(best, dataset)
 
 
 def _statistics(record: ComponentRecord) -> dict[str, Any]:
@@ -150,6 +193,9 @@ async def neuron_record(body: s.NeuronRecordRequest, request: Request) -> s.Neur
         autoencoder_side=describe(NodeType(family)).autoencoder_side,
         layer_index=body.layer_index,
         component_index=body.component_index,
+        explanation=await best_explanation(
+            request, family, body.layer_index, body.component_index, info.name
+        ),
         **_activation_records(normalize_record(record), s.ActivationRecordModel),
         **_statistics(record),
     )
@@ -172,6 +218,9 @@ async def attention_head_record(
         dataset=info,
         layer_index=body.layer_index,
         head_index=body.head_index,
+        explanation=await best_explanation(
+            request, "attention_head", body.layer_index, body.head_index, info.name
+        ),
         **_activation_records(normalize_record(record), s.PairActivationRecordModel),
         **_statistics(record),
     )

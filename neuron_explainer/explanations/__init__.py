@@ -34,6 +34,7 @@ from neuron_explainer.explanations.scoring import (
     roc_auc,
 )
 from neuron_explainer.explanations.store import (
+    ExplanationReader,
     ExplanationWriter,
     StoredExplanation,
     all_explanations,
@@ -52,6 +53,7 @@ __all__ = [
     "ExcerptSplit",
     "Explainer",
     "ExplanationError",
+    "ExplanationReader",
     "ExplanationWriter",
     "Method",
     "Scored",

@@ -19,6 +19,7 @@ through. Writing takes the store's lock (`STORE.lock`, as a collation does): one
 from __future__ import annotations
 
 import sqlite3
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -229,3 +230,25 @@ def all_explanations(conn: sqlite3.Connection, method: Method) -> list[StoredExp
         (method.explainer, method.simulator, method.model, method.prompt_version),
     ).fetchall()
     return [_row(r) for r in rows]
+
+
+class ExplanationReader:
+    """Read access to a store's explanations (its own read-only connection; thread-safe): what a
+    server opens beside the store's records."""
+
+    def __init__(self, path: str | Path) -> None:
+        self._conn = connect(path, readonly=True)
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def explanations(self, family: str, layer: int, index: int) -> list[StoredExplanation]:
+        """Every method's explanation of one component, best first (`read_explanations`)."""
+        with self._lock:
+            return read_explanations(self._conn, family, layer, index)
+
+    def best(self, family: str, layer: int, index: int) -> StoredExplanation | None:
+        """The highest-scoring explanation that did not fail, or None."""
+        found = [e for e in self.explanations(family, layer, index) if not e.failed]
+        return found[0] if found else None

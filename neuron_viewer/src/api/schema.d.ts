@@ -296,6 +296,69 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/existing_explanations": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * Existing Explanations
+         * @description Every explanation a dataset holds for the component (`tdb explain`), one per method, best
+         *     score first.
+         */
+        post: operations["existing_explanations_existing_explanations_post"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/explain": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * Explain
+         * @description Explain the component now with the baseline explainer (no model; milliseconds) and score
+         *     the explanation on its held-out excerpts. Nothing is stored.
+         */
+        post: operations["explain_explain_post"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/score": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * Score
+         * @description Score an explanation of the component on its held-out excerpts with the baseline's
+         *     simulator (which reads explanations in the baseline's form; any other text scores null).
+         */
+        post: operations["score_score_post"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/health": {
         parameters: {
             query?: never;
@@ -401,6 +464,8 @@ export interface components {
             layerIndex: number;
             /** Headindex */
             headIndex: number;
+            /** @description the best-scoring explanation the dataset holds (null: none) */
+            explanation?: components["schemas"]["ExplanationModel"] | null;
             /** Mostpositiveactivationrecords */
             mostPositiveActivationRecords: components["schemas"]["PairActivationRecordModel"][];
             /** Randomsample */
@@ -982,6 +1047,127 @@ export interface components {
             /** Requestid */
             requestId: string;
         };
+        /** ExistingExplanationsRequest */
+        ExistingExplanationsRequest: {
+            /**
+             * Datasetname
+             * @description name or location (default: the first dataset holding the family)
+             */
+            datasetName?: string | null;
+            /**
+             * Nodetype
+             * @default mlp_neuron
+             * @enum {string}
+             */
+            nodeType?: "mlp_neuron" | "attention_head" | "autoencoder_latent";
+            /** Autoencoderside */
+            autoencoderSide?: ("mlp" | "attention") | null;
+            /** Layerindex */
+            layerIndex: number;
+            /**
+             * Componentindex
+             * @description neuron, head or latent index
+             */
+            componentIndex: number;
+        };
+        /** ExistingExplanationsResponse */
+        ExistingExplanationsResponse: {
+            /**
+             * Explanations
+             * @description best score first; failed ones last
+             */
+            explanations: components["schemas"]["ExplanationModel"][];
+        };
+        /** ExplainRequest */
+        ExplainRequest: {
+            /**
+             * Datasetname
+             * @description name or location (default: the first dataset holding the family)
+             */
+            datasetName?: string | null;
+            /**
+             * Nodetype
+             * @default mlp_neuron
+             * @enum {string}
+             */
+            nodeType?: "mlp_neuron" | "attention_head" | "autoencoder_latent";
+            /** Autoencoderside */
+            autoencoderSide?: ("mlp" | "attention") | null;
+            /** Layerindex */
+            layerIndex: number;
+            /**
+             * Componentindex
+             * @description neuron, head or latent index
+             */
+            componentIndex: number;
+        };
+        /** ExplainResponse */
+        ExplainResponse: {
+            /**
+             * Explanations
+             * @description the baseline's explanation, scored
+             */
+            explanations: components["schemas"]["ExplanationModel"][];
+            dataset: components["schemas"]["DatasetInfoModel"];
+        };
+        /** ExplanationMethodModel */
+        ExplanationMethodModel: {
+            /**
+             * Explainer
+             * @description 'baseline' or 'llm'
+             */
+            explainer: string;
+            /**
+             * Simulator
+             * @description 'baseline' or 'all_at_once'
+             */
+            simulator: string;
+            /**
+             * Model
+             * @description the LLM's name; '' for the baseline
+             */
+            model: string;
+            /** Promptversion */
+            promptVersion: string;
+        };
+        /**
+         * ExplanationModel
+         * @description One explanation of a component and its scores on held-out excerpts (datasets.md,
+         *     "Explanations"). Scores are null where undefined.
+         */
+        ExplanationModel: {
+            /**
+             * Explanation
+             * @description null when this method failed for the component
+             */
+            explanation: string | null;
+            /**
+             * Score
+             * @description the headline score: rocAucScore for heads, else the correlation
+             */
+            score: number | null;
+            /** Evcorrelationscore */
+            evCorrelationScore: number | null;
+            /** Rsquaredscore */
+            rsquaredScore: number | null;
+            /** Absolutedevexplainedscore */
+            absoluteDevExplainedScore: number | null;
+            /**
+             * Rocaucscore
+             * @description attention heads only
+             */
+            rocAucScore: number | null;
+            /** Nscoredexcerpts */
+            nScoredExcerpts: number;
+            method: components["schemas"]["ExplanationMethodModel"];
+            /**
+             * Error
+             * @description why this method failed, else null
+             */
+            error?: string | null;
+            /** Datasetname */
+            datasetName: string;
+        };
         /** GenerateRequest */
         GenerateRequest: {
             /** Prompt */
@@ -1312,6 +1498,8 @@ export interface components {
             layerIndex: number;
             /** Componentindex */
             componentIndex: number;
+            /** @description the best-scoring explanation the dataset holds (null: none) */
+            explanation?: components["schemas"]["ExplanationModel"] | null;
             /** Mostpositiveactivationrecords */
             mostPositiveActivationRecords: components["schemas"]["ActivationRecordModel"][];
             /** Randomsample */
@@ -1530,6 +1718,41 @@ export interface components {
             nodeTable?: components["schemas"]["NodeRow"][] | null;
             /** Tokenviews */
             tokenViews?: components["schemas"]["NodeTokenViewsModel"][] | null;
+        };
+        /** ScoreRequest */
+        ScoreRequest: {
+            /**
+             * Datasetname
+             * @description name or location (default: the first dataset holding the family)
+             */
+            datasetName?: string | null;
+            /**
+             * Nodetype
+             * @default mlp_neuron
+             * @enum {string}
+             */
+            nodeType?: "mlp_neuron" | "attention_head" | "autoencoder_latent";
+            /** Autoencoderside */
+            autoencoderSide?: ("mlp" | "attention") | null;
+            /** Layerindex */
+            layerIndex: number;
+            /**
+             * Componentindex
+             * @description neuron, head or latent index
+             */
+            componentIndex: number;
+            /**
+             * Explanation
+             * @description an explanation to score (in the baseline's form)
+             */
+            explanation: string;
+        };
+        /** ScoreResponse */
+        ScoreResponse: {
+            /** Score */
+            score: number | null;
+            explanation: components["schemas"]["ExplanationModel"];
+            dataset: components["schemas"]["DatasetInfoModel"];
         };
         /** ScoredKeyTokenModel */
         ScoredKeyTokenModel: {
@@ -2704,6 +2927,186 @@ export interface operations {
             };
             /** @description the request ran past the server's --request-timeout (its work was stopped) */
             504: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+        };
+    };
+    existing_explanations_existing_explanations_post: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["ExistingExplanationsRequest"];
+            };
+        };
+        responses: {
+            /** @description Successful Response */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ExistingExplanationsResponse"];
+                };
+            };
+            /** @description a value the model or the datasets reject (named by the message and detail.field) */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description a dataset, layer or component that no collated dataset holds (detail.field names it) */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description over a limit: the request body (--max-body-bytes), a prompt (--max-prompt-tokens), the response's estimated size (--max-response-mb) or memory; the message names the fields to lower */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description a field missing, of the wrong type, out of its bounds or unknown; malformed JSON */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+        };
+    };
+    explain_explain_post: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["ExplainRequest"];
+            };
+        };
+        responses: {
+            /** @description Successful Response */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ExplainResponse"];
+                };
+            };
+            /** @description a value the model or the datasets reject (named by the message and detail.field) */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description a dataset, layer or component that no collated dataset holds (detail.field names it) */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description over a limit: the request body (--max-body-bytes), a prompt (--max-prompt-tokens), the response's estimated size (--max-response-mb) or memory; the message names the fields to lower */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description a field missing, of the wrong type, out of its bounds or unknown; malformed JSON */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+        };
+    };
+    score_score_post: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["ScoreRequest"];
+            };
+        };
+        responses: {
+            /** @description Successful Response */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ScoreResponse"];
+                };
+            };
+            /** @description a value the model or the datasets reject (named by the message and detail.field) */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description a dataset, layer or component that no collated dataset holds (detail.field names it) */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description over a limit: the request body (--max-body-bytes), a prompt (--max-prompt-tokens), the response's estimated size (--max-response-mb) or memory; the message names the fields to lower */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description a field missing, of the wrong type, out of its bounds or unknown; malformed JSON */
+            422: {
                 headers: {
                     [name: string]: unknown;
                 };

@@ -1,0 +1,116 @@
+"""Explanations over HTTP with TDB's route names: `/existing_explanations` lists what `tdb explain`
+stored, `/neuron_record` and `/attention_head_record` carry the best one, `/explain` runs the
+baseline now (the same explanation and scores as the stored run), `/score` scores any explanation
+on the component's held-out excerpts; a real `--no-model` server over real stores."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from neuron_explainer.explanations import (
+    BASELINE_METHOD,
+    BaselineExplainer,
+    BaselineSimulator,
+    ExplanationReader,
+    explain_store,
+)
+from tests.datasets.conftest import (  # noqa: F401
+    prose_dir,
+    tiny_model,
+    tiny_model_dir,
+    tiny_store,
+)
+from tests.servers import Server, call, start_server, stop_server
+
+
+@pytest.fixture(scope="module")
+def explained(tiny_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:  # noqa: F811
+    path = tmp_path_factory.mktemp("explained") / "explained.sqlite"
+    shutil.copy(tiny_store, path)
+    explain_store(path, BaselineExplainer(), BaselineSimulator(), BASELINE_METHOD, progress=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def served(
+    explained: Path,
+    tiny_store: Path,  # noqa: F811
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Server]:
+    plain = tmp_path_factory.mktemp("plain") / "plain.sqlite"
+    shutil.copy(tiny_store, plain)
+    log = tmp_path_factory.mktemp("explanations_server") / "server.log"
+    srv = start_server(["--no-model", "--dataset", str(explained), "--dataset", str(plain)], log)
+    yield srv
+    stop_server(srv)
+
+
+def neuron(index: int = 7, **extra: object) -> dict[str, object]:
+    return {"nodeType": "mlp_neuron", "layerIndex": 1, "componentIndex": index, **extra}
+
+
+def test_existing_explanations_and_record(served: Server, explained: Path) -> None:
+    status, body = call(served, "/existing_explanations", neuron())
+    assert status == 200, body
+    [e] = body["explanations"]
+    stored = ExplanationReader(explained).best("mlp_neuron", 1, 7)
+    assert stored is not None
+    assert e["explanation"] == stored.explanation
+    assert e["evCorrelationScore"] == stored.scores.ev_correlation_score
+    assert e["score"] == stored.scores.ev_correlation_score
+    assert e["method"] == {
+        "explainer": "baseline",
+        "simulator": "baseline",
+        "model": "",
+        "promptVersion": "baseline-1",
+    }
+    assert e["datasetName"] == "explained"
+    status, record = call(served, "/neuron_record", neuron())
+    assert status == 200 and record["explanation"] == e
+    # Heads: the best explanation with its ROC AUC as the headline score.
+    status, head = call(served, "/attention_head_record", {"layerIndex": 1, "headIndex": 2})
+    assert status == 200
+    best = ExplanationReader(explained).best("attention_head", 1, 2)
+    assert best is not None and head["explanation"]["explanation"] == best.explanation
+    assert head["explanation"]["score"] == best.scores.roc_auc_score
+    # A dataset without explanations: none, not an error.
+    status, plain = call(served, "/existing_explanations", neuron(datasetName="plain"))
+    assert status == 200 and plain["explanations"] == []
+    status, record = call(served, "/neuron_record", neuron(datasetName="plain"))
+    assert status == 200 and record["explanation"] is None
+
+
+def test_explain_and_score(served: Server, explained: Path) -> None:
+    stored = ExplanationReader(explained).best("mlp_neuron", 1, 7)
+    assert stored is not None
+    status, body = call(served, "/explain", neuron(datasetName="plain"))
+    assert status == 200, body
+    [fresh] = body["explanations"]
+    assert fresh["explanation"] == stored.explanation
+    assert fresh["evCorrelationScore"] == stored.scores.ev_correlation_score
+    assert fresh["nScoredExcerpts"] == stored.n_scored_excerpts
+    status, scored = call(served, "/score", neuron(explanation=stored.explanation))
+    assert status == 200 and scored["score"] == stored.scores.ev_correlation_score
+    # Another neuron's explanation scores lower on this one; prose the simulator cannot read: null.
+    other = ExplanationReader(explained).best("mlp_neuron", 1, 8)
+    assert other is not None
+    status, control = call(served, "/score", neuron(explanation=other.explanation))
+    assert status == 200
+    assert control["score"] is None or control["score"] < stored.scores.ev_correlation_score
+    status, prose = call(served, "/score", neuron(explanation="words about marriage"))
+    assert status == 200 and prose["score"] is None
+
+
+def test_errors_name_the_field(served: Server) -> None:
+    status, body = call(served, "/explain", neuron(index=10_000))
+    assert status == 404 and body["detail"]["field"] == "componentIndex"
+    status, body = call(served, "/existing_explanations", neuron(layerIndex=9))
+    assert status == 404 and body["detail"]["field"] == "layerIndex"
+    status, body = call(served, "/score", neuron())
+    assert status == 422 and "explanation" in body["message"]
+    status, body = call(served, "/existing_explanations", neuron(datasetName="nope"))
+    assert status == 404 and body["detail"]["field"] == "datasetName"
