@@ -8,6 +8,7 @@ types. The formulas, per node type, are in docs/engine.md §3 and in each module
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -84,18 +85,33 @@ ScalarFn = Callable[[PassState, int], torch.Tensor]
 Reads = tuple[str, ...] | Callable[[HookedTransformer, int], Sequence[str]]
 
 
-_WEIGHT_CACHE: dict[tuple[str, int], tuple[int, int, torch.Tensor]] = {}
+# key, id(weight) -> (weak references to the weights read, their versions, the value)
+_WEIGHT_CACHE: dict[
+    tuple[str, int], tuple[list[weakref.ref[torch.Tensor]], list[int], torch.Tensor]
+] = {}
 
 
 def weight_derived(
-    key: str, weight: torch.Tensor, make: Callable[[torch.Tensor], torch.Tensor]
+    key: str,
+    weight: torch.Tensor,
+    make: Callable[[torch.Tensor], torch.Tensor],
+    *also: torch.Tensor,
 ) -> torch.Tensor:
-    """`make(weight)` for a quantity that depends on one weight only (norms, Gram matrices),
-    cached across requests. Keyed by the tensor's identity and version counter, so in-place
-    edits to the weights (`w_out.weight[:, 7] = 0`) recompute it."""
+    """`make(weight)` for a quantity that depends on weights only (norms, Gram matrices; `also`
+    lists any weights besides `weight` that `make` reads, such as a post-norm's gain), cached
+    across requests. Valid while the very same tensors live with the same version counters, so
+    in-place edits (`w_out.weight[:, 7] = 0`) recompute it, and a tensor of another model that
+    reuses a freed one's id does not read its value."""
+    tensors = (weight, *also)
+    versions = [t._version for t in tensors]
     entry = _WEIGHT_CACHE.get((key, id(weight)))
-    if entry is None or entry[0] != weight._version or entry[1] != weight.data_ptr():
-        entry = (weight._version, weight.data_ptr(), make(weight))
+    if (
+        entry is None
+        or len(entry[0]) != len(tensors)
+        or any(ref() is not t for ref, t in zip(entry[0], tensors, strict=True))
+        or entry[1] != versions
+    ):
+        entry = ([weakref.ref(t) for t in tensors], versions, make(weight))
         _WEIGHT_CACHE[(key, id(weight))] = entry
     return entry[2]
 

@@ -85,7 +85,8 @@ def head_write_norms(state: PassState, layer: int) -> torch.Tensor:
         return torch.linalg.qr(w_o.transpose(1, 2)).R.transpose(1, 2).to(attn.W_O.dtype)
 
     key = "w_o_qr" if gain is None else "w_o_gain_qr"
-    r_t = weight_derived(key, attn.o_proj.weight, r_factor)  # [H, dh, dh]
+    gains = () if gain is None else (gain,)
+    r_t = weight_derived(key, attn.o_proj.weight, r_factor, *gains)  # [H, dh, dh]
     v = head_values(state, layer)  # [b, n, H, dh]
     b, n, h, dh = v.shape
     per_head = torch.bmm(v.reshape(b * n, h, dh).transpose(0, 1), r_t)  # [H, b·n, dh]

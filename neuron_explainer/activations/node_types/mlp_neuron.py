@@ -94,7 +94,7 @@ def neuron_write_magnitude(state: PassState, layer: int) -> torch.Tensor:
         return post * weight_derived("w_out_norms", weight, lambda w: w.norm(dim=0))
     gain = state.model.blocks[layer].ln2_post.weight
     out = post * weight_derived(
-        "w_out_gain_norms", weight, lambda w: (w * gain[:, None]).norm(dim=0)
+        "w_out_gain_norms", weight, lambda w: (w * gain[:, None]).norm(dim=0), gain
     )
     scale = state.acts.get(f"blocks.{layer}.ln2_post.hook_scale")
     return out if scale is None else out / scale
