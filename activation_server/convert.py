@@ -9,6 +9,7 @@ names).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 from activation_server import schemas as s
@@ -40,6 +41,7 @@ from neuron_explainer.activations.processing import (
     TopKQuery,
 )
 from neuron_explainer.activations.validation import resolve_api_node_type
+from neuron_explainer.explanations.store import StoredExplanation
 from neuron_explainer.models import HookedTransformer
 from neuron_explainer.models.autoencoders import SparseAutoencoder
 
@@ -161,22 +163,30 @@ def token_views(v: NodeTokenViews) -> s.NodeTokenViewsModel:
     )
 
 
-def node_table(r: SubResult) -> list[s.NodeRow]:
+# (family, layer, index) -> the component's best stored explanation, or None.
+ExplanationLookup = Callable[[str, int, int], StoredExplanation | None]
+
+
+def node_table(r: SubResult, explain: ExplanationLookup | None = None) -> list[s.NodeRow]:
+    """The node table's rows; `explain` (if any) gives each component's best explanation."""
     rows = []
     for j, node in enumerate(r.nodes):
         values = {metric: r.metrics[metric][j] for metric in r.metrics}
         views = r.token_views.get(node)
+        best = explain(node.node_type.value, node.layer, node.component) if explain else None
         rows.append(
             s.NodeRow(
                 node=node_model(node),
                 token_views=token_views(views) if views is not None else None,
+                explanation=best.explanation if best is not None else None,
+                explanation_score=best.score if best is not None else None,
                 **values,
             )
         )
     return rows
 
 
-def tdb_response(r: SubResult) -> s.TdbSubResponse:
+def tdb_response(r: SubResult, explain: ExplanationLookup | None = None) -> s.TdbSubResponse:
     return s.TdbSubResponse(
         token_ids=r.tokens,
         token_strings=r.token_strings,
@@ -184,7 +194,7 @@ def tdb_response(r: SubResult) -> s.TdbSubResponse:
         direction_value=r.direction_value,
         bias_direct_effect=r.bias_direct_effect,
         trace_description=r.trace_description,
-        node_table=node_table(r),
+        node_table=node_table(r, explain),
         token_sums={key: s.TokenSums(**sums) for key, sums in r.token_sums.items()},
         top_output_tokens=scored(r.top_logits),
         bottom_output_tokens=scored(r.bottom_logits),

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
@@ -60,6 +61,17 @@ class _StoreSource:
                 self.explanation_reader = ExplanationReader(self.path)
             reader = self.explanation_reader
         return reader.explanations(family, layer, index)
+
+    def best_of_layer(
+        self, family: str, layer: int
+    ) -> dict[tuple[str, int, int], StoredExplanation]:
+        if self.open() is None:
+            return {}
+        with self.lock:
+            if self.explanation_reader is None:
+                self.explanation_reader = ExplanationReader(self.path)
+            reader = self.explanation_reader
+        return reader.best_of_layer(family, layer)
 
     def open(self) -> DatasetStore | None:
         with self.lock:
@@ -272,6 +284,35 @@ class DatasetRegistry:
             return source.info(), []
         found = await asyncio.to_thread(source.explanations, family, layer, index)
         return source.info(), found
+
+    def explanation_lookup(
+        self, model_name: str
+    ) -> Callable[[str, int, int], StoredExplanation | None]:
+        """A function (family, layer, index) -> the best explanation held by the first store of
+        `model_name` that holds `family`, or None; it reads each family and layer once."""
+        layers: dict[tuple[str, int], dict[tuple[str, int, int], StoredExplanation]] = {}
+
+        def source_of(family: str) -> _StoreSource | None:
+            for source in self._sources.values():
+                if isinstance(source, _StoreSource):
+                    info = source.info()
+                    if info.model_name == model_name and family in info.families:
+                        return source
+            return None
+
+        sources: dict[str, _StoreSource | None] = {}
+
+        def lookup(family: str, layer: int, index: int) -> StoredExplanation | None:
+            if family not in sources:
+                sources[family] = source_of(family)
+            source = sources[family]
+            if source is None:
+                return None
+            if (family, layer) not in layers:
+                layers[family, layer] = source.best_of_layer(family, layer)
+            return layers[family, layer].get((family, layer, index))
+
+        return lookup
 
     async def close(self) -> None:
         for source in self._sources.values():

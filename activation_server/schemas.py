@@ -212,6 +212,12 @@ class NodeRow(ResponseSchema):
     direct_effect: float | None = None
     estimated_total_effect: float | None = None
     token_views: NodeTokenViewsModel | None = None
+    explanation: str | None = Field(
+        None,
+        description="the best explanation of the node's component in the server's datasets of "
+        "the loaded model (`tdb explain`), else null",
+    )
+    explanation_score: float | None = Field(None, description="its score (null: none or undefined)")
 
 
 class TokenSums(ResponseSchema):

@@ -75,7 +75,7 @@ async def _json_response(build: Callable[[], BaseModel]) -> Response:
 
 
 @router.post("/batched_tdb", response_model=s.BatchedTdbResponse, responses=INFERENCE_ERRORS)
-async def batched_tdb(body: s.BatchedTdbRequest, worker: Worker) -> Response:
+async def batched_tdb(body: s.BatchedTdbRequest, request: Request, worker: Worker) -> Response:
     """The debugger's main call: one forward and one backward over all sub-requests (for
     example left prompt, right prompt and an unablated baseline)."""
     subs = convert.tdb_sub_requests(body, worker.engine.model)
@@ -83,9 +83,10 @@ async def batched_tdb(body: s.BatchedTdbRequest, worker: Worker) -> Response:
         with at(i):  # before waiting for the model
             worker.engine.check_prompt_size(sub.prompt, sub.prepend_bos)
     results, timings = await worker.run_tdb(subs)
+    explain = server_state(request).datasets.explanation_lookup(worker.engine.model.cfg.name)
     return await _json_response(
         lambda: s.BatchedTdbResponse(
-            sub_responses=[convert.tdb_response(r) for r in results], timings=timings
+            sub_responses=[convert.tdb_response(r, explain) for r in results], timings=timings
         )
     )
 

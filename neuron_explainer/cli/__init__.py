@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_parser(sub)  # demo, top-tokens, generate, info, export-hf
     datasets.add_parser(sub)  # collate, export-tdb, merge-datasets, dataset-info
     training.add_parser(sub)  # train-sae
-    explanations.add_parser(sub)  # explain
+    explanations.add_parser(sub)  # explain, export-explanations
     return parser
 
 

@@ -4,6 +4,7 @@ tdb explain smollm2.sqlite                               # the no-LLM baseline, 
 tdb explain smollm2.sqlite --families mlp_neuron --layers 0-3 --limit 200
 tdb explain smollm2.sqlite --explainer local --limit 20  # the default model, in this process
 tdb explain smollm2.sqlite --explainer http://127.0.0.1:8000/v1 --limit 20   # any OpenAI API
+tdb export-explanations smollm2.sqlite explanations/     # TDB's <family>/<layer>/<index>.jsonl
 """
 
 from __future__ import annotations
@@ -111,6 +112,14 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from neuron_explainer.explanations.tdb_format import export_explanations
+
+    n = export_explanations(args.store, args.out_dir)
+    print(f"wrote {n:,} explanation files under {args.out_dir}", file=sys.stderr)
+    return 0
+
+
 def add_parser(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "explain",
@@ -153,3 +162,11 @@ def add_parser(subparsers: Any) -> None:
     )
     p.add_argument("--quiet", action="store_true", help="no progress line")
     p.set_defaults(fn=cmd_explain)
+
+    p = subparsers.add_parser(
+        "export-explanations",
+        help="write a store's explanations in TDB's layout (<family>/<layer>/<index>.jsonl)",
+    )
+    p.add_argument("store")
+    p.add_argument("out_dir")
+    p.set_defaults(fn=cmd_export)

@@ -252,3 +252,8 @@ class ExplanationReader:
         """The highest-scoring explanation that did not fail, or None."""
         found = [e for e in self.explanations(family, layer, index) if not e.failed]
         return found[0] if found else None
+
+    def best_of_layer(self, family: str, layer: int) -> dict[Node, StoredExplanation]:
+        """The best explanation of every component of one family and layer that has one."""
+        with self._lock:
+            return best_explanations(self._conn, family, layer)

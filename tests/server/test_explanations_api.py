@@ -11,19 +11,24 @@ from pathlib import Path
 
 import pytest
 
+from neuron_explainer.datasets import collate
+from neuron_explainer.datasets.corpus import folder_corpus
 from neuron_explainer.explanations import (
     BASELINE_METHOD,
     BaselineExplainer,
     BaselineSimulator,
     ExplanationReader,
+    best_explanations,
     explain_store,
 )
+from neuron_explainer.models import HookedTransformer
 from tests.datasets.conftest import (  # noqa: F401
     prose_dir,
     tiny_model,
     tiny_model_dir,
     tiny_store,
 )
+from tests.datasets.helpers import torch_threads
 from tests.servers import Server, call, start_server, stop_server
 
 
@@ -114,3 +119,66 @@ def test_errors_name_the_field(served: Server) -> None:
     assert status == 422 and "explanation" in body["message"]
     status, body = call(served, "/existing_explanations", neuron(datasetName="nope"))
     assert status == 404 and body["detail"]["field"] == "datasetName"
+
+
+@pytest.fixture(scope="module")
+def model_server(
+    default_model: HookedTransformer,
+    prose_dir: Path,  # noqa: F811
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[Server, Path]]:
+    """The default model with a small store of its own layer-0 neurons, explained (and that
+    store's path)."""
+    path = tmp_path_factory.mktemp("smollm2_store") / "smollm2.sqlite"
+    with torch_threads(1):
+        collate(
+            default_model,
+            folder_corpus(prose_dir),
+            path,
+            n_tokens=16 * 16,
+            window_length=16,
+            batch_size=16,
+            k=5,
+            random_sample_size=4,
+            quantile_sample_size=2,
+            layers=[0],
+            families=["mlp_neuron"],
+            progress=False,
+        )
+    explain_store(path, BaselineExplainer(), BaselineSimulator(), BASELINE_METHOD, progress=False)
+    log = tmp_path_factory.mktemp("model_server") / "server.log"
+    srv = start_server(["--model", "smollm2-135m", "--device", "cpu", "--dataset", str(path)], log)
+    yield srv, path
+    stop_server(srv)
+
+
+def test_node_table_rows_carry_the_best_explanation(model_server: tuple[Server, Path]) -> None:
+    server, store = model_server
+    status, body = call(
+        server,
+        "/batched_tdb",
+        {
+            "subRequests": [
+                {
+                    "prompt": "The capital of France is",
+                    "targetTokens": [" Paris"],
+                    "distractorTokens": [" London"],
+                    "topAndBottomKForNodeTable": 50,
+                }
+            ]
+        },
+    )
+    assert status == 200, body
+    rows = body["subResponses"][0]["nodeTable"]
+    best = best_explanations(ExplanationReader(store)._conn, "mlp_neuron", 0)
+    layer0 = [
+        r for r in rows if r["node"]["nodeType"] == "mlp_neuron" and r["node"]["layerIndex"] == 0
+    ]
+    others = [r for r in rows if r not in layer0]
+    assert layer0 and others
+    for r in layer0:
+        stored = best[("mlp_neuron", 0, r["node"]["componentIndex"])]
+        assert r["explanation"] == stored.explanation
+        assert r["explanationScore"] == stored.score
+    # Components the store does not hold (other layers, heads): none.
+    assert all(r["explanation"] is None and r["explanationScore"] is None for r in others)

@@ -1568,6 +1568,16 @@ export interface components {
             /** Estimatedtotaleffect */
             estimatedTotalEffect?: number | null;
             tokenViews?: components["schemas"]["NodeTokenViewsModel"] | null;
+            /**
+             * Explanation
+             * @description the best explanation of the node's component in the server's datasets of the loaded model (`tdb explain`), else null
+             */
+            explanation?: string | null;
+            /**
+             * Explanationscore
+             * @description its score (null: none or undefined)
+             */
+            explanationScore?: number | null;
         };
         /** NodeToTraceModel */
         NodeToTraceModel: {
