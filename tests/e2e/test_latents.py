@@ -205,14 +205,56 @@ def test_switched_on_latents_rank_among_their_own_type(lpage: Page) -> None:
 def latents_without_dataset(
     latent_files: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Server]:
-    """The autoencoders, and no collated dataset."""
+    """The MLP-side autoencoders and an attention-side one for layer 0 (trained here with the real
+    `tdb train-sae`, seconds), and no collated dataset."""
     autoencoders, _ = latent_files
-    log = tmp_path_factory.mktemp("latents_without_dataset") / "server.log"
-    srv = start_server(
-        ["--model", MODEL, "--device", "cpu", "--autoencoder", str(autoencoders)], log
+    root = tmp_path_factory.mktemp("latents_without_dataset")
+    attention = root / "attention_autoencoders"
+    run(
+        [
+            *tdb_command(),
+            "train-sae",
+            "--model",
+            MODEL,
+            "--hook",
+            "blocks.{L}.hook_attn_out",
+            "--layers",
+            "0",
+            "--latents",
+            str(N_LATENTS),
+            "--k",
+            "16",
+            "--tokens",
+            str(TOKENS),
+            "--batch-size",
+            "16",
+            "--eval-windows",
+            "4",
+            "--quiet",
+            "--out",
+            str(attention),
+        ]
     )
+    args = ["--model", MODEL, "--device", "cpu", "--autoencoder", str(autoencoders)]
+    srv = start_server([*args, "--autoencoder", str(attention)], root / "server.log")
     yield srv
     stop_server(srv)
+
+
+def test_switching_to_attention_latents_shows_them(
+    browser: Browser, latents_without_dataset: Server
+) -> None:
+    """Attention-side latents are far smaller than heads: ranked within their own type, they
+    show as soon as the switch is on."""
+    for page in open_page(browser, latents_without_dataset):
+        page.goto(IOI_URL)
+        wait_for_table(page)
+        page.get_by_test_id("latents-attention").check()
+        page.wait_for_url(re.compile(r"latents=attention"))
+        wait_for_table(page)
+        keys = node_keys(page)
+        assert any(k.startswith("attn-latent:0:") for k in keys), keys
+        screenshot(page, "debugger-attention-latents")
 
 
 def test_latent_page_without_a_latent_dataset_explains_it(
