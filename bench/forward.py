@@ -50,6 +50,20 @@ def median_seconds(fn: Callable[[], object], repeats: int) -> float:
     return statistics.median(times)
 
 
+def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median seconds of each function, run in turn within each round (after a warm-up round), so
+    a machine shared with other work slows all of them alike rather than whichever ran last."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def make_batch(model: HookedTransformer, batch: int, seq: int) -> torch.Tensor:
     assert model.tokenizer is not None
     ids = model.tokenizer.encode(TEXT)
@@ -95,8 +109,10 @@ def main() -> None:
 
     with torch.no_grad():
         assert (model(tokens) - hf(input_ids=tokens).logits).abs().max() < 1e-3  # same model
-        ours = median_seconds(lambda: model(tokens), args.repeats)
-        theirs = median_seconds(lambda: hf(input_ids=tokens), args.repeats)
+        pair = interleaved_medians(
+            {"ours": lambda: model(tokens), "theirs": lambda: hf(input_ids=tokens)}, args.repeats
+        )
+        ours, theirs = pair["ours"], pair["theirs"]
 
         original_call = HookPoint.__call__
         HookPoint.__call__ = lambda self, x: x  # type: ignore[method-assign, assignment]
