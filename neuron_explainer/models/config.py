@@ -95,8 +95,10 @@ class ModelConfig:
         return self.norm_placement != "pre"
 
     def to_dict(self) -> dict[str, Any]:
+        """The fields as JSON values (what a JSON round trip gives back)."""
         d = asdict(self)
         d.pop("extra")
+        d["sliding_layers"] = list(self.sliding_layers)
         return d
 
     @classmethod
