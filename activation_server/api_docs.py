@@ -15,15 +15,17 @@ from fastapi.openapi.docs import (
     get_swagger_ui_html,
     get_swagger_ui_oauth2_redirect_html,
 )
-from fastapi.responses import HTMLResponse
+from fastapi.responses import HTMLResponse, Response
 from fastapi.staticfiles import StaticFiles
 
 log = logging.getLogger("activation_server")
 ASSETS_URL = "/docs-assets"
 ASSETS_PACKAGE = "fastapi_offline"
 ASSET_FILES = ("swagger-ui-bundle.js", "swagger-ui.css", "redoc.standalone.js", "favicon.png")
-# The pages may load nothing from elsewhere: Redoc would fetch its own logo from its CDN (it hides
-# the image when that fails). With this policy the browser makes no such request at all.
+# The pages may load nothing from elsewhere: with this policy the browser makes no such request.
+# Redoc's menu shows its maker's logo from a CDN (the policy would block it, with a console error):
+# the bundle is served with that address pointing at the local favicon instead.
+REDOC_CDN_LOGO = "https://cdn.redoc.ly/redoc/logo-mini.svg"
 CONTENT_SECURITY_POLICY = (
     "default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
     "img-src 'self' data:; font-src 'self' data:; worker-src 'self' blob:"
@@ -66,6 +68,13 @@ def install_docs(app: FastAPI) -> None:
             "not installed; `make install` installs it"
         )
     else:
+        redoc_js = (folder / "redoc.standalone.js").read_text(encoding="utf-8")
+        redoc_js = redoc_js.replace(REDOC_CDN_LOGO, f"{ASSETS_URL}/favicon.png")
+
+        @app.get(f"{ASSETS_URL}/redoc.standalone.js", include_in_schema=False)
+        async def redoc_bundle() -> Response:
+            return Response(redoc_js, media_type="text/javascript")
+
         app.mount(ASSETS_URL, StaticFiles(directory=folder), name="docs-assets")
     title = app.title
 

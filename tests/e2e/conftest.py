@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright
 
 from neuron_explainer.datasets.corpus import default_corpus_dir
 from tests.servers import ROOT, Server, call, start_server, stop_server
@@ -82,20 +82,31 @@ def expect_console_errors(page: Page, *fragments: str) -> None:
     _expected.setdefault(id(page), []).extend(fragments)
 
 
+def watch_console(context: BrowserContext) -> list[str]:
+    """The console errors and uncaught errors of every page of `context`, as they happen."""
+    errors: list[str] = []
+    context.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    context.on("weberror", lambda e: errors.append(f"uncaught: {e.error}"))
+    return errors
+
+
+def assert_no_console_errors(errors: list[str], *expected: str) -> None:
+    """Fails on any of `errors` but failed requests and those containing one of `expected`."""
+    allowed = (*EXPECTED_CONSOLE, *expected)
+    unexpected = [e for e in errors if not any(a in e for a in allowed)]
+    assert not unexpected, f"console errors in the page: {unexpected}"
+
+
 def open_page(browser: Browser, server: Server) -> Iterator[Page]:
     """A fresh browser context on `server` (a generator for fixtures). The test fails on a console
     error or uncaught page error it did not expect (expect_console_errors)."""
     context = browser.new_context(viewport={"width": 1280, "height": 800}, base_url=server.url)
+    errors = watch_console(context)
     page = context.new_page()
     page.set_default_timeout(90_000)
-    errors: list[str] = []
-    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-    page.on("pageerror", lambda e: errors.append(f"uncaught: {e}"))
     yield page
     context.close()
-    allowed = (*EXPECTED_CONSOLE, *_expected.pop(id(page), []))
-    unexpected = [e for e in errors if not any(a in e for a in allowed)]
-    assert not unexpected, f"console errors in the page: {unexpected}"
+    assert_no_console_errors(errors, *_expected.pop(id(page), []))
 
 
 @pytest.fixture

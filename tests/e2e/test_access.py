@@ -9,7 +9,7 @@ from urllib.parse import urlparse
 import pytest
 from playwright.sync_api import Browser, BrowserContext, Page, Route, expect
 
-from tests.e2e.conftest import screenshot
+from tests.e2e.conftest import assert_no_console_errors, screenshot, watch_console
 from tests.e2e.test_debugger import IOI_URL, wait_for_table
 from tests.servers import AUTH_TOKEN, ROOT, Server
 
@@ -24,6 +24,7 @@ class ServerOnly:
         self.context: BrowserContext = browser.new_context(
             viewport={"width": 1280, "height": 800}, base_url=server.url
         )
+        self.console_errors = watch_console(self.context)
         self.context.route("**/*", self._route)
 
     def _route(self, route: Route) -> None:
@@ -45,6 +46,7 @@ def docs_context(browser: Browser, no_model_server: Server) -> Iterator[ServerOn
     ctx = ServerOnly(browser, no_model_server)
     yield ctx
     ctx.context.close()
+    assert_no_console_errors(ctx.console_errors)
 
 
 def test_swagger_ui_renders_the_operations_offline(docs_context: ServerOnly) -> None:
@@ -76,8 +78,11 @@ def token_context(browser: Browser, token_server: Server) -> Iterator[BrowserCon
         viewport={"width": 1280, "height": 800}, base_url=token_server.url
     )
     context.set_default_timeout(90_000)
+    errors = watch_console(context)
     yield context
     context.close()
+    # The UI without a token, or with a wrong one, is answered 401: a failed request, expected.
+    assert_no_console_errors(errors)
 
 
 def test_the_ui_takes_the_token_from_its_address_and_sends_it(
