@@ -20,6 +20,7 @@ import pytest
 import schemathesis
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
+from schemathesis.core.errors import UnsupportedSchema
 from schemathesis.specs.openapi.checks import (
     content_type_conformance,
     response_schema_conformance,
@@ -35,9 +36,9 @@ CHECKS = [
     response_schema_conformance,
 ]
 EXAMPLES = 30  # per operation and generation mode
+SEED_ATTEMPTS = 3  # fixed seeds 0, 1, 2: the same requests at every run (see fuzz)
 SETTINGS = hypothesis.settings(
     max_examples=EXAMPLES,
-    derandomize=True,  # the same requests at every run
     database=None,
     deadline=None,
     suppress_health_check=list(hypothesis.HealthCheck),
@@ -135,15 +136,28 @@ def modes(operation: schemathesis.APIOperation) -> list[GenerationMode]:
 def fuzz(
     operation: schemathesis.APIOperation, mode: GenerationMode, subtests: pytest.Subtests
 ) -> None:
-    """EXAMPLES generated requests to one operation, each answer checked against the document."""
+    """EXAMPLES generated requests to one operation, each answer checked against the document.
 
-    @SETTINGS
-    @hypothesis.given(case=operation.as_strategy(generation_mode=mode))
-    def run(case: schemathesis.Case) -> None:
-        case.call_and_validate(checks=CHECKS)
+    Schemathesis cannot build every mutation it draws for invalid bodies (UnsupportedSchema, e.g.
+    "a `not` whose complement is not spelled out", raised before a request is sent; it happened
+    for POST /batched in one whole-suite run only): then the run is redone from the next fixed
+    seed, so EXAMPLES requests are still checked, and a schema it can never handle still fails."""
+    for attempt in range(SEED_ATTEMPTS):
 
-    with subtests.test(msg=f"{mode.value} {operation.label}"):
-        run()
+        @SETTINGS
+        @hypothesis.seed(attempt)
+        @hypothesis.given(case=operation.as_strategy(generation_mode=mode))
+        def run(case: schemathesis.Case) -> None:
+            case.call_and_validate(checks=CHECKS)
+
+        with subtests.test(msg=f"{mode.value} {operation.label}"):
+            try:
+                run()
+            except UnsupportedSchema:
+                if attempt == SEED_ATTEMPTS - 1:
+                    raise
+                continue
+        return
 
 
 def test_valid_requests_get_documented_answers(server: Server, subtests: pytest.Subtests) -> None:
