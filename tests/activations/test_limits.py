@@ -24,22 +24,11 @@ from neuron_explainer.activations import (
 )
 from neuron_explainer.activations.limits import Estimate, LimitError
 from neuron_explainer.activations.processing import generate
-from neuron_explainer.models import HookedTransformer, ModelConfig
+from neuron_explainer.models import HookedTransformer
 from neuron_explainer.models.cancellation import Cancelled, CancelToken, DeadlineExceeded
 from neuron_explainer.models.hooks import HookPoint
 
 PROMPTS = [[5, 17, 3, 99, 42, 8, 61, 7], [5, 17, 3, 99, 42, 8, 60, 7, 11, 2]]
-
-
-@pytest.fixture(scope="module")
-def model() -> HookedTransformer:
-    torch.manual_seed(0)
-    cfg = ModelConfig.gpt2(n_layers=3, d_model=64, n_heads=4, d_mlp=128, vocab_size=120, n_ctx=32)
-    m = HookedTransformer(cfg)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(0.2 * torch.randn_like(p))
-    return m.requires_grad_(False).eval()
 
 
 def request(prompt: list[int], **kw: object) -> SubRequest:

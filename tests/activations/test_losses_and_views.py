@@ -3,27 +3,15 @@ latents, on a small random GPT-2 (LayerNorm, biases, learned positions)."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from neuron_explainer.activations import Engine, NodeType, SubRequest
 from neuron_explainer.activations.derived_scalars import PassState
 from neuron_explainer.activations.node_types.attention_head import token_pair_attribution
-from neuron_explainer.models import HookedTransformer, ModelConfig
+from neuron_explainer.models import HookedTransformer
 from neuron_explainer.models.hooks import HookPoint
 
 PROMPT = [5, 17, 3, 99, 42, 8, 61, 7]
-
-
-@pytest.fixture(scope="module")
-def model() -> HookedTransformer:
-    torch.manual_seed(0)
-    cfg = ModelConfig.gpt2(n_layers=3, d_model=64, n_heads=4, d_mlp=128, vocab_size=120, n_ctx=32)
-    m = HookedTransformer(cfg)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(0.2 * torch.randn_like(p))
-    return m.requires_grad_(False).eval()
 
 
 def test_probs_loss_is_target_probability_and_effects_are_its_gradients(
