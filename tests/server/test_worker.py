@@ -12,7 +12,8 @@ from __future__ import annotations
 import asyncio
 import math
 import threading
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import replace
 from typing import Any
 
@@ -49,6 +50,32 @@ def engine(default_model: HookedTransformer) -> Engine:
     return Engine(default_model)
 
 
+@asynccontextmanager
+async def model_thread_held(worker: ModelWorker) -> AsyncIterator[Callable[[], Awaitable[None]]]:
+    """Starts `worker` with a call holding its model thread, so that requests wait in its queue;
+    yields `release` (lets the holding call end and awaits it). On exit the thread is released
+    whatever happened (never left blocked when an assert failed) and the worker stopped."""
+    started, release_event = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        started.set()
+        release_event.wait()
+
+    worker.start()
+    holding = asyncio.ensure_future(worker.call(hold))
+
+    async def release() -> None:
+        release_event.set()
+        await holding
+
+    try:
+        assert await asyncio.to_thread(started.wait, 300), "the model thread never ran"
+        yield release
+    finally:
+        release_event.set()
+        await worker.stop()
+
+
 def run_while_queued(
     worker: ModelWorker, requests: Sequence[list[SubRequest]]
 ) -> tuple[int, list[Any]]:
@@ -56,25 +83,12 @@ def run_while_queued(
     jobs were waiting in the queue at release, and each request's results (or its exception)."""
 
     async def main() -> tuple[int, list[Any]]:
-        started, release = threading.Event(), threading.Event()
-
-        def hold() -> None:
-            started.set()
-            release.wait()
-
-        worker.start()
-        try:
-            holding = asyncio.ensure_future(worker.call(hold))
-            assert await asyncio.to_thread(started.wait, 300), "the model thread never ran"
+        async with model_thread_held(worker) as release:
             jobs = [asyncio.ensure_future(worker.run_tdb(r)) for r in requests]
             await asyncio.sleep(0)  # each job runs up to its wait in the queue
             queued = worker.queued
-            release.set()
-            await holding
+            await release()
             outcomes = await asyncio.gather(*jobs, return_exceptions=True)
-        finally:
-            release.set()  # never leave the model thread blocked, even when an assert failed
-            await worker.stop()
         return queued, [o if isinstance(o, BaseException) else o[0] for o in outcomes]
 
     return asyncio.run(main())
@@ -216,16 +230,7 @@ def test_a_queued_request_whose_client_left_is_dropped(engine: Engine) -> None:
     worker = ModelWorker(engine, max_merged_rows=16)
 
     async def main() -> SubResult:
-        started, release = threading.Event(), threading.Event()
-
-        def hold() -> None:
-            started.set()
-            release.wait()
-
-        worker.start()
-        try:
-            holding = asyncio.ensure_future(worker.call(hold))
-            assert await asyncio.to_thread(started.wait, 300), "the model thread never ran"
+        async with model_thread_held(worker) as release:
             gone = asyncio.get_running_loop().create_future()
             left = asyncio.ensure_future(worker.run_tdb([ioi(0)], client_gone=gone))
             stays = asyncio.ensure_future(worker.run_tdb([ioi(1)]))
@@ -235,12 +240,8 @@ def test_a_queued_request_whose_client_left_is_dropped(engine: Engine) -> None:
             with pytest.raises(ClientGone):
                 await left
             assert worker.queued == 1
-            release.set()
-            await holding
+            await release()
             [result], _ = await stays
-        finally:
-            release.set()
-            await worker.stop()
         return result
 
     result = asyncio.run(main())
@@ -295,22 +296,12 @@ def test_a_merged_pass_runs_on_for_the_requests_still_waiting(
     worker = ModelWorker(engine)
 
     async def main(gate: Gate) -> SubResult:
-        started, release = threading.Event(), threading.Event()
-
-        def hold() -> None:
-            started.set()
-            release.wait()
-
-        worker.start()
-        try:
-            holding = asyncio.ensure_future(worker.call(hold))
-            assert await asyncio.to_thread(started.wait, 300)
+        async with model_thread_held(worker) as release:
             gone = asyncio.get_running_loop().create_future()
             left = asyncio.ensure_future(worker.run_tdb([ioi(2)], client_gone=gone))
             stays = asyncio.ensure_future(worker.run_tdb([ioi(3)]))
             await asyncio.sleep(0)
-            release.set()
-            await holding
+            await release()
             assert await asyncio.to_thread(gate.reached.wait, 300)
             assert len(worker.status()[0]) == 2  # merged
             gone.set_result(None)
@@ -318,9 +309,6 @@ def test_a_merged_pass_runs_on_for_the_requests_still_waiting(
                 await left
             gate.release.set()
             [result], _ = await stays
-        finally:
-            release.set()
-            await worker.stop()
         return result
 
     with gated(default_model) as (gate, reached_last):
