@@ -68,6 +68,15 @@ def _text_or(other: str) -> Discriminator:
 
 
 Text = Annotated[str, Field(min_length=1)]
+# BOS before a text prompt; unset or null: the model's default (its tokenizer's own setting: Gemma
+# yes, GPT-2 and SmolLM2 no; `bosByDefault` in /model_info). Token-id prompts are taken as given.
+PrependBos = Annotated[
+    bool | None,
+    Field(
+        description="put BOS before the prompt; null: the model's default (/model_info "
+        "bosByDefault) for text, never for token ids"
+    ),
+]
 TokenList = list[
     Annotated[Annotated[Text, Tag("str")] | Annotated[Index, Tag("int")], _text_or("int")]
 ]
@@ -180,7 +189,7 @@ class InferenceRequestSpec(Schema):
     node_ablations: list[NodeAblationModel] = Field(default_factory=list)
     upstream_node_to_trace: NodeToTraceModel | None = None
     downstream_node_to_trace: NodeToTraceModel | None = None
-    prepend_bos: bool = False
+    prepend_bos: PrependBos = None
 
 
 class TdbSubRequest(InferenceRequestSpec):
@@ -357,7 +366,7 @@ class DerivedScalarsRequest(Schema):
     distractor_tokens: TokenList = Field(default_factory=list)
     normalize_by_dataset_max: bool = False
     dataset_name: str | None = None
-    prepend_bos: bool = False
+    prepend_bos: PrependBos = None
 
 
 class DerivedScalarsResponse(ResponseSchema):
@@ -381,7 +390,7 @@ class DerivedAttentionScalarsRequest(Schema):
     distractor_tokens: TokenList = Field(default_factory=list)
     normalize_by_dataset_max: bool = False
     dataset_name: str | None = None
-    prepend_bos: bool = False
+    prepend_bos: PrependBos = None
 
 
 class DerivedAttentionScalarsResponse(ResponseSchema):
@@ -489,11 +498,16 @@ class ModelInfo(ResponseSchema):
     )
     autoencoders: list[AutoencoderInfo] = Field(default_factory=list)
     bos_token: str | None = None
+    bos_by_default: bool = Field(
+        False,
+        description="whether requests whose prependBos is unset put BOS before a text prompt (the "
+        "model's tokenizer asks for it: Gemma yes, GPT-2 and SmolLM2 no)",
+    )
 
 
 class TokenizeRequest(Schema):
     text: str = Field(max_length=1_000_000)
-    prepend_bos: bool = False
+    prepend_bos: PrependBos = None
 
 
 class TokenizeResponse(ResponseSchema):
@@ -513,7 +527,7 @@ class GenerateRequest(Schema):
     node_ablations: list[NodeAblationModel] = Field(
         default_factory=list, description="ablations at prompt positions, kept on every step"
     )
-    prepend_bos: bool = False
+    prepend_bos: PrependBos = None
 
 
 class GenerateResponse(ResponseSchema):
@@ -710,6 +724,24 @@ class ExplanationMethodModel(ResponseSchema):
     prompt_version: str
 
 
+class ScoredExcerptModel(ResponseSchema):
+    """A held-out excerpt an explanation was scored on: the component's true activations and the
+    simulator's predictions at the same positions."""
+
+    tokens: list[str]
+    activations: list[float] = Field(
+        description="the true activations: one per token (attention heads: one per token pair "
+        "(q, k <= q), row by row over the lower triangle, as in the records)"
+    )
+    simulated_activations: list[float] = Field(
+        description="the simulator's predictions at the same positions, on its own scale "
+        "(the baseline's: 0-10 per listed item, summed)"
+    )
+    group: Literal["top", "random"] | None = Field(
+        description="a held-out top-activating excerpt or a random one"
+    )
+
+
 class ExplanationModel(ResponseSchema):
     """One explanation of a component and its scores on held-out excerpts (datasets.md,
     "Explanations"). Scores are null where undefined."""
@@ -726,6 +758,12 @@ class ExplanationModel(ResponseSchema):
     method: ExplanationMethodModel
     error: str | None = Field(None, description="why this method failed, else null")
     dataset_name: str
+    scored_excerpts: list[ScoredExcerptModel] | None = Field(
+        None,
+        description="/explain and /score only: the excerpts scored (held-out top ones, then "
+        "random ones) with true and simulated activations; null for stored explanations (a "
+        "store keeps scores, not simulations)",
+    )
 
 
 class ExplanationNodeRequest(Schema):

@@ -29,8 +29,22 @@ ERRORS = documented(400, 404, 413, 422)
 
 
 def _scored_model(scored: Scored, dataset: str) -> s.ExplanationModel:
+    excerpts = [
+        s.ScoredExcerptModel(
+            tokens=e.tokens,
+            activations=e.activations,
+            simulated_activations=e.simulated,
+            group=e.group,
+        )
+        for e in scored.excerpts()
+    ]
     return read.explanation_model(
-        scored.explanation, scored.scores, len(scored.scored), BASELINE_METHOD, dataset
+        scored.explanation,
+        scored.scores,
+        len(scored.scored),
+        BASELINE_METHOD,
+        dataset,
+        scored_excerpts=excerpts,
     )
 
 
@@ -80,7 +94,8 @@ async def existing_explanations(
 @router.post("/explain", response_model=s.ExplainResponse, responses=ERRORS)
 async def explain(body: s.ExplainRequest, request: Request) -> s.ExplainResponse:
     """Explain the component now with the baseline explainer (no model; milliseconds) and score
-    the explanation on its held-out excerpts. Nothing is stored."""
+    the explanation on its held-out excerpts, which the answer holds with the simulated
+    activations (`scoredExcerpts`). Nothing is stored."""
     info, record = await _record(request, body)
     scored = await asyncio.to_thread(
         explain_and_score, record, BaselineExplainer(), BaselineSimulator(), ALL_EXCERPTS
@@ -91,9 +106,10 @@ async def explain(body: s.ExplainRequest, request: Request) -> s.ExplainResponse
 @router.post("/score", response_model=s.ScoreResponse, responses=ERRORS)
 async def score(body: s.ScoreRequest, request: Request) -> s.ScoreResponse:
     """Score an explanation of the component on its held-out excerpts with the baseline's
-    simulator (which reads explanations in the baseline's form; any other text scores null)."""
+    simulator (which reads explanations in the baseline's form; any other text scores null); the
+    answer holds those excerpts with the simulated activations (`scoredExcerpts`)."""
     info, record = await _record(request, body)
-    held_out = ALL_EXCERPTS.split(record).score
+    held_out = ALL_EXCERPTS.split(record)
     scored = await asyncio.to_thread(
         score_explanation, record, body.explanation, BaselineSimulator(), held_out
     )

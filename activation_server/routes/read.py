@@ -62,6 +62,7 @@ def explanation_model(
     method: Method,
     dataset: str,
     error: str | None = None,
+    scored_excerpts: list[s.ScoredExcerptModel] | None = None,
 ) -> s.ExplanationModel:
     return s.ExplanationModel(
         explanation=text,
@@ -79,6 +80,7 @@ def explanation_model(
         ),
         error=error,
         dataset_name=dataset,
+        scored_excerpts=scored_excerpts,
     )
 
 

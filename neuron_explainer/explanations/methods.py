@@ -102,35 +102,74 @@ class ExcerptLimits:
 ALL_EXCERPTS = ExcerptLimits()
 
 
+ExcerptGroup = Literal["top", "random"]
+
+
+@dataclass(frozen=True)
+class ScoredExcerpt:
+    """One scored excerpt: its tokens, the component's true activations and the simulator's
+    predictions at the same positions (per token; heads: per token pair (q, k <= q), row by row).
+    `group` says whether it is a held-out top-activating excerpt or a random one (None: the
+    excerpts were given without their split)."""
+
+    tokens: list[str]
+    activations: list[float]
+    simulated: list[float]
+    group: ExcerptGroup | None
+
+
 @dataclass(frozen=True)
 class Scored:
-    """A component's explanation, its scores, and what they were computed on."""
+    """A component's explanation, its scores, and what they were computed on: `scored` with
+    the simulator's `predicted` activations; the first `n_top` are held-out top-activating
+    excerpts and the rest random ones (None: not known)."""
 
     explanation: str
     scores: Scores
     scored: list[ActivationRecord]
     predicted: list[np.ndarray]
+    n_top: int | None = None
+
+    def excerpts(self) -> list[ScoredExcerpt]:
+        """The scored excerpts with their true and simulated activations, in scoring order."""
+        out = []
+        for i, (record, predicted) in enumerate(zip(self.scored, self.predicted, strict=True)):
+            group: ExcerptGroup | None = None
+            if self.n_top is not None:
+                group = "top" if i < self.n_top else "random"
+            out.append(
+                ScoredExcerpt(
+                    list(record.tokens),
+                    [float(a) for a in record.activations],
+                    [float(p) for p in np.asarray(predicted, dtype=np.float64)],
+                    group,
+                )
+            )
+        return out
 
 
 def score_explanation(
     record: ComponentRecord,
     explanation: str,
     simulator: Simulator,
-    excerpts: Sequence[ActivationRecord],
+    excerpts: Sequence[ActivationRecord] | ExcerptSplit,
 ) -> Scored:
-    """Simulate `explanation` on `excerpts` (held-out ones) and score it against the record's
-    true activations there."""
-    predicted = simulator.simulate(explanation, record.family, excerpts)
-    if len(predicted) != len(excerpts) or any(
-        len(p) != len(r.activations) for p, r in zip(predicted, excerpts, strict=False)
+    """Simulate `explanation` on `excerpts` (held-out ones; given as a split, its scored
+    excerpts, which are then known as top or random) and score it against the record's true
+    activations there."""
+    n_top = len(excerpts.score_top) if isinstance(excerpts, ExcerptSplit) else None
+    scored = excerpts.score if isinstance(excerpts, ExcerptSplit) else list(excerpts)
+    predicted = simulator.simulate(explanation, record.family, scored)
+    if len(predicted) != len(scored) or any(
+        len(p) != len(r.activations) for p, r in zip(predicted, scored, strict=False)
     ):
         raise ExplanationError("the simulator returned the wrong number of predictions")
-    true = [np.asarray(r.activations, dtype=np.float64) for r in excerpts]
+    true = [np.asarray(r.activations, dtype=np.float64) for r in scored]
     if is_per_pair(record.family):
         scores = head_scores(true, predicted, record.max_activation)
     else:
         scores = correlation_scores(true, predicted)
-    return Scored(explanation, scores, list(excerpts), predicted)
+    return Scored(explanation, scores, scored, predicted, n_top)
 
 
 def explain_and_score(
@@ -143,7 +182,7 @@ def explain_and_score(
     held-out excerpts (never those it was written from)."""
     split = limits.split(record)
     explanation = explainer.explain(record, split.explain)
-    return score_explanation(record, explanation, simulator, split.score)
+    return score_explanation(record, explanation, simulator, split)
 
 
 def method_json(method: Method) -> str:

@@ -19,6 +19,7 @@ from neuron_explainer.explanations import (
     BaselineSimulator,
     ExplanationReader,
     best_explanations,
+    correlation_scores,
     explain_store,
 )
 from neuron_explainer.models import HookedTransformer
@@ -74,6 +75,7 @@ def test_existing_explanations_and_record(served: Server, explained: Path) -> No
         "promptVersion": "baseline-1",
     }
     assert e["datasetName"] == "explained"
+    assert e["scoredExcerpts"] is None  # a store keeps scores, not simulations
     status, record = call(served, "/neuron_record", neuron())
     assert status == 200 and record["explanation"] == e
     # Heads: the best explanation with its ROC AUC as the headline score.
@@ -98,8 +100,29 @@ def test_explain_and_score(served: Server, explained: Path) -> None:
     assert fresh["explanation"] == stored.explanation
     assert fresh["evCorrelationScore"] == stored.scores.ev_correlation_score
     assert fresh["nScoredExcerpts"] == stored.n_scored_excerpts
+    # The scored excerpts come back with the simulation (what the UI shows side by side): the
+    # held-out top excerpts (the 2nd, 4th, ... of the record), then random ones, never one the
+    # explanation was written from; their pooled true and simulated activations give the score.
+    excerpts = fresh["scoredExcerpts"]
+    assert len(excerpts) == fresh["nScoredExcerpts"]
+    status, record = call(served, "/neuron_record", neuron(datasetName="plain"))
+    assert status == 200
+    top = record["mostPositiveActivationRecords"]
+    n_top = len(top[1::2])
+    assert [e["group"] for e in excerpts] == ["top"] * n_top + ["random"] * (len(excerpts) - n_top)
+    assert [(e["tokens"], e["activations"]) for e in excerpts[:n_top]] == [
+        (r["tokens"], r["activations"]) for r in top[1::2]
+    ]
+    explained_from = {tuple(r["tokens"]) for r in top[0::2]}
+    assert not any(tuple(e["tokens"]) in explained_from for e in excerpts)
+    assert all(len(e["simulatedActivations"]) == len(e["tokens"]) for e in excerpts)
+    pooled = correlation_scores(
+        [e["activations"] for e in excerpts], [e["simulatedActivations"] for e in excerpts]
+    )
+    assert pooled.ev_correlation_score == pytest.approx(fresh["evCorrelationScore"], abs=1e-9)
     status, scored = call(served, "/score", neuron(explanation=stored.explanation))
     assert status == 200 and scored["score"] == stored.scores.ev_correlation_score
+    assert scored["explanation"]["scoredExcerpts"] == excerpts
     # Another neuron's explanation scores lower on this one; prose the simulator cannot read: null.
     other = ExplanationReader(explained).best("mlp_neuron", 1, 8)
     assert other is not None
@@ -108,6 +131,16 @@ def test_explain_and_score(served: Server, explained: Path) -> None:
     assert control["score"] is None or control["score"] < stored.scores.ev_correlation_score
     status, prose = call(served, "/score", neuron(explanation="words about marriage"))
     assert status == 200 and prose["score"] is None
+    assert all(
+        set(e["simulatedActivations"]) == {0} for e in prose["explanation"]["scoredExcerpts"]
+    )
+    # Heads: one true and one simulated value per token pair (q, k <= q).
+    head = {"nodeType": "attention_head", "layerIndex": 1, "componentIndex": 2}
+    status, body = call(served, "/explain", head)
+    assert status == 200, body
+    for e in body["explanations"][0]["scoredExcerpts"]:
+        n = len(e["tokens"])
+        assert len(e["activations"]) == len(e["simulatedActivations"]) == n * (n + 1) // 2
 
 
 def test_errors_name_the_field(served: Server) -> None:

@@ -329,7 +329,8 @@ export interface paths {
         /**
          * Explain
          * @description Explain the component now with the baseline explainer (no model; milliseconds) and score
-         *     the explanation on its held-out excerpts. Nothing is stored.
+         *     the explanation on its held-out excerpts, which the answer holds with the simulated
+         *     activations (`scoredExcerpts`). Nothing is stored.
          */
         post: operations["explain_explain_post"];
         delete?: never;
@@ -350,7 +351,8 @@ export interface paths {
         /**
          * Score
          * @description Score an explanation of the component on its held-out excerpts with the baseline's
-         *     simulator (which reads explanations in the baseline's form; any other text scores null).
+         *     simulator (which reads explanations in the baseline's form; any other text scores null); the
+         *     answer holds those excerpts with the simulated activations (`scoredExcerpts`).
          */
         post: operations["score_score_post"];
         delete?: never;
@@ -1167,6 +1169,11 @@ export interface components {
             error?: string | null;
             /** Datasetname */
             datasetName: string;
+            /**
+             * Scoredexcerpts
+             * @description /explain and /score only: the excerpts scored (held-out top ones, then random ones) with true and simulated activations; null for stored explanations (a store keeps scores, not simulations)
+             */
+            scoredExcerpts?: components["schemas"]["ScoredExcerptModel"][] | null;
         };
         /** GenerateRequest */
         GenerateRequest: {
@@ -1763,6 +1770,30 @@ export interface components {
             score: number | null;
             explanation: components["schemas"]["ExplanationModel"];
             dataset: components["schemas"]["DatasetInfoModel"];
+        };
+        /**
+         * ScoredExcerptModel
+         * @description A held-out excerpt an explanation was scored on: the component's true activations and the
+         *     simulator's predictions at the same positions.
+         */
+        ScoredExcerptModel: {
+            /** Tokens */
+            tokens: string[];
+            /**
+             * Activations
+             * @description the true activations: one per token (attention heads: one per token pair (q, k <= q), row by row over the lower triangle, as in the records)
+             */
+            activations: number[];
+            /**
+             * Simulatedactivations
+             * @description the simulator's predictions at the same positions, on its own scale (the baseline's: 0-10 per listed item, summed)
+             */
+            simulatedActivations: number[];
+            /**
+             * Group
+             * @description a held-out top-activating excerpt or a random one
+             */
+            group: ("top" | "random") | null;
         };
         /** ScoredKeyTokenModel */
         ScoredKeyTokenModel: {
