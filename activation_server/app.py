@@ -78,6 +78,8 @@ def create_app(model: HookedTransformer | None, settings: Settings | None = None
     check = DatasetRegistry()
     for spec in settings.datasets:
         check.add(spec)  # a missing folder or unknown family fails here, before serving
+    for spec in settings.explanations:  # and an unreachable explanations URL
+        check.add_explanations(spec).check()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -86,6 +88,8 @@ def create_app(model: HookedTransformer | None, settings: Settings | None = None
                 await state.datasets.add_url_root(spec)
             else:
                 state.datasets.add(spec)
+        for spec in settings.explanations:
+            state.datasets.add_explanations(spec)
         if state.engine is not None:
             state.worker = ModelWorker(
                 state.engine, settings.max_merged_rows, settings.request_timeout_s

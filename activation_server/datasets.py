@@ -29,6 +29,7 @@ from urllib.parse import urlparse
 
 import aiohttp
 
+from activation_server.explanation_files import ExplanationFiles
 from activation_server.schemas import DatasetInfoModel
 from neuron_explainer.datasets.families import FAMILIES
 from neuron_explainer.datasets.records import (
@@ -146,6 +147,12 @@ class _TdbSource:
 _Source = _StoreSource | _TdbSource
 
 
+def _best_first(e: StoredExplanation) -> tuple[bool, float]:
+    """Sort key: explanations that did not fail, highest score first (no score: last)."""
+    score = e.score
+    return (e.failed, -score if score is not None else float("inf"))
+
+
 def _name_of(location: str) -> str:
     if is_url(location):
         parts = [p for p in urlparse(location).path.split("/") if p]
@@ -188,6 +195,21 @@ class DatasetRegistry:
 
     def __init__(self) -> None:
         self._sources: dict[str, _Source] = {}
+        self._explanation_files: list[ExplanationFiles] = []
+
+    def add_explanations(self, spec: str) -> ExplanationFiles:
+        """Add TDB's published explanation files (`[FAMILY=]PATH|URL`, explanation_files.py):
+        their explanations join those of the stores for every component of their families."""
+        files = ExplanationFiles.from_spec(spec)
+        self._explanation_files.append(files)
+        return files
+
+    def file_explanations(self, family: str, layer: int, index: int) -> list[StoredExplanation]:
+        """The component's explanations in the `--explanations` files (blocking reads)."""
+        found: list[StoredExplanation] = []
+        for files in self._explanation_files:
+            found += files.explanations(family, layer, index)
+        return found
 
     def add(self, spec: str, name: str | None = None) -> str:
         """Add a dataset from a `[FAMILY=]LOCATION` spec; returns its name. A store file need
@@ -280,16 +302,20 @@ class DatasetRegistry:
         """The explanations of one component in `dataset` (or the first dataset holding
         `family`), best first; TDB layouts hold none here."""
         source = self._pick(family, dataset)
-        if not isinstance(source, _StoreSource):
-            return source.info(), []
-        found = await asyncio.to_thread(source.explanations, family, layer, index)
+        found: list[StoredExplanation] = []
+        if isinstance(source, _StoreSource):
+            found = await asyncio.to_thread(source.explanations, family, layer, index)
+        if self._explanation_files:
+            files = await asyncio.to_thread(self.file_explanations, family, layer, index)
+            found = sorted(found + files, key=_best_first)
         return source.info(), found
 
     def explanation_lookup(
         self, model_name: str
     ) -> Callable[[str, int, int], StoredExplanation | None]:
         """A function (family, layer, index) -> the best explanation held by the first store of
-        `model_name` that holds `family`, or None; it reads each family and layer once."""
+        `model_name` that holds `family`, else the best in the `--explanations` files, or None;
+        it reads each family and layer of a store once (and each file once)."""
         layers: dict[tuple[str, int], dict[tuple[str, int, int], StoredExplanation]] = {}
 
         def source_of(family: str) -> _StoreSource | None:
@@ -306,11 +332,15 @@ class DatasetRegistry:
             if family not in sources:
                 sources[family] = source_of(family)
             source = sources[family]
-            if source is None:
-                return None
-            if (family, layer) not in layers:
-                layers[family, layer] = source.best_of_layer(family, layer)
-            return layers[family, layer].get((family, layer, index))
+            best = None
+            if source is not None:
+                if (family, layer) not in layers:
+                    layers[family, layer] = source.best_of_layer(family, layer)
+                best = layers[family, layer].get((family, layer, index))
+            if best is None and self._explanation_files:
+                ok = [e for e in self.file_explanations(family, layer, index) if not e.failed]
+                best = min(ok, key=_best_first) if ok else None
+            return best
 
         return lookup
 

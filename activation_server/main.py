@@ -125,6 +125,16 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         "layout in a folder or at an http(s) URL, e.g. attention_head=https://host/heads/",
     )
     p.add_argument(
+        "--explanations",
+        action="append",
+        default=[],
+        metavar="[FAMILY=]PATH|URL",
+        help="TDB's published explanation files to serve beside the datasets (repeatable): a "
+        "folder or http(s) URL of <layer>/<index>.jsonl for FAMILY (default mlp_neuron), or a "
+        "folder of <family>/<layer>/<index>.jsonl as tdb export-explanations writes; their "
+        "explanations join the stores' in node tables, /neuron_record and /existing_explanations",
+    )
+    p.add_argument(
         "--auto-dataset",
         action="store_true",
         help="serve the model's default store, building it in the background when it is not "
@@ -169,6 +179,7 @@ def serve(args: argparse.Namespace) -> int:
         request_timeout_s=args.request_timeout if args.request_timeout > 0 else None,
         ui_dir=args.ui_dir,
         datasets=list(args.dataset),
+        explanations=list(args.explanations),
         auto_dataset_model=args.model if args.auto_dataset and not args.no_model else None,
         auto_dataset_tokens=args.auto_dataset_tokens,
         allowed_hosts=allowed_hosts(args.host, args.allowed_host),

@@ -30,6 +30,8 @@ class Settings:
     request_timeout_s: float | None = DEFAULT_REQUEST_TIMEOUT_S
     ui_dir: str | None = None  # built UI files; default neuron_viewer/dist when present
     datasets: list[str] = field(default_factory=list)  # [FAMILY=]PATH|URL specs (datasets.py)
+    # TDB's explanation files, [FAMILY=]PATH|URL specs (explanation_files.py)
+    explanations: list[str] = field(default_factory=list)
     # Build a store of the default corpus for the model in the background when none is complete:
     # the model spec to collate (None: never), and the token budget.
     auto_dataset_model: str | None = None
