@@ -120,7 +120,7 @@ class AsyncClient:
             "POST", "/derived_attention_scalars", s.DerivedAttentionScalarsResponse, request
         )
 
-    async def tokenize(self, text: str, prepend_bos: bool = False) -> s.TokenizeResponse:
+    async def tokenize(self, text: str, prepend_bos: bool | None = None) -> s.TokenizeResponse:
         return await self._request(
             "POST", "/tokenize", s.TokenizeResponse, {"text": text, "prependBos": prepend_bos}
         )
@@ -182,7 +182,7 @@ class Client:
     ) -> s.DerivedAttentionScalarsResponse:
         return self._run(self._async.derived_attention_scalars(request))
 
-    def tokenize(self, text: str, prepend_bos: bool = False) -> s.TokenizeResponse:
+    def tokenize(self, text: str, prepend_bos: bool | None = None) -> s.TokenizeResponse:
         return self._run(self._async.tokenize(text, prepend_bos))
 
     def generate(self, request: s.GenerateRequest | dict[str, Any]) -> s.GenerateResponse:

@@ -27,6 +27,7 @@ from neuron_explainer.activations import (
 )
 from neuron_explainer.activations.nodes import at
 from neuron_explainer.activations.processing import component_values, generate, run_batched
+from neuron_explainer.activations.validation import resolve_prepend_bos
 from neuron_explainer.datasets.normalization import normalize_by_dataset_max, token_summaries
 
 # The error statuses of an endpoint that runs the model on a request body.
@@ -125,7 +126,7 @@ def _component_request(
     prompt: str | list[int],
     targets: list[str | int],
     distractors: list[str | int],
-    prepend_bos: bool,
+    prepend_bos: bool | None,
 ) -> SubRequest:
     return SubRequest(
         prompt=prompt,
@@ -250,7 +251,7 @@ async def tokenize(body: s.TokenizeRequest, request: Request) -> s.TokenizeRespo
     if tok is None:
         raise RequestError("text", "this model has no tokenizer")
     ids = tok.encode(body.text)
-    if body.prepend_bos:
+    if resolve_prepend_bos(state.model, body.text, body.prepend_bos):
         if tok.bos_token_id is None:
             raise RequestError("prependBos", "this tokenizer has no BOS token")
         ids = [tok.bos_token_id, *ids]
@@ -314,6 +315,7 @@ def model_info(request: Request) -> s.ModelInfo:
         bos_token=tok.token_display(tok.bos_token_id)
         if tok is not None and tok.bos_token_id is not None
         else None,
+        bos_by_default=tok is not None and tok.add_bos_token,
     )
 
 

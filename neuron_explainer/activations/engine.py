@@ -113,7 +113,9 @@ class Engine:
     def prompt_tokens(self, req: SubRequest) -> list[int]:
         return prompt_tokens(self.model, req, self.max_prompt_tokens)
 
-    def check_prompt_size(self, prompt: str | Sequence[int], prepend_bos: bool = False) -> None:
+    def check_prompt_size(
+        self, prompt: str | Sequence[int], prepend_bos: bool | None = None
+    ) -> None:
         """A 413 (PromptTooLongError) for a prompt that cannot fit, without tokenizing it: a
         check cheap enough for a server to run before the request waits for the model."""
         check_prompt_size(self.model, prompt, prepend_bos, self.max_prompt_tokens)

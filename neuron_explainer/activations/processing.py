@@ -280,7 +280,7 @@ def generate(
     top_p: float | None = None,
     seed: int | None = None,
     node_ablations: Sequence[NodeAblation] = (),
-    prepend_bos: bool = False,
+    prepend_bos: bool | None = None,
     use_cache: bool = True,
 ) -> list[int]:
     """A continuation of the prompt under the ablations, which name prompt positions: they apply

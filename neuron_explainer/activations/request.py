@@ -48,7 +48,8 @@ class SubRequest:
     metrics: Sequence[str] = METRICS
     token_views: bool = True
     token_view_k: int = 10
-    prepend_bos: bool = False
+    # BOS before the prompt; None: the model's default for text (validation.resolve_prepend_bos).
+    prepend_bos: bool | None = None
     # Further (node type, metric) scalars to compute without ranking them (read via `inspect`).
     extra_scalars: Sequence[tuple[NodeType, str]] = ()
     # Node types whose token views will be asked for beyond the table's (read via `inspect`).

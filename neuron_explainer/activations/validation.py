@@ -80,13 +80,28 @@ def longest_token_bytes(tokenizer: Tokenizer) -> int:
     return longest
 
 
+def resolve_prepend_bos(
+    model: HookedTransformer, prompt: str | Sequence[int], prepend_bos: bool | None
+) -> bool:
+    """Whether BOS goes before the prompt: as asked, or where unset (None), the model's default
+    for a text prompt (its tokenizer's `add_bos_token`: Gemma yes, GPT-2 and SmolLM2 no); token
+    ids are taken as given."""
+    if prepend_bos is not None:
+        return prepend_bos
+    return isinstance(prompt, str) and model.tokenizer is not None and model.tokenizer.add_bos_token
+
+
 def check_prompt_size(
-    model: HookedTransformer, prompt: str | Sequence[int], prepend_bos: bool, max_prompt_tokens: int
+    model: HookedTransformer,
+    prompt: str | Sequence[int],
+    prepend_bos: bool | None,
+    max_prompt_tokens: int,
 ) -> None:
     """Refuse, without tokenizing, a prompt that cannot fit in `max_prompt_tokens`: a token-id
     list longer than that, or a text longer than that many times the most characters a token
     can stand for (`NORMALIZATION_SHRINK` × the longest token's bytes), which encodes to more
     tokens. Cheap enough to run before a request waits for the model."""
+    prepend_bos = resolve_prepend_bos(model, prompt, prepend_bos)
     limit = max_prompt_tokens - int(prepend_bos)
     if isinstance(prompt, str):
         if model.tokenizer is None:
@@ -137,7 +152,7 @@ def prompt_tokens(model: HookedTransformer, req: SubRequest, max_prompt_tokens: 
     else:
         with at("prompt"):
             tokens = [token_id(model, int(t)) for t in req.prompt]
-    if req.prepend_bos:
+    if resolve_prepend_bos(model, req.prompt, req.prepend_bos):
         if model.tokenizer is None or model.tokenizer.bos_token_id is None:
             raise RequestError("prepend_bos", "this tokenizer has no BOS token")
         tokens = [model.tokenizer.bos_token_id, *tokens]

@@ -40,12 +40,15 @@ class Tokenizer:
 
     Build one with `from_gguf` or `from_hf_folder` (or `from_spec`). `vocab_size` counts every token
     id (special tokens included): max id + 1. `encode` never adds BOS; prepend `bos_token_id` where wanted.
+    `add_bos_token`: whether the model expects BOS before a prompt (its files say so: Gemma's do,
+    GPT-2's and SmolLM2's do not); requests that leave `prepend_bos` unset follow it.
     """
 
     encoding: tiktoken.Encoding
     vocab_size: int
     bos_token_id: int | None
     eos_token_id: int | None
+    add_bos_token: bool = False
     special_tokens: dict[str, int]
     pattern: str
 
@@ -60,6 +63,7 @@ class Tokenizer:
         eos_token_id: int | None = None,
         name: str = "bpe",
         normalization: Literal["NFC"] | None = None,
+        add_bos_token: bool = False,
     ) -> None:
         """Build from byte-level `vocab` (token string -> id), `merges` in priority order and raw
         `special_tokens` (text -> id). Raises TokenizerError where tiktoken would not give the same
@@ -83,6 +87,7 @@ class Tokenizer:
                 raise TokenizerError(f"{label} token id {token_id} is outside the vocabulary")
         self.bos_token_id = bos_token_id
         self.eos_token_id = eos_token_id
+        self.add_bos_token = add_bos_token and bos_token_id is not None
 
         # id -> bytes; None for ids that name no token.
         self._bytes: list[bytes | None] = [None] * self.vocab_size
@@ -227,6 +232,7 @@ class Tokenizer:
             eos_token_id=spec.eos_token_id,
             name=spec.name,
             normalization=spec.normalization,
+            add_bos_token=spec.add_bos_token,
         )
 
     @classmethod

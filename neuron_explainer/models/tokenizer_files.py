@@ -123,6 +123,7 @@ class TokenizerSpec:
     eos_token_id: int | None = None
     name: str = "bpe"
     normalization: Literal["NFC"] | None = None
+    add_bos_token: bool = False  # the model expects BOS before every prompt
 
 
 # ---- Hugging Face folders ------------------------------------------------------------------------
@@ -154,6 +155,7 @@ def read_hf_tokenizer(folder: str | os.PathLike[str]) -> TokenizerSpec:
         eos_token_id=eos,
         name=folder.name or "hf",
         normalization=normalization,
+        add_bos_token=bos is not None and _hf_adds_bos(folder, bos, special_tokens),
     )
 
 
@@ -401,6 +403,23 @@ def _hf_bos_eos(folder: Path, special_tokens: Mapping[str, int]) -> tuple[int | 
     return found["bos"], found["eos"]
 
 
+def _hf_adds_bos(folder: Path, bos: int, special_tokens: Mapping[str, int]) -> bool:
+    """Whether `transformers` puts BOS before a prompt: tokenizer_config.json's `add_bos_token`
+    where it says, else a tokenizer.json post-processor whose single-sequence template starts with
+    the BOS token (Llama 3's TemplateProcessing)."""
+    config = _read_json(folder / "tokenizer_config.json")
+    if isinstance(config.get("add_bos_token"), bool):
+        return bool(config["add_bos_token"])
+    processor = _read_json(folder / "tokenizer.json").get("post_processor") or {}
+    processors = processor.get("processors", [processor]) if isinstance(processor, dict) else []
+    for proc in processors:
+        single = proc.get("single") if isinstance(proc, dict) else None
+        if proc.get("type") == "TemplateProcessing" and isinstance(single, list) and single:
+            first = single[0].get("SpecialToken", {}) if isinstance(single[0], dict) else {}
+            return special_tokens.get(str(first.get("id"))) == bos
+    return False
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
@@ -422,6 +441,7 @@ def read_gguf_tokenizer(path_or_reader: str | os.PathLike[str] | GGUFReader) -> 
         "tokenizer.ggml.merges",
         "tokenizer.ggml.bos_token_id",
         "tokenizer.ggml.eos_token_id",
+        "tokenizer.ggml.add_bos_token",
     ]
     # load_model passes the reader it already opened for the weights; opening one indexes
     # every field and tensor (~3 s for SmolLM2).
@@ -459,6 +479,7 @@ def read_gguf_tokenizer(path_or_reader: str | os.PathLike[str] | GGUFReader) -> 
         bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
         eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
         name=meta.get("general.name", "gguf"),
+        add_bos_token=bool(meta.get("tokenizer.ggml.add_bos_token", False)),
     )
 
 

@@ -44,9 +44,11 @@ class SentencePieceTokenizer(Tokenizer):
         bos_token_id: int | None,
         eos_token_id: int | None,
         name: str = "spm",
+        add_bos_token: bool = False,
     ) -> None:
         self.vocab_size = len(tokens)
         self.bos_token_id, self.eos_token_id = bos_token_id, eos_token_id
+        self.add_bos_token = add_bos_token and bos_token_id is not None
         self.pattern = r"[\s\S]+"  # no pre-tokenization: the whole text is one piece
         self._normalization = None
         self._has_unknown_bytes = False
@@ -108,6 +110,7 @@ class SentencePieceTokenizer(Tokenizer):
             None if bos is None else int(bos),
             None if eos is None else int(eos),
             str(meta.get("general.name", "spm")),
+            bool(meta.get("tokenizer.ggml.add_bos_token", False)),
         )
 
     def _encode_ordinary(self, text: str) -> list[int]:

@@ -5,7 +5,6 @@ per session, short prompts."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,6 @@ import transformers
 
 from neuron_explainer.models import HookedTransformer, load_model
 from neuron_explainer.models.registry import gemma3_gguf_path
-from tests.servers import Server, post, start_server, stop_server
 
 IOI = "When Mary and John went to the store, John gave a drink to"
 TEXTS = [
@@ -65,34 +63,6 @@ def test_tokenizer_equals_transformers_gguf_tokenizer(gemma: HookedTransformer, 
         assert ids == hf.encode(text, add_special_tokens=False), text
         assert tok.decode(ids) == hf.decode(ids)
     assert (tok.bos_token_id, tok.eos_token_id) == (hf.bos_token_id, hf.eos_token_id)
+    # Gemma expects BOS before a prompt: transformers adds it by default, and so do requests.
+    assert hf.encode(IOI)[0] == hf.bos_token_id and tok.add_bos_token
     assert tok.vocab_size == gemma.cfg.vocab_size == 262144
-
-
-@pytest.fixture(scope="module")
-def gemma_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    log = tmp_path_factory.mktemp("gemma_server") / "server.log"
-    srv = start_server(["--model", "gemma3-270m", "--device", "cpu"], log, timeout_s=300)
-    yield srv
-    stop_server(srv)
-
-
-def test_tdb_serve_gemma3_runs_the_ioi_prompt(gemma_server: Server) -> None:
-    """`tdb serve --model gemma3-270m`: the debugger's request on the IOI prompt (with Gemma's BOS)
-    answers with a node table, and the real model's fact holds: " Mary" is the top next token and
-    beats " John" by more than 2 logits."""
-    body = {
-        "subRequests": [
-            {
-                "prompt": IOI,
-                "targetTokens": [" Mary"],
-                "distractorTokens": [" John"],
-                "prependBos": True,
-            }
-        ]
-    }
-    [wire] = post(gemma_server, "/batched_tdb", body)["subResponses"]
-    assert wire["topOutputTokens"][0]["text"] == " Mary"
-    assert wire["targetTokens"][0]["text"] == " Mary"
-    assert wire["directionValue"] > 2.0
-    node_types = {row["node"]["nodeType"] for row in wire["nodeTable"]}
-    assert {"attention_head", "mlp_neuron"} <= node_types
