@@ -133,6 +133,28 @@ def small_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def explained_store(small_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of small_store explained by the real CLI (`tdb explain`, the no-LLM baseline;
+    ~20 s here): every neuron and head of layers 0 and 1 carries an explanation and its score."""
+    out = tmp_path_factory.mktemp("explained") / "explained.sqlite"
+    shutil.copy(small_store, out)
+    command = [*tdb_command(), "explain", str(out), "--quiet"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    if result.returncode != 0:
+        pytest.fail(f"tdb explain failed ({result.returncode}):\n{result.stderr[-4000:]}")
+    return out
+
+
+def serve_store(store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A server of the real default model reading the collated `store` (--dataset), for a
+    module's tests (a generator for fixtures)."""
+    log = tmp_path_factory.mktemp(f"{store.stem}_server") / "server.log"
+    srv = start_server(["--model", MODEL, "--device", "cpu", "--dataset", str(store)], log)
+    yield srv
+    stop_server(srv)
+
+
 def screenshot(page: Page, name: str, full_page: bool = True) -> Path:
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     path = SCREENSHOTS / f"{name}.png"

@@ -24,9 +24,10 @@ from tests.e2e.conftest import (
     open_jobs_panel,
     open_page,
     screenshot,
+    serve_store,
 )
 from tests.e2e.test_debugger import wait_for_table
-from tests.servers import Server, post, start_server, stop_server
+from tests.servers import Server, post
 
 IOI_QUERY = "When+Mary+and+John+went+to+the+store%2C+John+gave+a+drink+to"
 FULL_RED = "rgba(220, 38, 38, 0.85)"  # lib/colors.ts at intensity 1 (the dataset max)
@@ -34,10 +35,7 @@ FULL_RED = "rgba(220, 38, 38, 0.85)"  # lib/colors.ts at intensity 1 (the datase
 
 @pytest.fixture(scope="module")
 def dataset_server(small_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    log = tmp_path_factory.mktemp("dataset_server") / "server.log"
-    srv = start_server(["--model", MODEL, "--device", "cpu", "--dataset", str(small_store)], log)
-    yield srv
-    stop_server(srv)
+    yield from serve_store(small_store, tmp_path_factory)
 
 
 @pytest.fixture

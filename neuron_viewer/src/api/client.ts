@@ -15,12 +15,17 @@ import type {
   DerivedScalarsRequest,
   DerivedScalarsResponse,
   ErrorResponse,
+  ExistingExplanationsResponse,
+  ExplainResponse,
+  ExplainRequest,
   HealthResponse,
   JobsResponse,
   ModelInfo,
   NeuronRecordRequest,
   NeuronRecordResponse,
   NodeTypesResponse,
+  ScoreRequest,
+  ScoreResponse,
   TokenizeResponse,
 } from "./types";
 
@@ -178,4 +183,10 @@ export const api = {
   attentionHeadRecord: (body: AttentionHeadRecordRequest, signal?: AbortSignal) =>
     call<AttentionHeadRecordResponse>("POST", "/attention_head_record", body, signal),
   jobs: (signal?: AbortSignal) => call<JobsResponse>("GET", "/jobs", undefined, signal),
+  existingExplanations: (body: ExplainRequest, signal?: AbortSignal) =>
+    call<ExistingExplanationsResponse>("POST", "/existing_explanations", body, signal),
+  explain: (body: ExplainRequest, signal?: AbortSignal) =>
+    call<ExplainResponse>("POST", "/explain", body, signal),
+  score: (body: ScoreRequest, signal?: AbortSignal) =>
+    call<ScoreResponse>("POST", "/score", body, signal),
 };

@@ -1,6 +1,7 @@
 import { Fragment, useEffect, useMemo, useState } from "react";
 import type { AttentionTraceType, NodeIndex, NodeRow, ScoredToken } from "../api/types";
 import { cellColor, maxAbs, textColor } from "../lib/colors";
+import { explanationTitle, formatScore, rowExplanation } from "../lib/explanations";
 import { componentName, plural, TRACE_TYPES } from "../lib/nodes";
 import {
   filterRows,
@@ -66,31 +67,67 @@ function TokenList({ title, tokens }: { title: string; tokens: ScoredToken[] }) 
   );
 }
 
-/** A node's token-space views; those of a token pair (a head) have a query and a key side. */
+/** A node-table cell: the component's explanation, cut to one line; all of it and the score on
+ * hover. Empty when its datasets hold none. */
+function ExplanationCell({ row }: { row: TableRow }) {
+  const e = rowExplanation(row);
+  return (
+    <td
+      className="explanation-cell"
+      data-testid="node-explanation"
+      title={e ? explanationTitle(e.text, e.score) : undefined}
+    >
+      {e && (
+        <>
+          <span className="explanation-text">{e.text}</span>{" "}
+          <span className="num muted">{formatScore(e.score)}</span>
+        </>
+      )}
+    </td>
+  );
+}
+
+/** A node's explanation and token-space views; those of a token pair (a head) have a query and a
+ * key side. */
 function Details({ row, pairs }: { row: NodeRow | null; pairs: boolean }) {
   const v = row?.tokenViews;
-  if (!v) return <p className="muted">No token-space views for this node.</p>;
+  const explanation = row?.explanation != null && (
+    <p data-testid="details-explanation">
+      Explanation: {row.explanation}{" "}
+      <span className="muted">(score {formatScore(row.explanationScore)})</span>
+    </p>
+  );
+  if (!v)
+    return (
+      <>
+        {explanation}
+        <p className="muted">No token-space views for this node.</p>
+      </>
+    );
   return (
-    <div className="details" data-testid="node-details">
-      <TokenList title="Upvoted output tokens" tokens={v.upvotedOutputTokens} />
-      <TokenList title="Downvoted output tokens" tokens={v.downvotedOutputTokens} />
-      <TokenList
-        title={pairs ? "Input tokens that upvote the query side" : "Input tokens that upvote it"}
-        tokens={v.upvotingInputTokens}
-      />
-      {pairs && (
-        <TokenList title="Input tokens that upvote the key side" tokens={v.upvotingKeyTokens} />
-      )}
-      {(v.tokenPairAttributions ?? []).length > 0 && (
+    <>
+      {explanation}
+      <div className="details" data-testid="node-details">
+        <TokenList title="Upvoted output tokens" tokens={v.upvotedOutputTokens} />
+        <TokenList title="Downvoted output tokens" tokens={v.downvotedOutputTokens} />
         <TokenList
-          title="Key tokens its input came from"
-          tokens={(v.tokenPairAttributions ?? []).map((t) => ({
-            ...t,
-            text: `${t.text} (${t.keyTokenIndex})`,
-          }))}
+          title={pairs ? "Input tokens that upvote the query side" : "Input tokens that upvote it"}
+          tokens={v.upvotingInputTokens}
         />
-      )}
-    </div>
+        {pairs && (
+          <TokenList title="Input tokens that upvote the key side" tokens={v.upvotingKeyTokens} />
+        )}
+        {(v.tokenPairAttributions ?? []).length > 0 && (
+          <TokenList
+            title="Key tokens its input came from"
+            tokens={(v.tokenPairAttributions ?? []).map((t) => ({
+              ...t,
+              text: `${t.text} (${t.keyTokenIndex})`,
+            }))}
+          />
+        )}
+      </div>
+    </>
   );
 }
 
@@ -304,6 +341,9 @@ export function NodeTable(props: {
                   </th>
                 ),
               )}
+              <th rowSpan={props.twoSides ? 2 : 1} title="the component's best stored explanation">
+                Explanation
+              </th>
               <th rowSpan={props.twoSides ? 2 : 1} />
             </tr>
             {props.twoSides && (
@@ -335,7 +375,7 @@ export function NodeTable(props: {
                     className={props.isAblated?.(r) ? "ablated" : undefined}
                     data-ablated={props.isAblated?.(r) ? "true" : undefined}
                   >
-                    <td>
+                    <td className="node-cell">
                       <button
                         className="expander"
                         aria-label={open ? "collapse" : "expand"}
@@ -383,13 +423,14 @@ export function NodeTable(props: {
                         );
                       }),
                     )}
+                    <ExplanationCell row={r} />
                     <td>
                       <Actions row={r} actions={props.actions} />
                     </td>
                   </tr>
                   {open && (
                     <tr className="details-row">
-                      <td colSpan={3 + METRICS.length * sides.length + 1}>
+                      <td colSpan={3 + METRICS.length * sides.length + 2}>
                         <Details row={r.left ?? r.right} pairs={r.type.perTokenPair} />
                       </td>
                     </tr>

@@ -1,6 +1,7 @@
 // The node table's logic: line up left and right sub-responses by node, diff them, sort, filter,
 // keep the top k per column, export.
 import type { MetricInfo, NodeIndex, NodeRow, NodeTypeInfo } from "../api/types";
+import { rowExplanation } from "./explanations";
 import { componentName, type NodeTypes } from "./nodes";
 
 export const METRICS = [
@@ -156,7 +157,8 @@ function snake(name: string): string {
 }
 
 /** CSV of the rows given (the table's visible rows, in their order): node fields, then every
- * metric for each side present, all columns in snake_case. */
+ * metric for each side present, then the component's explanation and its score, all columns in
+ * snake_case. */
 export function toCsv(rows: TableRow[], tokens: string[], twoSides: boolean): string {
   const sides: Side[] = twoSides ? ["left", "diff", "right"] : ["left"];
   const header = [
@@ -169,10 +171,13 @@ export function toCsv(rows: TableRow[], tokens: string[], twoSides: boolean): st
     "attended_token_index",
     "attended_token",
     ...sides.flatMap((s) => METRICS.map((m) => snake(m) + (twoSides ? `_${s}` : ""))),
+    "explanation",
+    "explanation_score",
   ];
   const lines = [header.join(",")];
   for (const r of rows) {
     const n = r.node;
+    const explanation = rowExplanation(r);
     lines.push(
       [
         componentName(r.type, n.layerIndex ?? 0, n.componentIndex ?? 0),
@@ -184,6 +189,8 @@ export function toCsv(rows: TableRow[], tokens: string[], twoSides: boolean): st
         n.attendedTokenIndex ?? null,
         n.attendedTokenIndex != null ? (tokens[n.attendedTokenIndex] ?? null) : null,
         ...sides.flatMap((s) => METRICS.map((m) => metricValue(r, m, s))),
+        explanation?.text ?? null,
+        explanation?.score ?? null,
       ]
         .map(csvCell)
         .join(","),

@@ -10,6 +10,7 @@ import type {
 } from "../api/types";
 import { Card } from "../components/Card";
 import { DatasetExamples } from "../components/DatasetExamples";
+import { Explanations } from "../components/Explanations";
 import { TokenHeatmap } from "../components/Tokens";
 import { maxAbs } from "../lib/colors";
 import { LatestOnly } from "../lib/latest";
@@ -366,6 +367,13 @@ function ComponentPage(props: {
           {interest.acts && <ActivationView acts={interest.acts} />}
         </Card>
       )}
+      <Explanations
+        key={`${type.name}/${layer}/${index}`}
+        type={type}
+        layer={layer}
+        index={index}
+        dataset={dataset}
+      />
       <DatasetExamples type={type} layer={layer} index={index} dataset={dataset} />
       <Card title="Token space" error={lens.error} testId="logit-lens">
         {views && (
