@@ -894,9 +894,9 @@ export interface components {
             datasetName?: string | null;
             /**
              * Prependbos
-             * @default false
+             * @description put BOS before the prompt; null: the model's default (/model_info bosByDefault) for text, never for token ids
              */
-            prependBos?: boolean;
+            prependBos?: boolean | null;
         };
         /** DerivedAttentionScalarsResponse */
         DerivedAttentionScalarsResponse: {
@@ -976,9 +976,9 @@ export interface components {
             datasetName?: string | null;
             /**
              * Prependbos
-             * @default false
+             * @description put BOS before the prompt; null: the model's default (/model_info bosByDefault) for text, never for token ids
              */
-            prependBos?: boolean;
+            prependBos?: boolean | null;
         };
         /** DerivedScalarsResponse */
         DerivedScalarsResponse: {
@@ -1206,9 +1206,9 @@ export interface components {
             nodeAblations?: components["schemas"]["NodeAblationModel"][];
             /**
              * Prependbos
-             * @default false
+             * @description put BOS before the prompt; null: the model's default (/model_info bosByDefault) for text, never for token ids
              */
-            prependBos?: boolean;
+            prependBos?: boolean | null;
         };
         /** GenerateResponse */
         GenerateResponse: {
@@ -1306,9 +1306,9 @@ export interface components {
             downstreamNodeToTrace?: components["schemas"]["NodeToTraceModel"] | null;
             /**
              * Prependbos
-             * @default false
+             * @description put BOS before the prompt; null: the model's default (/model_info bosByDefault) for text, never for token ids
              */
-            prependBos?: boolean;
+            prependBos?: boolean | null;
         };
         /** JobModel */
         JobModel: {
@@ -1437,6 +1437,12 @@ export interface components {
             autoencoders?: components["schemas"]["AutoencoderInfo"][];
             /** Bostoken */
             bosToken?: string | null;
+            /**
+             * Bosbydefault
+             * @description whether requests whose prependBos is unset put BOS before a text prompt (the model's tokenizer asks for it: Gemma yes, GPT-2 and SmolLM2 no)
+             * @default false
+             */
+            bosByDefault?: boolean;
         };
         /** ModelList */
         ModelList: {
@@ -1864,9 +1870,9 @@ export interface components {
             downstreamNodeToTrace?: components["schemas"]["NodeToTraceModel"] | null;
             /**
              * Prependbos
-             * @default false
+             * @description put BOS before the prompt; null: the model's default (/model_info bosByDefault) for text, never for token ids
              */
-            prependBos?: boolean;
+            prependBos?: boolean | null;
             /**
              * Componenttypeformlp
              * @description autoencoder_latent: in layers holding an MLP-side autoencoder its latents replace the neurons in the node table; other layers keep their neurons
@@ -2014,9 +2020,9 @@ export interface components {
             text: string;
             /**
              * Prependbos
-             * @default false
+             * @description put BOS before the prompt; null: the model's default (/model_info bosByDefault) for text, never for token ids
              */
-            prependBos?: boolean;
+            prependBos?: boolean | null;
         };
         /** TokenizeResponse */
         TokenizeResponse: {
