@@ -12,6 +12,16 @@
         error TEXT,                                      -- why it failed, else NULL
         PRIMARY KEY (family, layer, idx, method_id)) WITHOUT ROWID
 
+    explanation_judge_scores(family, layer, idx, method_id,   -- the explanation judged
+        scorer TEXT,                                     -- 'detection' | 'fuzzing' (judge.py)
+        judge_model TEXT, judge_prompt_version TEXT,
+        accuracy, balanced_accuracy REAL,                -- NULL when it failed
+        n_items, n_unanswered INTEGER,
+        error TEXT,
+        PRIMARY KEY (family, layer, idx, method_id, scorer, judge_model, judge_prompt_version))
+
+The judge table came later: a writer creates it in a store that lacks it (nothing else changes),
+and readers treat a store without it as having no judge scores, so older stores stay readable.
 Rows carry no timestamps, so a batch interrupted and rerun leaves the same table as one run
 through. Writing takes the store's lock (`STORE.lock`, as a collation does): one writer at a time.
 """
@@ -46,6 +56,15 @@ CREATE TABLE IF NOT EXISTS explanations (
     n_scored_excerpts INTEGER NOT NULL,
     error TEXT,
     PRIMARY KEY (family, layer, idx, method_id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS explanation_judge_scores (
+    family TEXT NOT NULL, layer INTEGER NOT NULL, idx INTEGER NOT NULL,
+    method_id INTEGER NOT NULL REFERENCES explanation_methods (method_id),
+    scorer TEXT NOT NULL, judge_model TEXT NOT NULL, judge_prompt_version TEXT NOT NULL,
+    accuracy REAL, balanced_accuracy REAL,
+    n_items INTEGER NOT NULL, n_unanswered INTEGER NOT NULL,
+    error TEXT,
+    PRIMARY KEY (family, layer, idx, method_id, scorer, judge_model, judge_prompt_version)
 ) WITHOUT ROWID;
 """
 
@@ -148,6 +167,121 @@ class ExplanationWriter:
         except BaseException:
             self.conn.execute("ROLLBACK")
             raise
+
+    def judged(self, judge_model: str, prompt_version: str) -> set[tuple[str, int, int, int, str]]:
+        """(family, layer, index, method_id, scorer) of every judge row of this judge."""
+        rows = self.conn.execute(
+            "SELECT family, layer, idx, method_id, scorer FROM explanation_judge_scores "
+            "WHERE judge_model = ? AND judge_prompt_version = ?",
+            (judge_model, prompt_version),
+        )
+        return {(str(f), int(lay), int(i), int(m), str(sc)) for f, lay, i, m, sc in rows}
+
+    def write_judged(self, rows: Iterable[JudgeScoreRow]) -> None:
+        """Judge scores (one transaction), each for the explanation of `method_id`."""
+        values = [
+            (
+                r.family,
+                r.layer,
+                r.index,
+                r.method_id,
+                r.scorer,
+                r.judge_model,
+                r.judge_prompt_version,
+                r.accuracy,
+                r.balanced_accuracy,
+                r.n_items,
+                r.n_unanswered,
+                r.error,
+            )
+            for r in rows
+        ]
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            self.conn.executemany(
+                "INSERT OR REPLACE INTO explanation_judge_scores VALUES "
+                "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                values,
+            )
+            self.conn.execute("COMMIT")
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+
+
+@dataclass(frozen=True)
+class JudgeScoreRow:
+    """One row of explanation_judge_scores: a judge's score of one stored explanation."""
+
+    family: str
+    layer: int
+    index: int
+    method_id: int
+    scorer: str
+    judge_model: str
+    judge_prompt_version: str
+    accuracy: float | None
+    balanced_accuracy: float | None
+    n_items: int
+    n_unanswered: int
+    error: str | None = None
+    method: Method | None = None  # the judged explanation's method, when read back
+
+
+def _has_table(conn: sqlite3.Connection, name: str) -> bool:
+    row = conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)
+    ).fetchone()
+    return row is not None
+
+
+def read_judge_scores(
+    conn: sqlite3.Connection, family: str, layer: int, index: int
+) -> list[JudgeScoreRow]:
+    """Every judge score of one component's explanations (none in a store without the table),
+    ordered by method, scorer and judge."""
+    if not _has_table(conn, "explanation_judge_scores"):
+        return []
+    rows = conn.execute(
+        "SELECT j.family, j.layer, j.idx, j.method_id, j.scorer, j.judge_model, "
+        "j.judge_prompt_version, j.accuracy, j.balanced_accuracy, j.n_items, j.n_unanswered, "
+        "j.error, m.explainer, m.simulator, m.model, m.prompt_version "
+        "FROM explanation_judge_scores j JOIN explanation_methods m USING (method_id) "
+        "WHERE j.family = ? AND j.layer = ? AND j.idx = ? "
+        "ORDER BY j.method_id, j.scorer, j.judge_model, j.judge_prompt_version",
+        (family, layer, index),
+    ).fetchall()
+    return [
+        JudgeScoreRow(
+            str(r[0]),
+            int(r[1]),
+            int(r[2]),
+            int(r[3]),
+            str(r[4]),
+            str(r[5]),
+            str(r[6]),
+            r[7],
+            r[8],
+            int(r[9]),
+            int(r[10]),
+            r[11],
+            Method(r[12], r[13], r[14], r[15]),
+        )
+        for r in rows
+    ]
+
+
+def explanation_rows(
+    conn: sqlite3.Connection,
+) -> list[tuple[str, int, int, int, str]]:
+    """(family, layer, index, method_id, explanation) of every explanation that did not fail."""
+    if not has_explanations(conn):
+        return []
+    rows = conn.execute(
+        "SELECT family, layer, idx, method_id, explanation FROM explanations "
+        "WHERE error IS NULL AND explanation IS NOT NULL ORDER BY family, layer, idx, method_id"
+    ).fetchall()
+    return [(str(f), int(lay), int(i), int(m), str(e)) for f, lay, i, m, e in rows]
 
 
 _SELECT = (
