@@ -13,6 +13,7 @@ tokens, otherwise a plain "role: content" transcript.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -70,6 +71,124 @@ def _token_logprob(
     return TokenLogprob(token_id, tokenizer.decode([token_id]), float(logprobs[token_id]), top)
 
 
+def _echo_logprobs(
+    tokenizer: Tokenizer, logits: torch.Tensor, ids: Sequence[int], n_top: int
+) -> list[TokenLogprob]:
+    """What `_token_logprob` gives for each row of logits [n, V] and its token, with one
+    log-softmax and one top-k over all rows and each token id decoded once."""
+    lp = torch.log_softmax(logits, dim=-1)
+    chosen = lp.gather(1, torch.tensor(list(ids), device=lp.device)[:, None])[:, 0].tolist()
+    texts: dict[int, str] = {}
+
+    def text(i: int) -> str:
+        if i not in texts:
+            texts[i] = tokenizer.decode([i])
+        return texts[i]
+
+    tops: list[list[tuple[int, str, float]]] = [[] for _ in ids]
+    if n_top > 0 and len(ids):
+        values, top_ids = lp.topk(min(n_top, lp.shape[-1]), dim=-1)
+        tops = [
+            [(i, text(i), v) for v, i in zip(vs, js, strict=True)]
+            for vs, js in zip(values.tolist(), top_ids.tolist(), strict=True)
+        ]
+    return [
+        TokenLogprob(i, text(i), lp_i, top) for i, lp_i, top in zip(ids, chosen, tops, strict=True)
+    ]
+
+
+class _PrefixCache:
+    """The keys and values of a prefix computed once for one row, read by every row of a batch of
+    continuations of it (generation.KVCache's protocol: `length` and `extend`)."""
+
+    def __init__(self, rows: int, prefix: generation.KVCache) -> None:
+        self.rows, self.prefix = rows, prefix
+
+    @property
+    def length(self) -> int:
+        return self.prefix.length
+
+    def extend(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        pk, pv = self.prefix.keys[layer], self.prefix.values[layer]
+        shape = (self.rows, -1, -1, -1)
+        return torch.cat([pk.expand(shape), k], dim=1), torch.cat([pv.expand(shape), v], dim=1)
+
+
+@torch.no_grad()
+def prompt_top_logprobs(
+    model: HookedTransformer,
+    prompts: Sequence[Sequence[int]],
+    positions: Sequence[Sequence[int]],
+    top: int,
+) -> list[list[list[tuple[int, float]]]]:
+    """For each prompt (token ids) and each index j of its `positions` (0 < j < len(prompt)):
+    the `top` most likely next tokens after prompt[:j], as (token id, log-probability), most
+    likely first. The same numbers as `complete(prompt, echo=True, top_logprobs=top)` gives at
+    those tokens (up to floating-point rounding: the sums run in another order), for a fraction
+    of the work, in one batch: the longest prefix all prompts share runs once and every prompt's
+    remaining tokens (right-padded, up to the last position asked for) read its keys and values;
+    only the rows asked for are unembedded."""
+    if len(prompts) != len(positions):
+        raise ValueError("one list of positions per prompt")
+    for ids, js in zip(prompts, positions, strict=True):
+        if any(not 0 < j < len(ids) for j in js):
+            raise ValueError(f"positions must lie in 1..{len(ids) - 1}")
+        if len(ids) >= model.cfg.n_ctx:
+            raise ValueError(f"a prompt has {len(ids)} tokens; the context holds {model.cfg.n_ctx}")
+    asked = [(i, j) for i, js in enumerate(positions) for j in js]
+    out: list[list[list[tuple[int, float]]]] = [[[] for _ in js] for js in positions]
+    if not asked:
+        return out
+    # The shared prefix, short enough that every row read (j - 1) comes after it.
+    first = list(prompts[0])
+    shared = min(min(len(p) for p in prompts), min(j for _, j in asked) - 1)
+    for p in prompts[1:]:
+        shared = next((n for n in range(shared) if p[n] != first[n]), shared)
+    device = model.device
+    cache = generation.KVCache()
+    if shared > 0:
+        last = torch.tensor([shared - 1])
+        model(
+            torch.tensor(first[:shared], device=device)[None], logits_positions=last, kv_cache=cache
+        )
+    rows = [
+        list(p[shared : max(js, default=shared + 1)])
+        for p, js in zip(prompts, positions, strict=True)
+    ]
+    width = max(len(r) for r in rows)
+    tokens = torch.zeros(len(rows), width, dtype=torch.long)
+    for b, r in enumerate(rows):
+        tokens[b, : len(r)] = torch.tensor(r, dtype=torch.long)
+    # Right padding needs no attention mask: a real token only attends to positions before it.
+    final = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
+    caller, seen = threading.get_ident(), []
+
+    def keep(x: torch.Tensor, hook: object) -> None:
+        if threading.get_ident() == caller:  # not another thread's forward on the same model
+            seen.append(x)
+
+    with model.hooks(fwd=[(final, keep)]):
+        kv = _PrefixCache(len(rows), cache) if shared > 0 else None
+        model(
+            tokens.to(device),
+            logits_positions=torch.zeros(len(rows), dtype=torch.long),
+            kv_cache=kv,
+        )
+    resid = seen[-1]
+    b_idx = torch.tensor([i for i, _ in asked], device=resid.device)
+    n_idx = torch.tensor([j - 1 - shared for _, j in asked], device=resid.device)
+    logits = model.logits(resid[b_idx, n_idx][None])[0].float()  # [asked, V]
+    values, top_ids = torch.log_softmax(logits, dim=-1).topk(min(top, logits.shape[-1]), dim=-1)
+    k = 0
+    for i, js in enumerate(positions):
+        for n in range(len(js)):
+            out[i][n] = list(zip(top_ids[k].tolist(), values[k].tolist(), strict=True))
+            k += 1
+    return out
+
+
 @torch.no_grad()
 def complete(
     model: HookedTransformer,
@@ -104,10 +223,7 @@ def complete(
     prompt_logprobs: list[TokenLogprob | None] | None = None
     if echo:
         logits = model(seq[None], kv_cache=cache)[0].float()  # [n, V]
-        lp = torch.log_softmax(logits, dim=-1)
-        prompt_logprobs = [None] + [
-            _token_logprob(tokenizer, lp[i - 1], ids[i], top_logprobs) for i in range(1, len(ids))
-        ]
+        prompt_logprobs = [None, *_echo_logprobs(tokenizer, logits[:-1], ids[1:], top_logprobs)]
         next_logits = logits[-1]
     else:
         next_logits = generation.next_token_logits(model, seq, cache).float()

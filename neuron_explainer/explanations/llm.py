@@ -15,7 +15,10 @@ reading, so this simulator's head scores mean little.
 
 Backends: `OpenAIBackend` (any OpenAI-compatible endpoint: base URL, model, key; bounded
 concurrency, retries with backoff on 429 and 5xx, an on-disk cache keyed by the request) and
-`LocalBackend` (a model loaded in this process, through completions.py; no network).
+`LocalBackend` (a model loaded in this process, through completions.py; no network). The local
+backend reads all simulation prompts of one excerpt set in one batched forward that runs their
+shared prefix (instructions and explanation) once and unembeds only the placeholder positions
+(`logprobs_at`): the numbers of one echo completion per prompt, up to rounding.
 """
 
 from __future__ import annotations
@@ -36,7 +39,11 @@ from typing import Any, Protocol
 import numpy as np
 
 from neuron_explainer.datasets.records import ActivationRecord, ComponentRecord, is_per_pair
-from neuron_explainer.explanations.completions import chat_prompt, complete
+from neuron_explainer.explanations.completions import (
+    chat_prompt,
+    complete,
+    prompt_top_logprobs,
+)
 from neuron_explainer.explanations.methods import (
     BackendUnreachableError,
     ExcerptLimits,
@@ -87,9 +94,10 @@ class Backend(Protocol):
 class LocalBackend:
     """A model loaded in this process (default: the default model); greedy, so deterministic."""
 
-    def __init__(self, model: HookedTransformer) -> None:
+    def __init__(self, model: HookedTransformer, batch: int = 16) -> None:
         self.model = model
         self.name = model.cfg.name
+        self.batch = batch  # simulation prompts per forward (logprobs_at)
         self._lock = threading.Lock()  # one call at a time on the model
 
     def chat(self, messages: Sequence[tuple[str, str]], max_tokens: int) -> str:
@@ -108,6 +116,43 @@ class LocalBackend:
             assert t is not None
             out.append((at, {text: lp for _, text, lp in t.top}))
             at += len(t.token)
+        return out
+
+    def logprobs_at(
+        self, prompts: Sequence[str], offsets: Sequence[Sequence[int]], top: int
+    ) -> list[list[dict[str, float] | None]]:
+        """For each prompt and each character offset of it: what `prompt_logprobs` gives for the
+        token starting there (None where no token starts), computed for `batch` prompts at a time
+        in one forward that runs their shared prefix once and unembeds only these positions
+        (completions.prompt_top_logprobs)."""
+        tok = self.model.tokenizer
+        assert tok is not None
+        texts: dict[int, str] = {}
+
+        def text(i: int) -> str:
+            if i not in texts:
+                texts[i] = tok.decode([i])
+            return texts[i]
+
+        out: list[list[dict[str, float] | None]] = []
+        for c in range(0, len(prompts), self.batch):
+            ids, positions, wanted = [], [], []
+            for prompt, want in zip(
+                prompts[c : c + self.batch], offsets[c : c + self.batch], strict=True
+            ):
+                p_ids = tok.encode(prompt, allow_special=True)
+                starts, at = {}, len(tok.decode(p_ids[:1]))
+                for j in range(1, len(p_ids)):
+                    starts[at] = j
+                    at += len(text(p_ids[j]))
+                ids.append(p_ids)
+                wanted.append([starts.get(o) for o in want])
+                positions.append(sorted({j for j in wanted[-1] if j is not None}))
+            with self._lock:
+                tops = prompt_top_logprobs(self.model, ids, positions, top)
+            for want_j, js, top_j in zip(wanted, positions, tops, strict=True):
+                by_j = {j: {text(i): lp for i, lp in t} for j, t in zip(js, top_j, strict=True)}
+                out.append([None if j is None else by_j[j] for j in want_j])
         return out
 
 
@@ -314,27 +359,43 @@ def expected_value(top: dict[str, float]) -> float:
 
 
 class AllAtOnceSimulator:
-    def __init__(self, backend: Backend, top_logprobs: int = TOP_LOGPROBS) -> None:
+    def __init__(
+        self, backend: Backend, top_logprobs: int = TOP_LOGPROBS, batched: bool = True
+    ) -> None:
         self.backend = backend
         self.top = top_logprobs
+        self.batched = batched  # False: one prompt_logprobs call per excerpt (the reference)
 
-    def _per_token(self, explanation: str, tokens: Sequence[str]) -> np.ndarray:
-        prompt, offsets = _simulation_prompt(explanation, tokens)
-        at_offset = dict(self.backend.prompt_logprobs(prompt, self.top))
-        missing = [o for o in offsets if o not in at_offset]
-        if missing:
-            raise ExplanationError(
-                f"the simulation prompt's placeholder at character {missing[0]} does not start a "
-                "token; this tokenizer cannot be simulated all at once"
-            )
-        return np.array([expected_value(at_offset[o]) for o in offsets])
+    def _distributions(
+        self, prompts: Sequence[str], offsets: Sequence[Sequence[int]]
+    ) -> list[list[dict[str, float] | None]]:
+        """The next-token distribution at each placeholder: all prompts at once where the backend
+        can (LocalBackend.logprobs_at), else from each prompt's log-probabilities."""
+        many = getattr(self.backend, "logprobs_at", None)
+        if many is not None and self.batched:
+            return list(many(prompts, offsets, self.top))
+        out = []
+        for prompt, want in zip(prompts, offsets, strict=True):
+            at_offset = dict(self.backend.prompt_logprobs(prompt, self.top))
+            out.append([at_offset.get(o) for o in want])
+        return out
 
     def simulate(
         self, explanation: str, family: str, excerpts: Sequence[ActivationRecord]
     ) -> list[np.ndarray]:
+        built = [_simulation_prompt(explanation, r.tokens) for r in excerpts]
+        prompts, offsets = [p for p, _ in built], [o for _, o in built]
         out = []
-        for r in excerpts:
-            per_token = self._per_token(explanation, r.tokens)
+        for r, want, dists in zip(
+            excerpts, offsets, self._distributions(prompts, offsets), strict=True
+        ):
+            missing = [o for o, d in zip(want, dists, strict=True) if d is None]
+            if missing:
+                raise ExplanationError(
+                    f"the simulation prompt's placeholder at character {missing[0]} does not "
+                    "start a token; this tokenizer cannot be simulated all at once"
+                )
+            per_token = np.array([expected_value(d) for d in dists if d is not None])
             if is_per_pair(family):
                 _, k = np.tril_indices(len(r.tokens))
                 out.append(per_token[k])
