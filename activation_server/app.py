@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import sqlite3
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -28,6 +30,8 @@ from activation_server.state import ServerState, Settings, server_state
 from activation_server.worker import ModelWorker
 from neuron_explainer.activations import Engine
 from neuron_explainer.datasets import DatasetError, DatasetStore
+from neuron_explainer.explanations import BASELINE_METHOD
+from neuron_explainer.explanations.batch import unexplained
 from neuron_explainer.models import HookedTransformer
 
 log = logging.getLogger("activation_server")
@@ -151,17 +155,38 @@ async def _start_default_collation(state: ServerState, model: str) -> None:
     if path.is_file():
         try:
             with DatasetStore(path) as store:
-                if store.metadata().status == "complete":
-                    return
+                complete = store.metadata().status == "complete"
+            if complete:
+                if state.settings.auto_explain:
+                    await _start_default_explanations(state, path)
+                return
         except DatasetError:
             pass  # created but never committed: collate starts it afresh
     device = str(state.model.device) if state.model is not None else None
     job = CollationJob.for_default_store(model, tokens, path, device=device)
+    if state.settings.auto_explain:
+        job.then = lambda: _start_default_explanations(state, path)
     state.jobs[job.state.id] = job
     await job.start()
     log.info(
         "building %s in the background (%s); progress at GET /jobs", path, job.state.description
     )
+
+
+async def _start_default_explanations(state: ServerState, path: Path) -> None:
+    """Explain every component of the complete default store with the no-LLM baseline in the
+    background, unless every one has its baseline explanation already."""
+    try:
+        missing = await asyncio.to_thread(unexplained, path, BASELINE_METHOD)
+    except (DatasetError, sqlite3.Error) as e:
+        log.warning("not explaining %s: %s", path, e)
+        return
+    if missing == 0:
+        return
+    job = CollationJob.for_baseline_explanations(path)
+    state.jobs[job.state.id] = job
+    await job.start()
+    log.info("explaining %s in the background (%d components left)", path, missing)
 
 
 class SinglePageApp(StaticFiles):

@@ -1,9 +1,14 @@
-"""Background collation: `tdb collate` in a child process, with its progress for a server to show.
+"""Background jobs: `tdb collate` or `tdb explain` in a child process, with its progress for a
+server to show.
 
     job = CollationJob.for_default_store("smollm2-135m", n_tokens=65_536)
     await job.start()          # returns at once; job.status() says how far it got
     ...
     await job.stop()           # the child is terminated; rerunning resumes from its last commit
+
+`CollationJob.for_baseline_explanations(store)` explains every component of a store with the no-LLM
+baseline (`tdb explain STORE`): what `--auto-dataset` runs once the default store is complete, so a
+new user's node table carries explanations with no set-up. Both commands resume where they stopped.
 
 A child process, not a thread: collation hooks the model, and a second model in the same process
 would share its hook points with the server's requests. The child runs at a lower priority
@@ -24,6 +29,7 @@ import re
 import signal
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,10 +59,11 @@ class JobStatus:
     """A job as the API reports it (API field names)."""
 
     id: str
-    kind: str
+    kind: str  # "collate" or "explain": the `tdb` command the child runs
     description: str
     status: str  # "queued", "running", "done", "failed" or "stopped"
     output: str
+    unit: str = "tokens"  # what tokens/totalTokens/tokensPerSecond count: tokens or components
     tokens: int = 0
     totalTokens: int | None = None
     tokensPerSecond: float | None = None
@@ -69,12 +76,21 @@ class JobStatus:
 
 class CollationJob:
     def __init__(
-        self, job_id: str, args: list[str], output: Path, description: str, nice: int = 10
+        self,
+        job_id: str,
+        args: list[str],
+        output: Path,
+        description: str,
+        nice: int = 10,
+        kind: str = "collate",
+        unit: str = "tokens",
     ) -> None:
         self.args = args
         self.nice = nice
-        self.state = JobStatus(job_id, "collate", description, "queued", str(output))
+        self.state = JobStatus(job_id, kind, description, "queued", str(output), unit)
         self._log: collections.deque[str] = collections.deque(maxlen=40)
+        # Started once this job is done (not when it failed or was stopped): the next job.
+        self.then: Callable[[], Awaitable[None]] | None = None
         self._process: asyncio.subprocess.Process | None = None
         self._task: asyncio.Task[None] | None = None
         self._started = 0.0
@@ -97,6 +113,14 @@ class CollationJob:
         description = f"collate {n_tokens:,} tokens of the default corpus for {model}"
         return cls("collate-default", args + (extra or []), out, description)
 
+    @classmethod
+    def for_baseline_explanations(cls, store: Path) -> CollationJob:
+        """Explain and score every component of `store` with the no-LLM baseline, into it."""
+        description = f"explain every component of {store.name} with the no-LLM baseline"
+        return cls(
+            "explain-default", [str(store)], store, description, kind="explain", unit="components"
+        )
+
     def status(self) -> JobStatus:
         state = self.state
         state.log = list(self._log)[-10:]
@@ -107,7 +131,7 @@ class CollationJob:
         self.state.status = "running"
         self.state.startedAt = _now()
         self._started = time.monotonic()
-        command = [sys.executable, "-m", "neuron_explainer.cli", "collate", *self.args]
+        command = [sys.executable, "-m", "neuron_explainer.cli", self.state.kind, *self.args]
         command += ["--progress-json"]
         Path(self.state.output).parent.mkdir(parents=True, exist_ok=True)
         self._process = await asyncio.create_subprocess_exec(
@@ -153,6 +177,11 @@ class CollationJob:
         if state.status == "stopped":
             return
         if code == 0:
+            if self.then is not None:  # registered before this one is done: no gap between
+                try:
+                    await self.then()
+                except Exception as e:  # the next job could not start; this one still succeeded
+                    self._log.append(f"the next job did not start: {e!r}")
             state.status = "done"
             state.etaSeconds = 0.0
             if state.totalTokens is not None:
@@ -160,7 +189,7 @@ class CollationJob:
         else:
             state.status = "failed"
             last = self._log[-1] if self._log else ""
-            state.message = f"tdb collate exited with status {code}: {last}".strip()
+            state.message = f"tdb {state.kind} exited with status {code}: {last}".strip()
 
     def _update(self, update: dict[str, Any]) -> None:
         state = self.state

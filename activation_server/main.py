@@ -146,6 +146,13 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         default=DEFAULT_BUDGET_TOKENS,
         help=f"token budget of --auto-dataset (default {DEFAULT_BUDGET_TOKENS:,})",
     )
+    p.add_argument(
+        "--no-auto-explain",
+        dest="auto_explain",
+        action="store_false",
+        help="with --auto-dataset: do not explain the finished store's components with the no-LLM "
+        "baseline (by default a second background job does, once; tdb explain)",
+    )
     p.add_argument("--ui-dir", default=None, help="built UI files (default neuron_viewer/dist)")
     p.add_argument("--log-level", default="info")
 
@@ -182,6 +189,7 @@ def serve(args: argparse.Namespace) -> int:
         explanations=list(args.explanations),
         auto_dataset_model=args.model if args.auto_dataset and not args.no_model else None,
         auto_dataset_tokens=args.auto_dataset_tokens,
+        auto_explain=args.auto_explain,
         allowed_hosts=allowed_hosts(args.host, args.allowed_host),
         auth_token=auth_token,
     )

@@ -684,11 +684,17 @@ class AttentionHeadRecordResponse(RecordStatistics):
 
 class JobModel(ResponseSchema):
     id: str
-    kind: Literal["collate"]
+    kind: Literal["collate", "explain"] = Field(
+        description="the tdb command it runs: collate (the default store) or explain (its "
+        "components, with the no-LLM baseline)"
+    )
     description: str
     status: Literal["queued", "running", "done", "failed", "stopped"]
     output: str = Field(description="what the job writes (a store path)")
-    tokens: int = Field(description="tokens processed so far")
+    unit: Literal["tokens", "components"] = Field(
+        "tokens", description="what tokens, totalTokens and tokensPerSecond count"
+    )
+    tokens: int = Field(description="units (see unit) processed so far")
     total_tokens: int | None = None
     tokens_per_second: float | None = None
     eta_seconds: float | None = None

@@ -36,6 +36,8 @@ class Settings:
     # the model spec to collate (None: never), and the token budget.
     auto_dataset_model: str | None = None
     auto_dataset_tokens: int = DEFAULT_BUDGET_TOKENS
+    # Then explain every component of that store with the no-LLM baseline (also in the background).
+    auto_explain: bool = True
     # Access (access.py): Host names answered besides loopback ones (None: any Host, no check),
     # and the token every API request must carry (None: none needed).
     allowed_hosts: list[str] | None = None

@@ -75,7 +75,7 @@ def cmd_collate(args: argparse.Namespace) -> int:
             commit_every_batches=args.commit_every,
             commit_every_seconds=args.commit_seconds,
             progress=not (args.quiet or args.progress_json),
-            on_progress=_json_progress() if args.progress_json else None,
+            on_progress=json_progress() if args.progress_json else None,
             lock=lock,
         )
         if args.autoencoder:
@@ -96,7 +96,7 @@ def _print_summary(out: str, meta: DatasetMetadata) -> None:
     )
 
 
-def _json_progress() -> Callable[[int, int, float], None]:
+def json_progress() -> Callable[[int, int, float], None]:
     """Progress as one JSON object per line on stdout, for a supervising process (the server's
     background collation job reads these)."""
     last = 0.0

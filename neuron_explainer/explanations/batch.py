@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from neuron_explainer.datasets.store import DatasetStore
+from neuron_explainer.datasets.store import DatasetStore, connect
 from neuron_explainer.explanations.methods import (
     ALL_EXCERPTS,
     ExcerptLimits,
@@ -26,8 +26,13 @@ from neuron_explainer.explanations.methods import (
     explain_and_score,
 )
 from neuron_explainer.explanations.scoring import Scores
-from neuron_explainer.explanations.store import ExplanationWriter, Node, StoredExplanation
-from neuron_explainer.progress import Progress
+from neuron_explainer.explanations.store import (
+    ExplanationWriter,
+    Node,
+    StoredExplanation,
+    has_explanations,
+)
+from neuron_explainer.progress import Progress, ProgressCallback
 
 
 @dataclass(frozen=True)
@@ -37,6 +42,25 @@ class BatchSummary:
     explained: int
     failed: int
     seconds: float
+
+
+def unexplained(path: str | Path, method: Method) -> int:
+    """How many components of a store have no row (succeeded or failed) for `method`: what a
+    `tdb explain` with it would still do. Read-only, one query."""
+    conn = connect(path, readonly=True)
+    try:
+        (total,) = conn.execute("SELECT COUNT(*) FROM components").fetchone()
+        if not has_explanations(conn):
+            return int(total)
+        (done,) = conn.execute(
+            "SELECT COUNT(*) FROM explanations e JOIN explanation_methods m USING (method_id) "
+            "JOIN components c ON c.family = e.family AND c.layer = e.layer AND c.idx = e.idx "
+            "WHERE m.explainer = ? AND m.simulator = ? AND m.model = ? AND m.prompt_version = ?",
+            (method.explainer, method.simulator, method.model, method.prompt_version),
+        ).fetchone()
+        return int(total) - int(done)
+    finally:
+        conn.close()
 
 
 def sample_components(nodes: Sequence[Node], limit: int | None, seed: int = 0) -> list[Node]:
@@ -89,12 +113,14 @@ def explain_store(
     workers: int = 1,
     progress: bool = True,
     on_chunk: Callable[[int], None] | None = None,
+    on_progress: ProgressCallback | None = None,
 ) -> BatchSummary:
     """Explain and score the components of the store at `path` (of `families` and `layers`, a
-    sample of `limit` of them) with one method, writing a row per component into the store.
-    `workers` components of a chunk are done at once (threads: for methods that wait on a remote
-    model). `on_chunk(done)` is called after each committed chunk. A BackendUnreachableError
-    stops the run; the chunks committed before it stay (whole), and a rerun goes on from there."""
+        sample of `limit` of them) with one method, writing a row per component into the store.
+        `workers` components of a chunk are done at once (threads: for methods that wait on a remote
+        model). `on_chunk(done)` is called after each committed chunk, `on_progress(done, total, rate)`
+    with the progress counts (components; skipped ones count as done). A BackendUnreachableError
+        stops the run; the chunks committed before it stay (whole), and a rerun goes on from there."""
     import time
 
     start = time.monotonic()
@@ -117,7 +143,9 @@ def explain_store(
             enabled=progress,
             unit="nodes",
             rate_unit="nodes/s",
+            callback=on_progress,
         )
+        bar.update(len(selected) - len(todo))
         explained = failed = 0
         pool = ThreadPoolExecutor(workers) if workers > 1 else None
         if pool is not None:

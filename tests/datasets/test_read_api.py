@@ -191,16 +191,19 @@ def test_custom_prompt_normalized_by_the_dataset_max(read_server: Server, tiny_s
     assert status in (400, 404) and "componentIndex" in out["message"]
 
 
-def wait_for_job(server: Server, timeout_s: float) -> dict[str, Any]:
+def wait_for_job(server: Server, job_id: str, timeout_s: float) -> dict[str, Any]:
+    """The job once it has ended; `seenProgress`: it was seen running with some progress."""
     deadline = time.monotonic() + timeout_s
     seen_progress = False
     while True:
-        [job] = call(server, "/jobs")[1]["jobs"]
-        seen_progress |= job["status"] == "running" and job["tokens"] > 0
-        if job["status"] != "running":
-            job["seenProgress"] = seen_progress
-            return job
-        assert time.monotonic() < deadline, job
+        jobs = {job["id"]: job for job in call(server, "/jobs")[1]["jobs"]}
+        job = jobs.get(job_id)
+        if job is not None:
+            seen_progress |= job["status"] == "running" and job["tokens"] > 0
+            if job["status"] not in ("queued", "running"):
+                job["seenProgress"] = seen_progress
+                return job
+        assert time.monotonic() < deadline, jobs
         time.sleep(0.2)
 
 
@@ -208,7 +211,9 @@ def test_auto_dataset_builds_the_default_store_in_the_background(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:
     """`--auto-dataset`: the server answers at once, a `tdb collate` child builds the store with
-    progress at /jobs, its records are served when it is done, and a restart reuses it."""
+    progress at /jobs, its records are served when it is done; then a `tdb explain` child explains
+    every component with the baseline, and records carry the explanations. A restart reuses both
+    (no job)."""
     default_corpus()  # prepared once in the real cache; the test's cache links to it
     cache = tmp_path / "cache"
     (cache / "corpora").mkdir(parents=True)
@@ -220,13 +225,23 @@ def test_auto_dataset_builds_the_default_store_in_the_background(
     try:
         status, out = call(server, "/health")
         assert status == 200 and out["modelLoaded"]
-        job = wait_for_job(server, timeout_s=240)
+        job = wait_for_job(server, "collate-default", timeout_s=240)
         assert job["status"] == "done", server.log_text()
         assert job["kind"] == "collate" and job["totalTokens"] == job["tokens"] == 8192
+        assert job["unit"] == "tokens"
+        explain = wait_for_job(server, "explain-default", timeout_s=240)
+        assert explain["status"] == "done", (explain, server.log_text())
+        assert explain["kind"] == "explain" and explain["unit"] == "components"
+        with DatasetStore(
+            cache / "datasets" / default_store_path(str(tiny_model_dir), 8192).name
+        ) as ds:
+            n_components = len(ds.components())
+        assert explain["totalTokens"] == explain["tokens"] == n_components
         [info] = call(server, "/neuron_datasets_metadata")[1]["datasets"]
         assert info["status"] == "complete" and info["nTokens"] == 8192
         status, out = call(server, "/neuron_record", {"layerIndex": 1, "componentIndex": 0})
         assert status == 200 and len(out["mostPositiveActivationRecords"]) == 20
+        assert out["explanation"]["method"]["explainer"] == "baseline"
         assert any("Elinor" in "".join(r["tokens"]) for r in out["randomSample"])  # Austen
     finally:
         stop_server(server)

@@ -166,13 +166,16 @@ def screenshot(page: Page, name: str, full_page: bool = True) -> Path:
 def auto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """--auto-dataset in a fresh TDB_CACHE (the prepared default corpus linked in, so nothing is
     downloaded): the server starts at once and collates 8,192 tokens of all layers in a child
-    process (1-2 minutes here, longer while other tests share the CPUs)."""
+    process (1-2 minutes here, longer while other tests share the CPUs). Without the baseline
+    explanations that would follow (46,080 neurons, minutes more of CPU beside every other browser
+    test): that step is tested on the tiny model (tests/datasets/test_read_api.py) and explained
+    stores in the browser by test_explanations.py."""
     cache = tmp_path_factory.mktemp("tdb_cache")
     corpus = default_corpus_dir()
     if corpus.is_dir():
         (cache / "corpora").mkdir()
         (cache / "corpora" / corpus.name).symlink_to(corpus, target_is_directory=True)
-    args = ["--model", MODEL, "--device", "cpu", "--auto-dataset"]
+    args = ["--model", MODEL, "--device", "cpu", "--auto-dataset", "--no-auto-explain"]
     srv = start_server(
         [*args, "--auto-dataset-tokens", str(AUTO_TOKENS)],
         cache / "server.log",

@@ -1316,9 +1316,10 @@ export interface components {
             id: string;
             /**
              * Kind
-             * @constant
+             * @description the tdb command it runs: collate (the default store) or explain (its components, with the no-LLM baseline)
+             * @enum {string}
              */
-            kind: "collate";
+            kind: "collate" | "explain";
             /** Description */
             description: string;
             /**
@@ -1332,8 +1333,15 @@ export interface components {
              */
             output: string;
             /**
+             * Unit
+             * @description what tokens, totalTokens and tokensPerSecond count
+             * @default tokens
+             * @enum {string}
+             */
+            unit?: "tokens" | "components";
+            /**
              * Tokens
-             * @description tokens processed so far
+             * @description units (see unit) processed so far
              */
             tokens: number;
             /** Totaltokens */

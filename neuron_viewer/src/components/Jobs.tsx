@@ -79,11 +79,14 @@ function JobRow({ job }: { job: Job }) {
       <div className="job-stats muted" data-testid="job-progress">
         <span data-testid="job-tokens">
           {job.tokens.toLocaleString()}
-          {job.totalTokens ? ` / ${job.totalTokens.toLocaleString()}` : ""} tokens
+          {job.totalTokens ? ` / ${job.totalTokens.toLocaleString()}` : ""} {job.unit}
           {fraction != null && ` (${(fraction * 100).toFixed(1)}%)`}
         </span>
         {job.tokensPerSecond != null && job.status === "running" && (
-          <span>{Math.round(job.tokensPerSecond).toLocaleString()} tok/s</span>
+          <span>
+            {Math.round(job.tokensPerSecond).toLocaleString()}{" "}
+            {job.unit === "tokens" ? "tok/s" : `${job.unit}/s`}
+          </span>
         )}
         {job.status === "running" && <span>ETA {formatDuration(job.etaSeconds)}</span>}
         {job.finishedAt && <span>finished {new Date(job.finishedAt).toLocaleTimeString()}</span>}
