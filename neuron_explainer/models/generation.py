@@ -31,10 +31,13 @@ Hooks = Sequence[tuple[NameFilter, ForwardHookFn]]
 class KVCache:
     """Per layer, the keys (after rotary) and values [b, n, Hkv, dh] of the positions run so far:
     all that later positions' attention reads from them (`HookedTransformer.forward(kv_cache=)`).
-    Each step concatenates one position, O(n) like the step's attention itself."""
+    `keys[layer]` and `values[layer]` are views of buffers with room for more positions (doubled
+    when full), so a step writes its own position in place instead of copying the whole cache."""
 
     keys: list[torch.Tensor] = field(default_factory=list)
     values: list[torch.Tensor] = field(default_factory=list)
+    _key_buffers: list[torch.Tensor] = field(default_factory=list, repr=False)
+    _value_buffers: list[torch.Tensor] = field(default_factory=list, repr=False)
 
     @property
     def length(self) -> int:
@@ -44,11 +47,22 @@ class KVCache:
         self, layer: int, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if layer == len(self.keys):  # the layer's first positions
+            self._key_buffers.append(k)
+            self._value_buffers.append(v)
             self.keys.append(k)
             self.values.append(v)
-        else:
-            self.keys[layer] = torch.cat([self.keys[layer], k], dim=1)
-            self.values[layer] = torch.cat([self.values[layer], v], dim=1)
+            return k, v
+        start = self.keys[layer].shape[1]
+        end = start + k.shape[1]
+        for buffers, new in ((self._key_buffers, k), (self._value_buffers, v)):
+            buffer = buffers[layer]
+            if end > buffer.shape[1]:  # full: a buffer twice as large, the positions so far copied
+                grown = new.new_empty((new.shape[0], max(2 * buffer.shape[1], end), *new.shape[2:]))
+                grown[:, :start] = buffer[:, :start]
+                buffers[layer] = buffer = grown
+            buffer[:, start:end] = new
+        self.keys[layer] = self._key_buffers[layer][:, :end]
+        self.values[layer] = self._value_buffers[layer][:, :end]
         return self.keys[layer], self.values[layer]
 
 

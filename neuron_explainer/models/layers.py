@@ -205,6 +205,9 @@ class Attention(nn.Module):
         if kv_cache is not None:  # the keys and values of the cached positions, then these
             k, v = kv_cache.extend(self.layer, k, v)
         group = self.n_heads // self.n_kv_heads
+        observed = self.hook_attn_scores.has_hooks or self.hook_pattern.has_hooks
+        if n == 1 and mask is None and not observed:
+            return self.o_proj(self._one_query(q, k, v).reshape(b, 1, self.n_heads * self.d_head))
         # Queries [b, H, n, dh], keys and values [b, H, n_k, dh] (n_k: cached and new positions);
         # with grouped-query attention, head h reads key/value head h // group.
         qh = q.transpose(1, 2)
@@ -232,6 +235,19 @@ class Attention(nn.Module):
             )
         z = self.hook_z(z.transpose(1, 2))  # [b, n, H, dh]
         return self.o_proj(z.reshape(b, n, self.n_heads * self.d_head))
+
+    def _one_query(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """z [b, 1, H, dh] for one new position (a generation step), which sees every key (the last
+        `window` with a sliding window). Grouped-query heads read their key/value head in place:
+        the queries of the `group` heads sharing one are a [group, dh] matrix against its keys, so
+        nothing is copied per head (the fused kernel is slow for one query on CPU)."""
+        b, _, _, dh = q.shape
+        if self.window and k.shape[1] > self.window:
+            k, v = k[:, -self.window :], v[:, -self.window :]
+        qg = q.reshape(b, self.n_kv_heads, self.n_heads // self.n_kv_heads, dh)
+        scores = self.scores(qg @ k.permute(0, 2, 3, 1))  # [b, Hkv, group, n_k]
+        z = scores.softmax(dim=-1) @ v.transpose(1, 2)  # [b, Hkv, group, dh]
+        return self.hook_z(z.reshape(b, 1, self.n_heads, dh))
 
 
 class MLP(nn.Module):
