@@ -39,16 +39,23 @@ def node_keys(page: Page) -> list[str]:
     return [rows.nth(i).get_attribute("data-node") or "" for i in range(rows.count())]
 
 
-def test_submit_ioi_and_see_nodes_sorted_by_direct_effect(page: Page) -> None:
+def submit_ioi_as_typed(page: Page, *live_tokens: str) -> None:
+    """On the empty debugger page: type the IOI prompt (the live tokenization then shows each of
+    `live_tokens`), add " Mary" and " John" as target and distractor, submit, wait for the table."""
     page.goto("/debugger")
     page.get_by_label("prompt", exact=True).fill(IOI)
-    expect(page.get_by_test_id("live-tokens")).to_contain_text("14 tokens")  # live tokenization
+    for text in live_tokens:
+        expect(page.get_by_test_id("live-tokens")).to_contain_text(text)
     page.get_by_label("add Targets").fill(" Mary")
     page.get_by_label("add Targets").press("Enter")
     page.get_by_label("add Distractors").fill(" John")
     page.get_by_label("add Distractors").press("Enter")
     page.get_by_role("button", name="Submit").click()
     wait_for_table(page)
+
+
+def test_submit_ioi_and_see_nodes_sorted_by_direct_effect(page: Page) -> None:
+    submit_ioi_as_typed(page, "14 tokens")  # live tokenization
     values = numbers(page, DE_LEFT)
     assert len(values) >= 10
     assert values == sorted(values, reverse=True)  # the default sort: direct effect, descending

@@ -11,10 +11,8 @@ import pytest
 from playwright.sync_api import Browser, Page, expect
 
 from tests.e2e.conftest import open_page, screenshot
-from tests.e2e.test_debugger import wait_for_table
+from tests.e2e.test_debugger import IOI, submit_ioi_as_typed
 from tests.servers import Server, call, post, start_server, stop_server
-
-IOI = "When Mary and John went to the store, John gave a drink to"
 
 
 @pytest.fixture(scope="module")
@@ -56,17 +54,7 @@ def test_bos_by_default_and_the_ioi_fact(gemma_server: Server) -> None:
 def test_debugger_runs_the_ioi_prompt(gpage: Page) -> None:
     """The debugger page on the Gemma server, as a user types it: the table fills, D is positive
     and " Mary" heads the model's own predictions."""
-    gpage.goto("/debugger")
-    gpage.get_by_label("prompt", exact=True).fill(IOI)
-    live = gpage.get_by_test_id("live-tokens")
-    expect(live).to_contain_text("15 tokens")  # <bos>, 13 words and the comma
-    expect(live).to_contain_text("<bos>When")
-    gpage.get_by_label("add Targets").fill(" Mary")
-    gpage.get_by_label("add Targets").press("Enter")
-    gpage.get_by_label("add Distractors").fill(" John")
-    gpage.get_by_label("add Distractors").press("Enter")
-    gpage.get_by_role("button", name="Submit").click()
-    wait_for_table(gpage)
+    submit_ioi_as_typed(gpage, "15 tokens", "<bos>When")  # <bos>, 13 words and the comma
     assert float(gpage.get_by_test_id("d-left").inner_text()) > 2
     predictions = gpage.locator(".candidates tbody tr:not(.target):not(.distractor) code")
     expect(predictions.first).to_have_text("·Mary")
