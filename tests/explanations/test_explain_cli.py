@@ -29,13 +29,13 @@ from neuron_explainer.explanations import (
 from tests.servers import ROOT
 
 
-def tdb(*args: str) -> subprocess.CompletedProcess[str]:
+def tdb(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "neuron_explainer.cli", *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=timeout,
     )
 
 
@@ -91,19 +91,15 @@ def test_limit_and_filters(store: Path) -> None:
     assert bad.returncode == 2 and "--families" in bad.stderr and "Traceback" not in bad.stderr
 
 
-def test_sigkill_then_rerun_gives_the_uninterrupted_table(store: Path, tmp_path: Path) -> None:
-    reference = tmp_path / "reference.sqlite"
-    shutil.copy(store, reference)
-    explain_store(reference, BaselineExplainer(), BaselineSimulator(), BASELINE_METHOD)
-    expected = table(reference)
-
-    cmd = [sys.executable, "-m", "neuron_explainer.cli", "explain", str(store), "--chunk", "4"]
+def killed_after_a_commit(args: list[str], store: Path) -> int:
+    """Run `tdb explain STORE ARGS`; once it has committed some rows, hold the store's write lock
+    so that it blocks at its next commit, and kill it there with SIGKILL. Returns the rows it had
+    written (the lock is released, nothing of the blocked chunk is in the store)."""
+    cmd = [sys.executable, "-m", "neuron_explainer.cli", "explain", str(store), *args]
     process = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.DEVNULL)
     blocker = sqlite3.connect(store, timeout=60, isolation_level=None)
     try:
-        # Once some chunks are committed, hold the write lock: the run blocks at its next commit
-        # and is killed there, with part of the table written.
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 600
         while True:
             assert process.poll() is None, "the run finished before it could be interrupted"
             assert time.monotonic() < deadline
@@ -115,16 +111,46 @@ def test_sigkill_then_rerun_gives_the_uninterrupted_table(store: Path, tmp_path:
                 blocker.execute("BEGIN IMMEDIATE")
                 break
             time.sleep(0.005)
-        written = blocker.execute("SELECT count(*) FROM explanations").fetchone()[0]
+        written = int(blocker.execute("SELECT count(*) FROM explanations").fetchone()[0])
         process.send_signal(signal.SIGKILL)
         process.wait()
         blocker.execute("ROLLBACK")
     finally:
         blocker.close()
+    return written
+
+
+def test_sigkill_then_rerun_gives_the_uninterrupted_table(store: Path, tmp_path: Path) -> None:
+    reference = tmp_path / "reference.sqlite"
+    shutil.copy(store, reference)
+    explain_store(reference, BaselineExplainer(), BaselineSimulator(), BASELINE_METHOD)
+    expected = table(reference)
+
+    written = killed_after_a_commit(["--chunk", "4"], store)
     assert 0 < written < len(expected)
     assert len(table(store)) == written
 
     rerun = tdb("explain", str(store))
     assert rerun.returncode == 0, rerun.stderr
     assert f"{written:,} already done" in rerun.stderr
+    assert table(store) == expected
+
+
+def test_local_model_sigkill_then_rerun_gives_the_uninterrupted_table(
+    store: Path, tmp_path: Path
+) -> None:
+    """The same with the local LLM explainer and simulator (the default model, greedy): each
+    component's row, written by whichever run did it, is the uninterrupted run's."""
+    args = ["--explainer", "local", "--families", "mlp_neuron", "--limit", "2", "--chunk", "1"]
+    reference = tmp_path / "reference.sqlite"
+    shutil.copy(store, reference)
+    run = tdb("explain", str(reference), *args, timeout=900)
+    assert run.returncode == 0, run.stderr
+    expected = table(reference)
+    assert len(expected) == 2 and {r[-4] for r in expected} == {"llm"}
+
+    assert killed_after_a_commit(args, store) == 1
+    rerun = tdb("explain", str(store), *args, timeout=900)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "1 already done" in rerun.stderr
     assert table(store) == expected
