@@ -225,11 +225,11 @@ def test_auto_dataset_builds_the_default_store_in_the_background(
     try:
         status, out = call(server, "/health")
         assert status == 200 and out["modelLoaded"]
-        job = wait_for_job(server, "collate-default", timeout_s=240)
+        job = wait_for_job(server, "collate-default", timeout_s=900)
         assert job["status"] == "done", server.log_text()
         assert job["kind"] == "collate" and job["totalTokens"] == job["tokens"] == 8192
         assert job["unit"] == "tokens"
-        explain = wait_for_job(server, "explain-default", timeout_s=240)
+        explain = wait_for_job(server, "explain-default", timeout_s=900)
         assert explain["status"] == "done", (explain, server.log_text())
         assert explain["kind"] == "explain" and explain["unit"] == "components"
         with DatasetStore(
