@@ -75,7 +75,12 @@ def cmd_explain(args: argparse.Namespace) -> int:
             simulator: Any = BaselineSimulator()
             method, limits = BASELINE_METHOD, ALL_EXCERPTS
         elif explainer_name == "local":
+            import torch
+
             from neuron_explainer.cli.models import load_from_args
+
+            if args.threads:
+                torch.set_num_threads(args.threads)
 
             backend: Any = LocalBackend(load_from_args(args))
             simulator, simulator_name = _llm_simulator(args.simulator, backend)
@@ -256,6 +261,12 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help="--explainer local: the model to load")
     p.add_argument("--device", default=None, help="--explainer local: cpu, cuda, ...")
     p.add_argument("--dtype", default=None, help="--explainer local: float32 (default), ...")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="--explainer local: torch CPU threads (1 is often faster on a busy machine)",
+    )
     p.add_argument(
         "--llm-model", default=None, help="the endpoint's model (default: the first it lists)"
     )

@@ -141,7 +141,8 @@ def test_local_model_sigkill_then_rerun_gives_the_uninterrupted_table(
 ) -> None:
     """The same with the local LLM explainer and simulator (the default model, greedy): each
     component's row, written by whichever run did it, is the uninterrupted run's."""
-    args = ["--explainer", "local", "--families", "mlp_neuron", "--limit", "2", "--chunk", "1"]
+    args = ["--explainer", "local", "--threads", "1", "--families", "mlp_neuron", "--limit", "2"]
+    args += ["--chunk", "1"]
     reference = tmp_path / "reference.sqlite"
     shutil.copy(store, reference)
     run = tdb("explain", str(reference), *args, timeout=900)
