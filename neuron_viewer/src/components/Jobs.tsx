@@ -66,6 +66,7 @@ function ProgressBar({ fraction }: { fraction: number | null }) {
 
 function JobRow({ job }: { job: Job }) {
   const fraction = jobFraction(job);
+  const unit = job.unit ?? "tokens"; // what tokens/totalTokens count (absent: tokens)
   const failed = job.status === "failed" || job.status === "stopped";
   return (
     <li className="job" data-testid="job" data-status={job.status} data-job-id={job.id}>
@@ -79,13 +80,13 @@ function JobRow({ job }: { job: Job }) {
       <div className="job-stats muted" data-testid="job-progress">
         <span data-testid="job-tokens">
           {job.tokens.toLocaleString()}
-          {job.totalTokens ? ` / ${job.totalTokens.toLocaleString()}` : ""} {job.unit}
+          {job.totalTokens ? ` / ${job.totalTokens.toLocaleString()}` : ""} {unit}
           {fraction != null && ` (${(fraction * 100).toFixed(1)}%)`}
         </span>
         {job.tokensPerSecond != null && job.status === "running" && (
           <span>
             {Math.round(job.tokensPerSecond).toLocaleString()}{" "}
-            {job.unit === "tokens" ? "tok/s" : `${job.unit}/s`}
+            {unit === "tokens" ? "tok/s" : `${unit}/s`}
           </span>
         )}
         {job.status === "running" && <span>ETA {formatDuration(job.etaSeconds)}</span>}
