@@ -31,7 +31,6 @@ import aiohttp
 
 from activation_server.explanation_files import ExplanationFiles
 from activation_server.schemas import DatasetInfoModel
-from neuron_explainer.datasets.families import FAMILIES
 from neuron_explainer.datasets.records import (
     ComponentNotFoundError,
     ComponentRecord,
@@ -39,7 +38,12 @@ from neuron_explainer.datasets.records import (
     DatasetNotFoundError,
 )
 from neuron_explainer.datasets.store import DatasetStore
-from neuron_explainer.datasets.tdb_format import is_url, local_path, read_tdb_record_async
+from neuron_explainer.datasets.tdb_format import (
+    is_url,
+    local_path,
+    read_tdb_record_async,
+    split_family_spec,
+)
 from neuron_explainer.explanations.store import ExplanationReader, StoredExplanation
 
 DEFAULT_TDB_FAMILY = "mlp_neuron"
@@ -215,12 +219,7 @@ class DatasetRegistry:
         """Add a dataset from a `[FAMILY=]LOCATION` spec; returns its name. A store file need
         not exist yet. Raises DatasetNotFoundError for a local folder that does not exist and
         ValueError for an unknown family."""
-        family, location = None, spec
-        head, sep, rest = spec.partition("=")
-        if sep and "/" not in head and not is_url(spec):
-            family, location = head, rest
-        if family is not None and family not in FAMILIES:
-            raise ValueError(f"unknown component family {family!r} in --dataset {spec!r}")
+        family, location = split_family_spec(spec, "--dataset")
         base = name or _name_of(location)
         name = base
         for n in range(2, 1000):

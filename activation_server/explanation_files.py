@@ -24,7 +24,7 @@ from pathlib import Path
 
 from neuron_explainer.datasets.families import FAMILIES
 from neuron_explainer.datasets.records import DatasetError, DatasetNotFoundError
-from neuron_explainer.datasets.tdb_format import is_url, local_path
+from neuron_explainer.datasets.tdb_format import is_url, local_path, split_family_spec
 from neuron_explainer.explanations.methods import Method
 from neuron_explainer.explanations.store import StoredExplanation
 from neuron_explainer.explanations.tdb_format import from_tdb_json
@@ -59,12 +59,7 @@ class ExplanationFiles:
     def from_spec(cls, spec: str) -> ExplanationFiles:
         """Parse `[FAMILY=]LOCATION`. ValueError for an unknown family, DatasetNotFoundError for
         a local folder that does not exist."""
-        family, location = None, spec
-        head, sep, rest = spec.partition("=")
-        if sep and "/" not in head and not is_url(spec):
-            family, location = head, rest
-        if family is not None and family not in FAMILIES:
-            raise ValueError(f"--explanations {spec!r}: unknown component family {family!r}")
+        family, location = split_family_spec(spec, "--explanations")
         if is_url(location):
             return cls(spec, location, {family or DEFAULT_FAMILY: location.rstrip("/")})
         folder = local_path(location)

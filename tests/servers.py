@@ -3,14 +3,18 @@ local ports (the fixtures are in tests/conftest.py)."""
 
 from __future__ import annotations
 
+import contextlib
+import http.server
 import json
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -99,3 +103,52 @@ def post(server: Server, path: str, body: dict[str, object]) -> Any:
     status, answer = call(server, path, body, timeout=60)
     assert status == 200, f"{path}: {status} {answer}"
     return answer
+
+
+class Proxy(http.server.BaseHTTPRequestHandler):
+    """A local HTTP proxy in front of a real server (`upstream`), for what an endpoint may do that
+    tdb serve never does: a subclass changes `answer` (by default the upstream's, passed on)."""
+
+    upstream = ""
+
+    def forward(self, body: bytes | None) -> bytes:
+        """The upstream's answer to this request (the same method, path and JSON body)."""
+        request = urllib.request.Request(
+            type(self).upstream + self.path,
+            data=body,
+            method=self.command,
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=300) as resp:
+            return bytes(resp.read())
+
+    def answer(self, body: bytes | None) -> tuple[int, dict[str, str], bytes]:
+        """(status, headers, JSON body) to send back."""
+        return 200, {}, self.forward(body)
+
+    def _handle(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0)) or None
+        status, headers, data = self.answer(body)
+        self.send_response(status)
+        for key, value in {"Content-Type": "application/json", **headers}.items():
+            self.send_header(key, value)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    do_GET = do_POST = _handle
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def proxy_to(server: Server, handler: type[Proxy]) -> Iterator[str]:
+    """Serve `handler` in front of `server` on a free port; yields its /v1 base URL."""
+    handler.upstream = server.url
+    proxy = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{proxy.server_address[1]}/v1"
+    finally:
+        proxy.shutdown()

@@ -33,6 +33,7 @@ from urllib.parse import unquote, urlparse
 
 import aiohttp
 
+from neuron_explainer.datasets.families import FAMILIES
 from neuron_explainer.datasets.records import (
     ActivationRecord,
     ComponentNotFoundError,
@@ -47,6 +48,18 @@ from neuron_explainer.datasets.store import DatasetStore
 def is_url(location: str) -> bool:
     """Whether a dataset location is an http(s) URL (else a local path or file:// URL)."""
     return location.startswith(("http://", "https://"))
+
+
+def split_family_spec(spec: str, option: str) -> tuple[str | None, str]:
+    """`[FAMILY=]LOCATION` (a `--dataset` or `--explanations` value) as (family or None,
+    location); a URL's own `=` is not a family's. ValueError naming `option` for an unknown
+    family."""
+    head, sep, rest = spec.partition("=")
+    if not (sep and "/" not in head and not is_url(spec)):
+        return None, spec
+    if head not in FAMILIES:
+        raise ValueError(f"unknown component family {head!r} in {option} {spec!r}")
+    return head, rest
 
 
 def local_path(location: str | Path) -> Path:

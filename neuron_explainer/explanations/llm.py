@@ -386,9 +386,7 @@ class AllAtOnceSimulator:
         built = [_simulation_prompt(explanation, r.tokens) for r in excerpts]
         prompts, offsets = [p for p, _ in built], [o for _, o in built]
         out = []
-        for r, want, dists in zip(
-            excerpts, offsets, self._distributions(prompts, offsets), strict=True
-        ):
+        for want, dists in zip(offsets, self._distributions(prompts, offsets), strict=True):
             missing = [o for o, d in zip(want, dists, strict=True) if d is None]
             if missing:
                 raise ExplanationError(
@@ -396,12 +394,18 @@ class AllAtOnceSimulator:
                     "start a token; this tokenizer cannot be simulated all at once"
                 )
             per_token = np.array([expected_value(d) for d in dists if d is not None])
-            if is_per_pair(family):
-                _, k = np.tril_indices(len(r.tokens))
-                out.append(per_token[k])
-            else:
-                out.append(per_token)
+            out.append(in_record_layout(family, per_token))
         return out
+
+
+def in_record_layout(family: str, per_token: np.ndarray) -> np.ndarray:
+    """A simulator's per-token predictions laid out as the family's records are: as they are, or
+    for a per-pair family (heads) each pair (q, k <= q) given its key token's value, row by row
+    over the lower triangle."""
+    if not is_per_pair(family):
+        return per_token
+    _, k = np.tril_indices(len(per_token))
+    return per_token[k]
 
 
 def llm_method(backend: Backend, simulator: str = "all_at_once") -> Method:

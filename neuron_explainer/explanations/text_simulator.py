@@ -28,8 +28,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from neuron_explainer.datasets.records import ActivationRecord, is_per_pair
-from neuron_explainer.explanations.llm import LEAD, Backend
+from neuron_explainer.datasets.records import ActivationRecord
+from neuron_explainer.explanations.llm import LEAD, Backend, in_record_layout
 from neuron_explainer.explanations.methods import BackendUnreachableError, ExplanationError
 
 SIMULATOR_NAME = "text"
@@ -148,15 +148,7 @@ class TextSimulator:
     def simulate(
         self, explanation: str, family: str, excerpts: Sequence[ActivationRecord]
     ) -> list[np.ndarray]:
-        out = []
-        for r in excerpts:
-            per_token = self._per_token(explanation, r.tokens)
-            if is_per_pair(family):
-                _, k = np.tril_indices(len(r.tokens))
-                out.append(per_token[k])
-            else:
-                out.append(per_token)
-        return out
+        return [in_record_layout(family, self._per_token(explanation, r.tokens)) for r in excerpts]
 
 
 def supports_logprobs(backend: Backend) -> bool:

@@ -6,13 +6,10 @@ reply without an explanation records that component as failed and the batch goes
 from __future__ import annotations
 
 import hashlib
-import http.server
 import shutil
 import sqlite3
 import subprocess
 import sys
-import threading
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,7 +27,7 @@ from neuron_explainer.explanations.llm import (
     expected_value,
     llm_method,
 )
-from tests.servers import ROOT, Server, free_port
+from tests.servers import ROOT, Proxy, Server, free_port, proxy_to
 
 
 def tdb(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -108,49 +105,24 @@ def test_unreachable_endpoint_is_one_error_and_writes_nothing(store: Path) -> No
     assert digest(store) == before
 
 
-class Throttling(http.server.BaseHTTPRequestHandler):
+class Throttling(Proxy):
     """Answers 429 to the first `refusals` requests, then passes them on to the real server."""
 
-    upstream = ""
     refusals = 0
 
-    def _forward(self) -> None:
+    def answer(self, body: bytes | None) -> tuple[int, dict[str, str], bytes]:
         cls = type(self)
-        body = self.rfile.read(int(self.headers.get("Content-Length") or 0)) or None
         if cls.refusals > 0:
             cls.refusals -= 1
-            self.send_response(429)
-            self.send_header("Retry-After", "0")
-            self.end_headers()
-            return
-        request = urllib.request.Request(
-            cls.upstream + self.path,
-            data=body,
-            method=self.command,
-            headers={"Content-Type": "application/json"},
-        )
-        with urllib.request.urlopen(request, timeout=300) as resp:
-            data = resp.read()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    do_GET = do_POST = _forward
-
-    def log_message(self, *args: object) -> None:
-        pass
+            return 429, {"Retry-After": "0"}, b""
+        return super().answer(body)
 
 
 @pytest.fixture
 def throttled(server: Server) -> Iterator[str]:
-    Throttling.upstream, Throttling.refusals = server.url, 0
-    proxy = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Throttling)
-    thread = threading.Thread(target=proxy.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{proxy.server_address[1]}/v1"
-    proxy.shutdown()
+    Throttling.refusals = 0
+    with proxy_to(server, Throttling) as url:
+        yield url
 
 
 def test_429_is_retried_after_a_backoff(throttled: str) -> None:

@@ -5,12 +5,9 @@ log-probabilities."""
 
 from __future__ import annotations
 
-import http.server
 import json
 import shutil
 import sqlite3
-import threading
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,7 +30,7 @@ from neuron_explainer.explanations.text_simulator import (
     simulation_messages,
 )
 from neuron_explainer.models import HookedTransformer
-from tests.servers import Server
+from tests.servers import Proxy, Server, proxy_to
 
 TOKENS = ["The", " year", " 1969", ",", "\n", " men", " landed"]
 
@@ -115,45 +112,21 @@ def test_text_simulator_through_the_local_backend(
         assert explanation is None and ("text simulator" in error or "explanation" in error)
 
 
-class NoLogprobs(http.server.BaseHTTPRequestHandler):
+class NoLogprobs(Proxy):
     """An endpoint that answers like one without log-probabilities: the real server's answers,
     with `logprobs` null in completions."""
 
-    upstream = ""
-
-    def _forward(self) -> None:
-        body = self.rfile.read(int(self.headers.get("Content-Length") or 0)) or None
-        request = urllib.request.Request(
-            type(self).upstream + self.path,
-            data=body,
-            method=self.command,
-            headers={"Content-Type": "application/json"},
-        )
-        with urllib.request.urlopen(request, timeout=300) as resp:
-            answer = json.loads(resp.read())
+    def answer(self, body: bytes | None) -> tuple[int, dict[str, str], bytes]:
+        answer = json.loads(self.forward(body))
         for choice in answer.get("choices") or []:
             choice["logprobs"] = None
-        data = json.dumps(answer).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    do_GET = do_POST = _forward
-
-    def log_message(self, *args: object) -> None:
-        pass
+        return 200, {}, json.dumps(answer).encode()
 
 
 @pytest.fixture
 def no_logprobs(server: Server) -> Iterator[str]:
-    NoLogprobs.upstream = server.url
-    proxy = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NoLogprobs)
-    thread = threading.Thread(target=proxy.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{proxy.server_address[1]}/v1"
-    proxy.shutdown()
+    with proxy_to(server, NoLogprobs) as url:
+        yield url
 
 
 def test_auto_picks_the_text_simulator_without_logprobs(
