@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import contextlib
+import shutil
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from neuron_explainer.explanations import (
+    BASELINE_METHOD,
+    BaselineExplainer,
+    BaselineSimulator,
+    explain_store,
+)
 
 
 def table_rows(path: Path) -> dict[str, list[tuple[Any, ...]]]:
@@ -40,3 +48,22 @@ def torch_threads(n: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+def explained_copy(
+    store: Path, folder: Path, families: list[str], limit: int | None = None
+) -> Path:
+    """A copy of `store` in `folder` whose components of `families` (a sample of `limit`) are
+    explained by the no-LLM baseline, as `tdb explain` does."""
+    path = folder / "explained.sqlite"
+    shutil.copy(store, path)
+    explain_store(
+        path,
+        BaselineExplainer(),
+        BaselineSimulator(),
+        BASELINE_METHOD,
+        families=families,
+        limit=limit,
+        progress=False,
+    )
+    return path

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import re
-import shutil
 import sqlite3
 import subprocess
 import sys
@@ -18,11 +17,8 @@ import pytest
 from neuron_explainer.datasets import ActivationRecord, ComponentRecord, DatasetStore
 from neuron_explainer.explanations import (
     BASELINE_METHOD,
-    BaselineExplainer,
-    BaselineSimulator,
     ExplanationError,
     best_explanations,
-    explain_store,
 )
 from neuron_explainer.explanations.judge import (
     JUDGE_PROMPT_VERSION,
@@ -33,6 +29,7 @@ from neuron_explainer.explanations.judge import (
     parse_answer,
 )
 from neuron_explainer.explanations.store import read_judge_scores
+from tests.datasets.helpers import explained_copy
 from tests.servers import ROOT
 
 WORD = " cat"
@@ -143,18 +140,7 @@ def test_wrong_or_unreadable_judges_score_what_they_earn() -> None:
 
 @pytest.fixture
 def explained(tiny_store: Path, tmp_path: Path) -> Path:
-    path = tmp_path / "store.sqlite"
-    shutil.copy(tiny_store, path)
-    explain_store(
-        path,
-        BaselineExplainer(),
-        BaselineSimulator(),
-        BASELINE_METHOD,
-        families=["mlp_neuron"],
-        limit=3,
-        progress=False,
-    )
-    return path
+    return explained_copy(tiny_store, tmp_path, ["mlp_neuron"], limit=3)
 
 
 class LabelJudge(RuleJudge):

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import functools
 import http.server
-import shutil
 import subprocess
 import sys
 import threading
@@ -17,12 +16,8 @@ from pathlib import Path
 import pytest
 
 from neuron_explainer.explanations import (
-    BASELINE_METHOD,
-    BaselineExplainer,
-    BaselineSimulator,
     ExplanationReader,
     Scores,
-    explain_store,
 )
 from neuron_explainer.explanations.tdb_format import TdbExplanation, write_tdb_explanations
 from tests.datasets.conftest import (  # noqa: F401
@@ -31,6 +26,7 @@ from tests.datasets.conftest import (  # noqa: F401
     tiny_model_dir,
     tiny_store,
 )
+from tests.datasets.helpers import explained_copy
 from tests.servers import ROOT, Server, call, free_port, start_server, stop_server
 
 D_MLP, N_LAYERS = 96, 2  # the tiny model's
@@ -69,20 +65,6 @@ def http_files(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     thread.start()
     yield f"http://127.0.0.1:{httpd.server_address[1]}/neurons"
     httpd.shutdown()
-
-
-def explained_copy(tiny_store: Path, folder: Path, families: list[str]) -> Path:  # noqa: F811
-    path = folder / "explained.sqlite"
-    shutil.copy(tiny_store, path)
-    explain_store(
-        path,
-        BaselineExplainer(),
-        BaselineSimulator(),
-        BASELINE_METHOD,
-        families=families,
-        progress=False,
-    )
-    return path
 
 
 @pytest.fixture(scope="module")
