@@ -428,3 +428,52 @@ def test_unsupported_pre_tokenizer_is_refused(tmp_path: Path) -> None:
 def test_folder_without_tokenizer_files(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
         Tokenizer.from_hf_folder(tmp_path)
+
+
+def test_add_bos_token_follows_the_folder_as_transformers_does(
+    smollm: Tokenizer, saved_smollm: Path, tmp_path: Path
+) -> None:
+    """Whether a Hugging Face folder's model expects BOS (what requests with prependBos unset
+    follow): not as saved (SmolLM2's does not), yes where tokenizer.json's post-processor puts BOS
+    first (Llama 3's TemplateProcessing; transformers then adds it by default too), and as
+    tokenizer_config.json's add_bos_token says where it says."""
+    transformers = pytest.importorskip("transformers")
+    assert smollm.bos_token_id is not None
+    bos = smollm.token_display(smollm.bos_token_id)
+
+    def folder(name: str, template: bool, add_bos: bool | None) -> Path:
+        out = tmp_path / name
+        out.mkdir()
+        for file in saved_smollm.iterdir():
+            (out / file.name).write_bytes(file.read_bytes())
+        if template:
+            data = json.loads((out / "tokenizer.json").read_text())
+            data["post_processor"] = {
+                "type": "TemplateProcessing",
+                "single": [
+                    {"SpecialToken": {"id": bos, "type_id": 0}},
+                    {"Sequence": {"id": "A", "type_id": 0}},
+                ],
+                "pair": [
+                    {"SpecialToken": {"id": bos, "type_id": 0}},
+                    {"Sequence": {"id": "A", "type_id": 0}},
+                    {"Sequence": {"id": "B", "type_id": 1}},
+                ],
+                "special_tokens": {bos: {"id": bos, "ids": [smollm.bos_token_id], "tokens": [bos]}},
+            }
+            (out / "tokenizer.json").write_text(json.dumps(data))
+        config = json.loads((out / "tokenizer_config.json").read_text())
+        config.pop("add_bos_token", None)
+        if add_bos is not None:
+            config["add_bos_token"] = add_bos
+        (out / "tokenizer_config.json").write_text(json.dumps(config))
+        return out
+
+    for name, template, add_bos in [("plain", False, None), ("template", True, None)]:
+        path = folder(name, template, add_bos)
+        hf = transformers.AutoTokenizer.from_pretrained(path)
+        adds = hf.encode("hi")[0] == smollm.bos_token_id
+        assert adds == template, name
+        assert Tokenizer.from_hf_folder(path).add_bos_token == adds, name
+    assert Tokenizer.from_hf_folder(folder("config_yes", False, True)).add_bos_token
+    assert not Tokenizer.from_hf_folder(folder("config_no", True, False)).add_bos_token
