@@ -33,10 +33,16 @@ class Progress:
         self.last_print = 0.0
         self.tty = sys.stderr.isatty()
 
-    def update(self, done: int, note: str = "", force: bool = False) -> None:
+    def update(
+        self, done: int, note: str = "", force: bool = False, rate: float | None = None
+    ) -> None:
+        """`rate`: the rate to show when the caller knows it better (the sum of the rates of
+        parallel workers, whose counts can go back when one restarts from its last commit);
+        default: done since this report started, per second."""
         self.done = done
         now = time.monotonic()
-        rate = (done - self.start_done) / max(now - self.start, 1e-9)
+        if rate is None:
+            rate = (done - self.start_done) / max(now - self.start, 1e-9)
         if self.callback is not None:
             self.callback(done, self.total, rate)
         if not self.enabled or not (force or self.tty or now - self.last_print >= self.interval):

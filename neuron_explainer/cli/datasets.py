@@ -1,6 +1,7 @@
 """`tdb` commands for collated datasets: collate, export-tdb, merge-datasets, dataset-info.
 
 tdb collate --out smollm2.tdb.sqlite --tokens 100000
+tdb collate --out /shared/big.sqlite --tokens 100000000 --ray   # one Ray task per shard
 tdb export-tdb smollm2.tdb.sqlite tdb-json/
 tdb merge-datasets all.sqlite shard-*.sqlite
 tdb dataset-info smollm2.tdb.sqlite
@@ -27,20 +28,14 @@ def _csv(text: str | None) -> list[str] | None:
     return None if not text else [part.strip() for part in text.split(",") if part.strip()]
 
 
-def cmd_collate(args: argparse.Namespace) -> int:
-    import torch
-
-    from neuron_explainer.datasets.collate import check_rerun, collate, parse_layers, parse_shard
-    from neuron_explainer.datasets.corpus import load_corpus
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings of `tdb collate` that a store records (less --shard)."""
     from neuron_explainer.datasets.families import FAMILIES, LatentFamily
-    from neuron_explainer.datasets.latents import collate_latents, load_autoencoders
-    from neuron_explainer.datasets.store_writer import StoreLock
-    from neuron_explainer.models.loading import model_name
 
     latent = [f for f in _csv(args.families) or [] if isinstance(FAMILIES.get(f), LatentFamily)]
     if latent and not args.autoencoder:
         raise ValueError(f"collating {', '.join(latent)} needs --autoencoder PATH")
-    settings: dict[str, Any] = dict(
+    return dict(
         n_tokens=args.tokens,
         families=_csv(args.families),
         batch_size=args.batch_size,
@@ -50,8 +45,24 @@ def cmd_collate(args: argparse.Namespace) -> int:
         window_length=args.window_length,
         calibration_windows=args.calibration_windows,
         seed=args.seed,
-        shard=parse_shard(args.shard) if args.shard else None,
     )
+
+
+def cmd_collate(args: argparse.Namespace) -> int:
+    if args.ray is not None:
+        return _collate_on_ray(args)
+    if args.shards is not None or args.keep_shards:
+        raise ValueError("--shards and --keep-shards go with --ray")
+
+    import torch
+
+    from neuron_explainer.datasets.collate import check_rerun, collate, parse_layers, parse_shard
+    from neuron_explainer.datasets.corpus import load_corpus
+    from neuron_explainer.datasets.latents import collate_latents, load_autoencoders
+    from neuron_explainer.datasets.store_writer import StoreLock
+    from neuron_explainer.models.loading import model_name
+
+    settings = _settings(args) | dict(shard=parse_shard(args.shard) if args.shard else None)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     # Everything that can fail or finish without the model does so before it loads (~15 s for
     # the default): a second writer of the store, a corpus that cannot be read, a store that is
@@ -86,6 +97,82 @@ def cmd_collate(args: argparse.Namespace) -> int:
             meta = collate(model, corpus, args.out, **options)
     _print_summary(args.out, meta)
     return 0
+
+
+def _collate_on_ray(args: argparse.Namespace) -> int:
+    """`tdb collate --ray`: one Ray task per shard, then the merge (datasets/distributed.py)."""
+    from neuron_explainer.datasets.distributed import (
+        ShardJob,
+        collate_on_ray,
+        connect,
+        print_summary,
+        shard_paths,
+        task_resources,
+    )
+
+    if args.shard:
+        raise ValueError(
+            "--shard and --ray: --ray cuts the windows into shards itself (--shards N)"
+        )
+    if args.shards is not None and args.shards < 1:
+        raise ValueError(f"--shards {args.shards}: at least 1")
+    settings = _settings(args)
+    ray = connect(args.ray, "tdb collate")
+    resources = task_resources(ray, args.device, args.threads)
+    n_shards = args.shards or resources.slots(ray)
+    job = ShardJob(
+        model=shared_path(args.model),
+        corpus=args.corpus if args.corpus == "default" else shared_path(args.corpus),
+        text_field=args.text_field,
+        layers=args.layers,
+        autoencoders=tuple(_shared_autoencoder(a) for a in args.autoencoder),
+        device=resources.device,
+        dtype=args.dtype,
+        threads=args.threads,
+        settings=settings,
+        commit_every_batches=args.commit_every,
+        commit_every_seconds=args.commit_seconds,
+    )
+    show = not (args.quiet or args.progress_json)
+    if show:
+        cluster = ray.cluster_resources()
+        gpu = f", {resources.num_gpus} GPU" if resources.num_gpus else ""
+        print(
+            f"collate: {n_shards} shards on a Ray cluster of {cluster.get('CPU', 0):g} CPUs and "
+            f"{cluster.get('GPU', 0):g} GPUs, each task {resources.num_cpus} CPU{gpu} "
+            f"({resources.device}); shard stores in "
+            f"{shard_paths(Path(args.out).resolve(), n_shards)[0].parent}",
+            file=sys.stderr,
+        )
+    run = collate_on_ray(
+        job,
+        args.out,
+        n_shards,
+        resources,
+        keep_shards=args.keep_shards,
+        progress=show,
+        on_progress=json_progress() if args.progress_json else None,
+    )
+    if run.nothing_to_do:
+        print(f"collate: {args.out} is already complete; nothing to do", file=sys.stderr)
+    elif not args.quiet:
+        print_summary(run)
+    _print_summary(args.out, run.metadata)
+    return 0
+
+
+def shared_path(spec: str) -> str:
+    """An existing local path made absolute (Ray workers do not run in this folder); anything
+    else (a registry name) as it is."""
+    path = Path(spec).expanduser()
+    return str(path.resolve()) if path.exists() else spec
+
+
+def _shared_autoencoder(spec: str) -> str:
+    from neuron_explainer.models.autoencoder_formats import parse_autoencoder_spec
+
+    hook, path = parse_autoencoder_spec(spec)
+    return f"{hook}={shared_path(str(path))}" if hook else shared_path(str(path))
 
 
 def _print_summary(out: str, meta: DatasetMetadata) -> None:
@@ -133,13 +220,9 @@ def cmd_export_tdb(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from neuron_explainer.datasets.latents import record_autoencoders, shared_autoencoders
-    from neuron_explainer.datasets.merge import merge_stores
+    from neuron_explainer.datasets.latents import merge_shards
 
-    autoencoders = shared_autoencoders(args.inputs)
-    meta = merge_stores(args.inputs, args.out)
-    if autoencoders is not None:
-        record_autoencoders(args.out, autoencoders)
+    meta = merge_shards(args.inputs, args.out)
     print(f"{args.out}: {meta.n_tokens:,} tokens, windows {meta.window_ranges}", file=sys.stderr)
     return 0
 
@@ -202,6 +285,27 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--calibration-windows", type=int, default=256)
     p.add_argument("--seed", type=int, default=0, help="seed of the random samples")
     p.add_argument("--shard", default=None, help="I/N: process the I-th of N window ranges")
+    p.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="ADDRESS",
+        help="collate on a Ray cluster, one task per shard, then merge into --out: the cluster at "
+        "ADDRESS (HOST:PORT), or without one the cluster ray.init() finds ($RAY_ADDRESS, `ray "
+        "start` on this machine) or a new local one. Needs the ray extra; see datasets.md",
+    )
+    p.add_argument(
+        "--shards",
+        type=int,
+        default=None,
+        help="with --ray: the number of shards (default: as many as the cluster runs at once)",
+    )
+    p.add_argument(
+        "--keep-shards",
+        action="store_true",
+        help="with --ray: keep the shard stores (OUT.shards/) after the merge",
+    )
     p.add_argument("--commit-every", type=int, default=None, help="commit every N batches")
     p.add_argument(
         "--commit-seconds",

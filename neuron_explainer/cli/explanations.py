@@ -5,6 +5,7 @@ tdb explain smollm2.sqlite --families mlp_neuron --layers 0-3 --limit 200
 tdb explain smollm2.sqlite --explainer local --limit 20  # the default model, in this process
 tdb explain smollm2.sqlite --explainer http://127.0.0.1:8000/v1 --limit 20   # any OpenAI API
 tdb explain smollm2.sqlite --explainer local --simulator text --limit 5   # no log-probabilities
+tdb explain /shared/smollm2.sqlite --explainer local --ray   # one task per 256 components
 tdb judge smollm2.sqlite --judge local --limit 20       # delphi's detection and fuzzing
 tdb export-explanations smollm2.sqlite explanations/     # TDB's <family>/<layer>/<index>.jsonl
 """
@@ -68,6 +69,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
         explainer_name = os.environ.get("OPENAI_BASE_URL", "")
         if not explainer_name:
             raise ValueError("--explainer openai needs OPENAI_BASE_URL (or pass the URL itself)")
+    if args.ray is not None:
+        return _explain_on_ray(args, explainer_name, families, layers)
     workers = 1
     try:
         if explainer_name == "baseline":
@@ -125,6 +128,84 @@ def cmd_explain(args: argparse.Namespace) -> int:
         f"{args.store}: {summary.explained + summary.failed:,} components explained "
         f"({summary.failed:,} failed), {summary.skipped:,} already done, method "
         f"{method.label()}, {summary.seconds:.1f}s",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _explain_on_ray(
+    args: argparse.Namespace, explainer: str, families: list[str] | None, layers: list[int] | None
+) -> int:
+    """`tdb explain --ray`: one Ray task per part of --chunk components; the rows are written
+    here (explanations/distributed.py)."""
+    from neuron_explainer.cli.datasets import json_progress, shared_path
+    from neuron_explainer.datasets.distributed import connect, task_resources
+    from neuron_explainer.explanations import BackendUnreachableError
+    from neuron_explainer.explanations.distributed import ExplainerSpec, explain_store_on_ray
+    from neuron_explainer.explanations.llm import OpenAIBackend
+
+    ray = connect(args.ray, "tdb explain")
+    if explainer == "baseline":
+        spec = ExplainerSpec("baseline")
+        resources = task_resources(ray, "cpu", None)
+    elif explainer == "local":
+        resources = task_resources(ray, args.device, args.threads)
+        # The local backend answers log-probabilities: `auto` is all at once.
+        simulator = "all_at_once" if args.simulator == "auto" else args.simulator
+        if simulator == "baseline":
+            raise ValueError("--simulator baseline goes with --explainer baseline only")
+        spec = ExplainerSpec(
+            "local",
+            simulator=simulator,
+            model=shared_path(args.model),
+            device=resources.device,
+            dtype=args.dtype,
+            threads=args.threads,
+        )
+    elif explainer.startswith(("http://", "https://")):
+        resources = task_resources(ray, "cpu", None)
+        try:  # reached from here first: an endpoint that cannot be reached writes nothing
+            probe = OpenAIBackend(
+                explainer, model=args.llm_model or "", api_key=args.api_key or "", concurrency=1
+            )
+            probe.check()
+            _, simulator = _llm_simulator(args.simulator, probe)
+        except BackendUnreachableError as e:
+            print(f"tdb: error: {e}", file=sys.stderr)
+            return 2
+        spec = ExplainerSpec(
+            "url",
+            simulator=simulator,
+            model=probe.model,
+            url=explainer,
+            api_key=probe.api_key,
+            cache_dir=None if args.no_cache else str(_cache_dir()),
+        )
+    else:
+        raise ValueError(
+            f"--explainer {args.explainer!r}: 'baseline', 'local', 'openai' or an "
+            "http(s) URL of an OpenAI-compatible API (ending in /v1)"
+        )
+    try:
+        summary = explain_store_on_ray(
+            args.store,
+            spec,
+            resources,
+            families=families,
+            layers=layers,
+            limit=args.limit,
+            chunk=args.chunk,
+            concurrency=args.concurrency,
+            progress=not (args.quiet or args.progress_json),
+            on_progress=json_progress() if args.progress_json else None,
+        )
+    except BackendUnreachableError as e:
+        print(f"tdb: error: {e}", file=sys.stderr)
+        return 2
+    print(
+        f"{args.store}: {summary.explained + summary.failed:,} components explained "
+        f"({summary.failed:,} failed), {summary.skipped:,} already done, method "
+        f"{spec.method().label()}, {summary.seconds:.1f}s on Ray",
         file=sys.stderr,
     )
     return 0
@@ -278,6 +359,17 @@ def add_parser(subparsers: Any) -> None:
         "--no-cache",
         action="store_true",
         help="do not cache the endpoint's answers ($TDB_CACHE/llm-cache by default)",
+    )
+    p.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="ADDRESS",
+        help="explain on a Ray cluster, one task per --chunk components, the rows written here: "
+        "the cluster at ADDRESS (HOST:PORT), or without one the cluster ray.init() finds or a new "
+        "local one; --concurrency then bounds an endpoint's requests cluster-wide. Needs the ray "
+        "extra and the store on a filesystem every node sees; see datasets.md",
     )
     p.add_argument("--quiet", action="store_true", help="no progress line")
     p.add_argument(

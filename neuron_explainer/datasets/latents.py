@@ -22,6 +22,7 @@ from typing import Any
 from neuron_explainer.datasets.collate import ProgressCallback, collate
 from neuron_explainer.datasets.corpus import Corpus, TokenWindows
 from neuron_explainer.datasets.families import FAMILIES, LatentFamily, use_autoencoders
+from neuron_explainer.datasets.merge import merge_stores
 from neuron_explainer.datasets.records import DatasetError
 from neuron_explainer.datasets.store import DatasetMetadata
 from neuron_explainer.models.autoencoder_formats import load_autoencoder_specs
@@ -197,3 +198,13 @@ def shared_autoencoders(stores: Sequence[str | Path]) -> dict[str, Any] | None:
         if other is not None and found[0] is not None:
             _check_same_autoencoders(path, other, found[0])
     return found[0]
+
+
+def merge_shards(inputs: Sequence[str | Path], out_path: str | Path) -> DatasetMetadata:
+    """`merge_stores`, and the autoencoders the inputs were collated with recorded in the result
+    (`tdb merge-datasets`; `tdb collate --ray`'s last step)."""
+    autoencoders = shared_autoencoders(inputs)
+    meta = merge_stores(inputs, out_path)
+    if autoencoders is not None:
+        record_autoencoders(out_path, autoencoders)
+    return meta

@@ -78,6 +78,22 @@ def sample_components(nodes: Sequence[Node], limit: int | None, seed: int = 0) -
     return sorted(sorted(nodes, key=key)[:limit])
 
 
+def select_components(
+    store: DatasetStore,
+    families: Sequence[str] | None = None,
+    layers: Sequence[int] | None = None,
+    limit: int | None = None,
+) -> list[Node]:
+    """The components of `families` and `layers` (default all), a sample of `limit` of them
+    (`sample_components`): what a batch explains."""
+    nodes = [
+        n
+        for n in store.components()
+        if (families is None or n[0] in families) and (layers is None or n[1] in layers)
+    ]
+    return sample_components(nodes, limit)
+
+
 def explain_one(
     store: DatasetStore,
     node: Node,
@@ -126,12 +142,7 @@ def explain_store(
     start = time.monotonic()
     with contextlib.ExitStack() as stack:
         store = stack.enter_context(DatasetStore(path))
-        nodes = [
-            n
-            for n in store.components()
-            if (families is None or n[0] in families) and (layers is None or n[1] in layers)
-        ]
-        selected = sample_components(nodes, limit)
+        selected = select_components(store, families, layers, limit)
         writer = stack.enter_context(ExplanationWriter(path))
         method_id = writer.method_id(method)
         done = writer.done(method_id)

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 
 from neuron_explainer.explanations import (
@@ -37,6 +38,27 @@ def table_rows(path: Path) -> dict[str, list[tuple[Any, ...]]]:
         return out
     finally:
         conn.close()
+
+
+def assert_same_dataset(single: Path, merged: Path) -> None:
+    """`merged` (shard stores merged) holds the dataset the single run `single` wrote: the same
+    samples, windows, tokens and metadata (but the merge's provenance), byte for byte; the same
+    statistics, the moments (mean, variance, ...) to float64 rounding, as they are summed in
+    another order."""
+    a, b = table_rows(single), table_rows(merged)
+    assert a["samples"] == b["samples"]
+    assert a["windows"] == b["windows"]
+    assert a["vocabulary"] == b["vocabulary"]
+    assert len(a["components"]) == len(b["components"])
+    for row_a, row_b in zip(a["components"], b["components"], strict=True):
+        assert row_a[:4] == row_b[:4]  # family, layer, index, max activation
+        assert row_a[10] == row_b[10] and row_a[14] == row_b[14]  # counts
+        assert row_a[15] == row_b[15]  # quantile boundaries
+        assert row_a[4:8] == pytest.approx(row_b[4:8], rel=1e-9, nan_ok=True)
+    provenance = ("mergedFrom",)
+    assert [r for r in a["metadata"] if r[0] not in provenance] == [
+        r for r in b["metadata"] if r[0] not in provenance
+    ]
 
 
 @contextlib.contextmanager

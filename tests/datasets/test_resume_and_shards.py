@@ -20,7 +20,7 @@ import pytest
 from neuron_explainer.datasets import DatasetError, DatasetStore, collate, merge_stores
 from neuron_explainer.datasets.corpus import folder_corpus
 from neuron_explainer.models import HookedTransformer
-from tests.datasets.helpers import table_rows
+from tests.datasets.helpers import assert_same_dataset, table_rows
 
 N_TOKENS = 120 * 16
 
@@ -164,16 +164,9 @@ def test_shards_merge_into_the_single_run_store(
     merged = tmp_path / "merged.sqlite"
     merge_stores(shards, merged)
 
-    a, b = table_rows(single), table_rows(merged)
     # Samples are re-selected by the same keys: identical bytes. Moments merge in another order,
     # so they agree to float64 rounding.
-    assert a["samples"] == b["samples"]
-    assert a["windows"] == b["windows"]
-    for row_a, row_b in zip(a["components"], b["components"], strict=True):
-        assert row_a[:4] == row_b[:4]  # family, layer, index, max activation
-        assert row_a[10] == row_b[10] and row_a[14] == row_b[14]  # counts
-        assert row_a[15] == row_b[15]  # quantile boundaries
-        assert row_a[4:8] == pytest.approx(row_b[4:8], rel=1e-9, nan_ok=True)
+    assert_same_dataset(single, merged)
     with DatasetStore(merged) as store:
         meta = store.metadata()
         assert meta.window_ranges == [[0, N_TOKENS // 16]] and meta.status == "complete"
