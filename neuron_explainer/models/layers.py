@@ -121,6 +121,39 @@ class Rotary(nn.Module):
         return x * cos + rotated * sin
 
 
+def side_by_side(*projections: nn.Linear) -> torch.Tensor | None:
+    """The [in, out_1 + out_2 + ...] matrix whose column blocks are these projections' transposed
+    weights, when they are stored that way (one contiguous tensor: how the loaders store them,
+    `HookedTransformer.weight_layout`), so that one product computes all of them; None when they
+    are not (a weight replaced, converted or moved on its own), and they run one by one."""
+    first = projections[0].weight  # [out, in]: a transposed view, with strides (1, width)
+    width = sum(p.out_features for p in projections)
+    storage, offset = first.untyped_storage().data_ptr(), first.storage_offset()
+    for p in projections:
+        w = p.weight
+        if (
+            w.stride() != (1, width)
+            or w.storage_offset() != offset
+            or w.untyped_storage().data_ptr() != storage
+        ):
+            return None
+        offset += p.out_features
+    return first.as_strided((first.shape[1], width), (width, 1))
+
+
+def project(x: torch.Tensor, *projections: nn.Linear) -> list[torch.Tensor]:
+    """Each projection of one position x [..., d] (a generation step), through one product when
+    their weights are stored side by side: a single pass over the weights, which is what a step
+    costs on CPU (memory-bound)."""
+    stored = side_by_side(*projections) if x.numel() == x.shape[-1] else None
+    if stored is None:
+        return [p(x) for p in projections]
+    out = x @ stored
+    if projections[0].bias is not None:
+        out = out + torch.cat([p.bias for p in projections if p.bias is not None])
+    return list(out.split([p.out_features for p in projections], dim=-1))
+
+
 def causal_mask(n: int, n_k: int, device: torch.device, window: int = 0) -> torch.Tensor:
     """[n, n_k] bool: the n queries are the last n of n_k positions (n_k > n after cached ones);
     with a window, a query sees only the last `window` positions (itself included)."""
@@ -191,14 +224,14 @@ class Attention(nn.Module):
         kv_cache: KeyValueCache | None = None,
     ) -> torch.Tensor:
         b, n, _ = x.shape
-        q, k = self.q_proj(x), self.k_proj(x)
+        q, k, v = project(x, self.q_proj, self.k_proj, self.v_proj)
         if self.qk_norm == "all_heads":
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.view(b, n, self.n_heads, self.d_head), k.view(b, n, self.n_kv_heads, self.d_head)
         if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.hook_q(q), self.hook_k(k)
-        v = self.hook_v(self.v_proj(x).view(b, n, self.n_kv_heads, self.d_head))
+        v = self.hook_v(v.view(b, n, self.n_kv_heads, self.d_head))
         if rope is not None:
             q = self.hook_rot_q(Rotary.rotate(q, *rope))
             k = self.hook_rot_k(Rotary.rotate(k, *rope))
@@ -271,10 +304,10 @@ class MLP(nn.Module):
 
     def neuron_activations(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., d] (normalized) -> the neuron activations [..., m] fed to the output projection."""
-        pre = self.hook_pre(self.w_in(x))
-        if self.gated:
-            return self.act(pre) * self.hook_pre_linear(self.w_up(x))
-        return self.act(pre)
+        if not self.gated:
+            return self.act(self.hook_pre(self.w_in(x)))
+        gate, up = project(x, self.w_in, self.w_up)
+        return self.act(self.hook_pre(gate)) * self.hook_pre_linear(up)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w_out(self.hook_post(self.neuron_activations(x)))

@@ -153,10 +153,26 @@ def _read_hf_weights(folder: Path) -> StateDict:
 
 
 def model_from_state_dict(cfg: ModelConfig, sd: StateDict) -> HookedTransformer:
-    """Build a model on the meta device and load `sd` (our names) into it without extra copies."""
+    """Build a model on the meta device and load `sd` (our names) into it, taking its tensors:
+    `sd` is consumed (its entries are replaced as they are converted, so each original tensor is
+    freed as soon as its copy exists, and loading holds at most one group of matrices twice).
+
+    Projection matrices are laid out as `HookedTransformer.weight_layout` says, which makes a
+    generation step faster."""
     with torch.device("meta"):
         model = HookedTransformer(cfg)
-    sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
+    for key, value in sd.items():
+        if value.is_floating_point():
+            sd[key] = value.float()
+    for group in model.weight_layout():
+        keys = [f"{name}.weight" for name in group]
+        if all(key in sd and sd[key].ndim == 2 for key in keys):
+            stored = torch.cat([sd[key] for key in keys]).T.contiguous()  # [in, sum of outs]
+            start = 0
+            for key in keys:
+                end = start + sd[key].shape[0]
+                sd[key] = stored[:, start:end].T
+                start = end
     missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
     missing = [m for m in missing if not (m == "unembed.weight" and cfg.tied_embeddings)]
     if missing or unexpected:

@@ -13,7 +13,8 @@ import pytest
 import torch
 import transformers
 
-from neuron_explainer.models import export_hf, load_model
+from neuron_explainer.models import KVCache, export_hf, load_model
+from neuron_explainer.models.layers import side_by_side
 
 VOCAB = 300
 
@@ -175,6 +176,28 @@ def test_logits_match_transformers_on_padded_batch(case: str, tmp_path: Path) ->
     with torch.no_grad():
         alone = ours(tokens[2, :4][None])
     assert (alone[0] - got[2, :4]).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_generation_steps_match_transformers(case: str, tmp_path: Path) -> None:
+    """The loaders store each block's query/key/value and gate/up weights side by side, and a
+    generation step (one position, key/value cache) runs them as one product: each step's logits
+    equal transformers' full forward at that position, biases and every family's extras included."""
+    kind, overrides = CASES[case]
+    hf = _hf_model(kind, **overrides)
+    hf.save_pretrained(tmp_path)
+    ours = load_model(tmp_path, device="cpu")
+    block = ours.blocks[0]
+    assert side_by_side(block.attn.q_proj, block.attn.k_proj, block.attn.v_proj) is not None
+    if block.mlp.gated:
+        assert side_by_side(block.mlp.w_in, block.mlp.w_up) is not None
+    tokens = _batch()[0][0]
+    with torch.no_grad():
+        want = hf(input_ids=tokens[None]).logits[0]
+        cache = KVCache()
+        steps = [ours(tokens[None, :4], kv_cache=cache)[0, -1]]
+        steps += [ours(tokens[None, t : t + 1], kv_cache=cache)[0, -1] for t in range(4, 11)]
+    assert (torch.stack(steps) - want[3:]).abs().max() <= 1e-4
 
 
 @pytest.mark.parametrize("serialization", ["pytorch_model.bin", "sharded_safetensors"])

@@ -367,7 +367,7 @@ def latent_views(queue: ViewQueue, node: NodeIndex) -> None:
     e_model = e.to(attn.W_O.dtype)
     weights = (pattern[row, :, t, : t + 1] / s1[row, : t + 1, 0]).sum(-1).to(e_model.dtype)  # [H]
     o_e = attn.W_O @ e_model  # [H, dh]
-    w_v = attn.v_proj.weight.view(attn.n_kv_heads, dh, -1).repeat_interleave(group, dim=0)
+    w_v = attn.v_proj.weight.reshape(attn.n_kv_heads, dh, -1).repeat_interleave(group, dim=0)
     vec = torch.einsum("h,he,hed->d", weights, o_e, w_v)
     queue.input.add(
         node, ("latent_in", ae.hook_name, row, t, j), norm_linear_transpose(block.ln1, vec), 1.0
