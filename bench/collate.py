@@ -21,16 +21,31 @@ budget is the demo's background store (65,536 tokens). Smaller budgets show a lo
 last commit and the clean-up of the store (~8 s for 30 layers here, writing ~480 MiB) are a fixed
 cost per store.
 
+With `--ray N` the first configuration is also collated through a new local Ray cluster of N
+CPU slots (`tdb collate --ray --shards N`: one task of one torch thread per shard, then the merge),
+against the single-process collation timed above: tokens/s of both and their ratio; per shard its
+tokens, the task's start latency (submission to the task running: worker process start-up), its
+set-up (loading the model, reading and tokenizing the corpus), the calibration windows it runs
+first and its store's size; the merge's time, also of shard 0 alone, which gives a fixed part and a
+cost per shard; the bytes moved (the shard stores, written by the tasks and read by the merge, the
+merged store, and what goes through Ray's object store); and the time projected for K machines
+from these figures. On a machine with fewer cores than N + 1 the Ray figure measures overhead, not
+scaling.
+
     python bench/collate.py                                    # all layers, both families
     python bench/collate.py --families mlp_neuron,attention_head mlp_neuron attention_head
     python bench/collate.py --tokens 4096 --layers 0-3 --profile 25
+    python bench/collate.py --tokens 16384 --ray 2             # against 2 local Ray workers
 """
 
 from __future__ import annotations
 
 import argparse
 import cProfile
+import logging
+import math
 import os
+import pickle
 import pstats
 import tempfile
 import time
@@ -41,6 +56,7 @@ import torch
 
 from neuron_explainer.datasets.collate import DEFAULT_FAMILIES, collate, parse_layers
 from neuron_explainer.datasets.corpus import DEFAULT_WINDOW_LENGTH, load_corpus, tokenize
+from neuron_explainer.datasets.store import stored_metadata
 from neuron_explainer.models import load_model
 
 
@@ -73,6 +89,13 @@ def main() -> None:
     parser.add_argument(
         "--profile", type=int, default=0, metavar="N", help="cProfile each collation; top N rows"
     )
+    parser.add_argument(
+        "--ray",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also collate the first configuration on a local Ray cluster of N workers",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -80,7 +103,9 @@ def main() -> None:
     model = load_model(args.model)
     assert model.tokenizer is not None
     layers = parse_layers(args.layers, model.cfg.n_layers)
+    start = time.perf_counter()
     windows = tokenize(load_corpus(args.corpus), model.tokenizer, args.window_length)
+    tokenize_rate = windows.n_tokens / (time.perf_counter() - start)
     n_windows = min(len(windows), args.tokens // args.window_length)
     n_tokens = n_windows * args.window_length
     batches = [tokens for _, tokens in windows.batches(args.batch_size, 0, n_windows)]
@@ -157,6 +182,12 @@ def main() -> None:
             spread = [forward_times, *collate_times]
             print("all times (s): " + "; ".join(" ".join(f"{t:.1f}" for t in ts) for ts in spread))
 
+        if args.ray:
+            tokenizing = (windows.n_tokens, tokenize_rate)
+            ray_comparison(
+                args, model.device.type, n_tokens, configs[0], min(collate_times[0]), tokenizing
+            )
+
         if args.profile:  # extra, untimed runs
             for families in configs:
                 profiler = cProfile.Profile()
@@ -165,6 +196,140 @@ def main() -> None:
                 pstats.Stats(profiler).sort_stats("cumulative").print_stats(args.profile)
                 pstats.Stats(profiler).sort_stats("tottime").print_stats(args.profile)
     print(f"\nload average at the end {_load()} (other processes on the machine skew the figures)")
+
+
+def ray_comparison(
+    args: argparse.Namespace,
+    device: str,
+    n_tokens: int,
+    families: list[str],
+    single_seconds: float,
+    tokenizing: tuple[int, float],
+) -> None:
+    """The same collation on a new local Ray cluster of `args.ray` CPU slots, one shard each
+    (module doc), against the single-process one (`single_seconds`). `tokenizing`: the corpus's
+    tokens and the rate it was tokenized at (each task tokenizes the whole corpus)."""
+    import ray
+
+    from neuron_explainer.datasets.distributed import (
+        ShardJob,
+        TaskResources,
+        collate_on_ray,
+        shard_paths,
+    )
+    from neuron_explainer.datasets.latents import merge_shards
+
+    n = args.ray
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    start = time.perf_counter()
+    ray.init(
+        num_cpus=n,
+        include_dashboard=False,
+        object_store_memory=100 * 2**20,
+        logging_level=logging.WARNING,
+    )
+    cluster_seconds = time.perf_counter() - start
+    corpus = args.corpus if args.corpus == "default" else str(Path(args.corpus).resolve())
+    job = ShardJob(
+        model=args.model,
+        corpus=corpus,
+        layers=args.layers,
+        device=device,
+        threads=1,
+        settings=dict(
+            n_tokens=n_tokens,
+            families=families,
+            batch_size=args.batch_size,
+            window_length=args.window_length,
+        ),
+    )
+    resources = TaskResources(device, 1, 1 if device == "cuda" else 0)
+    with tempfile.TemporaryDirectory(prefix="bench-collate-ray-") as tmp:
+        out = Path(tmp) / "ray.sqlite"
+        run = collate_on_ray(job, out, n, resources, keep_shards=True, progress=False)
+        merged_bytes = out.stat().st_size
+        paths = shard_paths(out, n)
+        start = time.perf_counter()
+        merge_shards(paths[:1], Path(tmp) / "one.sqlite")
+        merge_one = time.perf_counter() - start
+        metas = [stored_metadata(p) for p in paths]
+    ray.shutdown()
+
+    single_rate = n_tokens / single_seconds
+    ray_rate = n_tokens / run.seconds
+    print(
+        f"\n-- Ray: a local cluster of {n} CPU slots ({os.cpu_count()} cores here), {n} shards, "
+        f"1 torch thread per task; families {'+'.join(families)} --"
+    )
+    print(f"cluster start (ray.init): {cluster_seconds:.1f}s (not counted below)")
+    print(f"{'':44} {'seconds':>8} {'tokens/s':>9} {'ratio':>6}")
+    print(f"{'single process (collate, above)':44} {single_seconds:>8.1f} {single_rate:>9.0f}")
+    print(
+        f"{'Ray, submission to merged store':44} {run.seconds:>8.1f} {ray_rate:>9.0f} "
+        f"{ray_rate / single_rate:>6.2f}"
+    )
+    print(
+        f"\n{'shard':>5} {'tokens':>8} {'latency s':>9} {'set-up s':>8} {'collate s':>9} "
+        f"{'calib. windows':>14} {'store MiB':>9}"
+    )
+    for shard, meta in zip(run.shards, metas, strict=True):
+        if shard is None or meta is None:
+            continue
+        [[first, _]] = meta.window_ranges
+        calibrated = 0 if first == 0 else calibration_windows(meta.n_windows_total, args)
+        print(
+            f"{shard.shard:>5} {shard.n_tokens:>8,} {shard.started_at - run.submitted_at:>9.1f} "
+            f"{shard.setup_seconds:>8.1f} {shard.seconds - shard.setup_seconds:>9.1f} "
+            f"{calibrated:>14} {shard.bytes / 2**20:>9.1f}"
+        )
+    # Two points, each with the noise of a shared machine: neither part below 0.
+    per_shard = max(0.0, (run.merge_seconds - merge_one) / (n - 1)) if n > 1 else merge_one
+    fixed = max(0.0, merge_one - per_shard)
+    through_ray = len(pickle.dumps(run.shards))
+    print(
+        f"\nmerge: {run.merge_seconds:.1f}s for {n} shards, {merge_one:.1f}s for shard 0 alone: "
+        f"~{fixed:.1f}s + {per_shard:.1f}s per shard"
+    )
+    print(
+        f"bytes moved: {run.shard_bytes / 2**20:,.1f} MiB of shard stores (written by the tasks, "
+        f"read by the merge), {merged_bytes / 2**20:,.1f} MiB merged store written; through "
+        f"Ray's object store only the results, {through_ray:,} bytes"
+    )
+    corpus_tokens, tokenize_rate = tokenizing
+    latency = max(s.started_at - run.submitted_at for s in run.shards if s is not None)
+    setup = max(s.setup_seconds for s in run.shards if s is not None)
+    model_load = max(0.0, setup - corpus_tokens / tokenize_rate)
+    print(
+        f"\nprojection for K machines, each collating one shard at the single-process rate "
+        f"({single_rate:,.0f} tok/s), the shard stores on a shared filesystem as fast as this "
+        f"disk: T(K) = {latency:.1f}s start + {model_load:.1f}s loading the model + tokenizing "
+        f"the corpus (at least the budget) at {tokenize_rate:,.0f} tok/s + (tokens/K + the "
+        f"calibration windows if K > 1, at most 256 x {args.window_length} tokens) / rate + "
+        f"merge {fixed:.1f}s + {per_shard:.1f}s x K"
+    )
+    budgets = [n_tokens, 100_000_000]
+    print(f"{'K':>4} " + " ".join(f"{f'{b:,} tokens':>30}" for b in budgets))
+    for k in (1, 2, 4, 8, 16, 32, 64):
+        cells = []
+        for budget in budgets:
+            tokenize = max(budget, corpus_tokens) / tokenize_rate
+            calibration = calibration_windows(budget // args.window_length, args) if k > 1 else 0
+            work = (budget / k + calibration * args.window_length) / single_rate
+            total = latency + model_load + tokenize + work + fixed + per_shard * k
+            speedup = (budget / single_rate) / total
+            cells.append(f"{_hours(total):>10} {budget / total:>9,.0f} tok/s {speedup:>5.1f}x")
+        print(f"{k:>4} " + " ".join(f"{c:>30}" for c in cells))
+
+
+def calibration_windows(n_windows: int, args: argparse.Namespace) -> int:
+    """The windows a shard that does not start at window 0 runs first (collate.py: the
+    quantile calibration windows at collate's default of 256, in whole batches)."""
+    windows = max(1, min(256, n_windows // 4))
+    return math.ceil(windows / args.batch_size) * args.batch_size
+
+
+def _hours(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds:.0f} s"
 
 
 def _load() -> str:

@@ -178,6 +178,8 @@ class ShardResult:
     bytes: int  # the shard store's size: what the merge reads
     seconds: float  # this attempt's, model loading included
     reused: bool  # complete before this run
+    started_at: float = 0.0  # when this attempt started (time.time(), the worker's clock)
+    setup_seconds: float = 0.0  # of `seconds`: loading the model, reading and tokenizing the corpus
 
 
 class ShardBoard:
@@ -218,7 +220,7 @@ def collate_shard(
     """The Ray task: collate shard `shard` = (i, N) into the store at `path` (resuming it, or
     leaving it as it is when complete). None when the shard holds no windows (more shards than
     batches)."""
-    start = time.monotonic()
+    start, started_at = time.monotonic(), time.time()
     i = shard[0]
     board.started.remote(i)
     existing = stored_metadata(path)
@@ -237,7 +239,8 @@ def collate_shard(
         )
         if done is not None:
             board.report.remote(i, done.n_tokens, done.n_tokens, 0.0)
-            return ShardResult(i, done.n_tokens, Path(path).stat().st_size, 0.0, True)
+            size, seconds = Path(path).stat().st_size, time.monotonic() - start
+            return ShardResult(i, done.n_tokens, size, seconds, True, started_at, seconds)
     if job.threads:
         import torch
 
@@ -257,6 +260,7 @@ def collate_shard(
     if first >= end:
         board.report.remote(i, 0, 0, 0.0)
         return None
+    setup = time.monotonic() - start
     options: dict[str, Any] = dict(
         settings,
         layers=parse_layers(job.layers, model.cfg.n_layers) if job.layers else None,
@@ -272,9 +276,8 @@ def collate_shard(
     else:
         meta = collate(model, windows, path, **options)
     board.report.remote(i, meta.n_tokens, meta.n_tokens, 0.0)
-    return ShardResult(
-        i, meta.n_tokens, Path(path).stat().st_size, time.monotonic() - start, reused
-    )
+    size, seconds = Path(path).stat().st_size, time.monotonic() - start
+    return ShardResult(i, meta.n_tokens, size, seconds, reused, started_at, setup)
 
 
 # ---- on the driver -------------------------------------------------------------------------------
@@ -296,6 +299,7 @@ class ClusterRun:
     seconds: float = 0.0  # the whole run, merge included
     merge_seconds: float = 0.0
     nothing_to_do: bool = False  # OUT was complete already
+    submitted_at: float = 0.0  # when the tasks were submitted (time.time())
 
     @property
     def shard_bytes(self) -> int:
@@ -343,6 +347,7 @@ def collate_on_ray(
             .remote()
         )
         task = ray.remote(collate_shard).options(**resources.options())
+        submitted_at = time.time()
         pending = {task.remote(job, str(p), (i, n_shards), board): i for i, p in enumerate(paths)}
         budget = job.settings.get("n_tokens")
         length = job.settings.get("window_length", DEFAULT_WINDOW_LENGTH)
@@ -363,6 +368,7 @@ def collate_on_ray(
             attempts,
             time.monotonic() - start,
             time.monotonic() - merge_start,
+            submitted_at=submitted_at,
         )
         if not keep_shards:
             shutil.rmtree(paths[0].parent)
