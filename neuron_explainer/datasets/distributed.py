@@ -384,9 +384,10 @@ def _complete_out(job: ShardJob, out: Path) -> DatasetMetadata:
             f"{out} exists ({status}); --ray writes OUT only once every shard is merged: remove "
             "it, or resume it without --ray"
         )
-    if job.autoencoders:
+    if job.autoencoders:  # telling whether they are the same ones needs them loaded
         raise DatasetError(
-            f"{out} is complete; it is left as it is (remove it to collate it again)"
+            f"{out} is complete already (--ray writes OUT once every shard is merged); it is "
+            "left as it is: remove it to collate again with these autoencoders"
         )
     settings = dict(job.settings)
     if settings.get("n_tokens") is None:
