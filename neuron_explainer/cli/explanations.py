@@ -144,6 +144,13 @@ def _explain_on_ray(
     from neuron_explainer.explanations.distributed import ExplainerSpec, explain_store_on_ray
     from neuron_explainer.explanations.llm import OpenAIBackend
 
+    if explainer not in ("baseline", "local") and not explainer.startswith(("http://", "https://")):
+        raise ValueError(
+            f"--explainer {args.explainer!r}: 'baseline', 'local', 'openai' or an "
+            "http(s) URL of an OpenAI-compatible API (ending in /v1)"
+        )
+    if explainer != "baseline" and args.simulator == "baseline":
+        raise ValueError("--simulator baseline goes with --explainer baseline only")
     ray = connect(args.ray, "tdb explain")
     if explainer == "baseline":
         spec = ExplainerSpec("baseline")
@@ -152,8 +159,6 @@ def _explain_on_ray(
         resources = task_resources(ray, args.device, args.threads)
         # The local backend answers log-probabilities: `auto` is all at once.
         simulator = "all_at_once" if args.simulator == "auto" else args.simulator
-        if simulator == "baseline":
-            raise ValueError("--simulator baseline goes with --explainer baseline only")
         spec = ExplainerSpec(
             "local",
             simulator=simulator,
@@ -162,7 +167,7 @@ def _explain_on_ray(
             dtype=args.dtype,
             threads=args.threads,
         )
-    elif explainer.startswith(("http://", "https://")):
+    else:
         resources = task_resources(ray, "cpu", None)
         try:  # reached from here first: an endpoint that cannot be reached writes nothing
             probe = OpenAIBackend(
@@ -180,11 +185,6 @@ def _explain_on_ray(
             url=explainer,
             api_key=probe.api_key,
             cache_dir=None if args.no_cache else str(_cache_dir()),
-        )
-    else:
-        raise ValueError(
-            f"--explainer {args.explainer!r}: 'baseline', 'local', 'openai' or an "
-            "http(s) URL of an OpenAI-compatible API (ending in /v1)"
         )
     try:
         summary = explain_store_on_ray(
