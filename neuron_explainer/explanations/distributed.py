@@ -12,14 +12,16 @@ component gets one row per method, once: a task Ray retries after losing its wor
 its rows once, and the rows' key is (component, method). An interrupted run resumes like `tdb
 explain`: rerun it, and the components with a row are skipped.
 
-An endpoint (`url`) gets at most `concurrency` requests at once from the whole cluster: the driver
-keeps no more tasks in flight than `split_concurrency(concurrency)` has slots, each task a pool of
-its slot's size, so the bound holds whatever the cluster's size. The baseline and local explainers
-need no bound: Ray runs as many of their tasks at once as the cluster has CPUs (or GPUs) for.
+An endpoint (`url`) gets at most `concurrency` requests at once from the whole cluster: the bound is
+split into m tasks of c requests each (`endpoint_tasks`, m * c <= concurrency), and the tasks run in
+a Ray placement group of m one-CPU bundles, so Ray itself runs no more than m of them at once,
+whatever the cluster's size. The baseline and local explainers need no bound: Ray runs as many of
+their tasks at once as the cluster has CPUs (or GPUs) for.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -62,16 +64,18 @@ from neuron_explainer.progress import Progress, ProgressCallback
 
 # Requests at once from one task (its thread pool) when an endpoint's bound is split into tasks.
 PER_TASK = 4
+# How long the cluster may take to free the CPUs of an endpoint's tasks.
+PLACEMENT_TIMEOUT_S = 300
 
 
-def split_concurrency(total: int, per_task: int = PER_TASK) -> list[int]:
-    """`total` requests at once as the fewest tasks of at most `per_task` each, as even as can
-    be: 4 -> [4]; 6 -> [3, 3]; 9 -> [3, 3, 3]. The sum is `total`."""
-    if total < 1:
-        raise ValueError(f"--concurrency {total}: at least 1")
-    n = math.ceil(total / per_task)
-    base, extra = divmod(total, n)
-    return [base + (i < extra) for i in range(n)]
+def endpoint_tasks(concurrency: int, per_task: int = PER_TASK) -> tuple[int, int]:
+    """(m, c): `concurrency` requests at once as m tasks at once of c requests each, the fewest
+    tasks of at most `per_task`: 4 -> (1, 4); 6 -> (2, 3); 16 -> (4, 4); 13 -> (4, 3). m * c is
+    at most `concurrency` (and at least 3/4 of it)."""
+    if concurrency < 1:
+        raise ValueError(f"--concurrency {concurrency}: at least 1")
+    m = math.ceil(concurrency / per_task)
+    return m, concurrency // m
 
 
 @dataclass(frozen=True)
@@ -169,14 +173,21 @@ def explain_store_on_ray(
     method = spec.method()
     with DatasetStore(path) as store:
         selected = select_components(store, families, layers, limit)
-    with ExplanationWriter(path) as writer:
+    with contextlib.ExitStack() as stack:
+        writer = stack.enter_context(ExplanationWriter(path))
         method_id = writer.method_id(method)
         done = writer.done(method_id)
         todo = [n for n in selected if n not in done]
         parts = [todo[c : c + chunk] for c in range(0, len(todo), chunk)]
-        # One slot per task that may run at once, and its concurrency.
-        slots = split_concurrency(concurrency) if spec.kind == "url" else [1] * len(parts)
-        task = ray.remote(explain_part).options(**resources.options())
+        options, per_task = resources.options(), 1
+        if spec.kind == "url" and parts:
+            m, per_task = endpoint_tasks(concurrency)
+            group = _placement_group(ray, m, concurrency)
+            stack.callback(ray.util.remove_placement_group, group)
+            strategies = ray.util.scheduling_strategies
+            in_group = strategies.PlacementGroupSchedulingStrategy(group)
+            options |= {"num_cpus": 1, "scheduling_strategy": in_group}  # one bundle each
+        task = ray.remote(explain_part).options(**options)
         bar = Progress(
             "explain",
             total=len(selected),
@@ -187,25 +198,19 @@ def explain_store_on_ray(
             callback=on_progress,
         )
         bar.update(bar.done)
-        free, in_flight = list(range(len(slots))), dict[Any, tuple[int, int]]()
-        waiting = list(range(len(parts)))[::-1]
+        pending = {task.remote(str(path), part, spec, per_task): i for i, part in enumerate(parts)}
         explained = failed = 0
         failures: dict[int, str] = {}
-        while waiting or in_flight:
-            while free and waiting:
-                slot, part = free.pop(), waiting.pop()
-                ref = task.remote(str(path), parts[part], spec, slots[slot])
-                in_flight[ref] = (slot, part)
-            ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=1.0)
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=1.0)
             for ref in ready:
-                slot, part = in_flight.pop(ref)
-                free.append(slot)
+                part = pending.pop(ref)
                 try:
                     rows: list[StoredExplanation] = ray.get(ref)
                 except Exception as e:
                     cause = getattr(e, "cause", e)
                     if isinstance(cause, BackendUnreachableError):
-                        for other in in_flight:
+                        for other in pending:
                             ray.cancel(other)
                         raise BackendUnreachableError(str(cause)) from None
                     failures[part] = f"{type(cause).__name__}: {cause}"
@@ -213,10 +218,10 @@ def explain_store_on_ray(
                 writer.write(method_id, rows)
                 explained += sum(not r.failed for r in rows)
                 failed += sum(r.failed for r in rows)
-            note = f"; parts {len(parts) - len(waiting) - len(in_flight)}/{len(parts)} done"
+            note = f"; parts {len(parts) - len(pending)}/{len(parts)} done"
             if failures:
                 note += f", {len(failures)} failed"
-            bar.update(len(selected) - len(todo) + explained + failed, note, force=not in_flight)
+            bar.update(len(selected) - len(todo) + explained + failed, note, force=not pending)
         bar.finish()
     if failures:
         raise ClusterError(
@@ -227,3 +232,16 @@ def explain_store_on_ray(
     return BatchSummary(
         len(selected), len(selected) - len(todo), explained, failed, time.monotonic() - start
     )
+
+
+def _placement_group(ray: Any, m: int, concurrency: int) -> Any:
+    """A placement group of `m` one-CPU bundles, once the cluster has placed it."""
+    group = ray.util.placement_group([{"CPU": 1}] * m)
+    ready, _ = ray.wait([group.ready()], timeout=PLACEMENT_TIMEOUT_S)
+    if not ready:
+        ray.util.remove_placement_group(group)
+        raise ClusterError(
+            f"--concurrency {concurrency} runs {m} tasks at once, and the Ray cluster did not "
+            f"free {m} CPUs for them in {PLACEMENT_TIMEOUT_S} s (a lower --concurrency needs fewer)"
+        )
+    return group

@@ -297,8 +297,8 @@ def test_explaining_through_the_cluster_writes_the_single_process_table(
 
 
 class CountingProxy(Proxy):
-    """In front of a real server: counts the requests in flight, holding each 0.2 s so that
-    requests from concurrent tasks overlap."""
+    """In front of a real server: counts the requests in flight, holding each 1 s so that the
+    requests of tasks running at the same time overlap."""
 
     lock = threading.Lock()
     in_flight = 0
@@ -312,7 +312,7 @@ class CountingProxy(Proxy):
             cls.total += 1
             cls.peak = max(cls.peak, cls.in_flight)
         try:
-            time.sleep(0.2)
+            time.sleep(1.0)
             return super().answer(body)
         finally:
             with cls.lock:
@@ -322,7 +322,8 @@ class CountingProxy(Proxy):
 def test_an_endpoint_gets_at_most_concurrency_requests_from_the_whole_cluster(
     ray_cluster: Cluster, tiny_model_dir: Path, tiny_store: Path, tmp_path: Path
 ) -> None:
-    # The tiny model with a context long enough for the explanation prompts, served.
+    # The tiny model with a context long enough for the explanation prompts, served. Its replies
+    # hold no explanation (it is random), so each component is one request and a failed row.
     model = tmp_path / "tiny-long"
     shutil.copytree(tiny_model_dir, model)
     config = json.loads((model / "config.json").read_text())
@@ -337,8 +338,8 @@ def test_an_endpoint_gets_at_most_concurrency_requests_from_the_whole_cluster(
                 str(store),
                 f"--explainer={url}",
                 "--families=mlp_neuron",
-                "--limit=12",
-                "--chunk=3",
+                "--limit=24",
+                "--chunk=6",  # 4 parts
                 "--concurrency=6",  # two tasks of 3 requests at once
                 "--no-cache",
                 "--ray",
@@ -349,8 +350,8 @@ def test_an_endpoint_gets_at_most_concurrency_requests_from_the_whole_cluster(
     assert run.returncode == 0, run.stderr
     with sqlite3.connect(store) as conn:
         rows = conn.execute("SELECT family, layer, idx FROM explanations").fetchall()
-    assert len(rows) == len(set(rows)) == 12  # one row per component, each once
-    assert CountingProxy.total > 12  # explanations and simulations
+    assert len(rows) == len(set(rows)) == 24  # one row per component, each once
+    assert CountingProxy.total >= 24
     # Two tasks at a time overlap (more than one task's 3), never more than 6 in all; without
     # the bound the cluster's 4 task slots would send up to 12.
     assert 3 < CountingProxy.peak <= 6
