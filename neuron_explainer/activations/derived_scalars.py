@@ -36,8 +36,23 @@ class PassState:
     cut: list[int] = field(default_factory=list)
     tokens: torch.Tensor | None = None  # [b, n] the batch's token ids (right-padded)
 
+    # What `per_layer` keeps: values derived from one layer's activations, and that layer.
+    _memo: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    _memo_layer: int = -1
+
     def act(self, name: str) -> torch.Tensor:
         return self.acts[name]
+
+    def per_layer(self, key: str, layer: int, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """`make()`, computed once and kept until a value of another layer is asked for: for
+        quantities several metrics of a layer read in turn (attention patterns recomputed from
+        the queries and keys), so that only one layer's copy is alive at a time."""
+        if layer != self._memo_layer:
+            self._memo.clear()
+            self._memo_layer = layer
+        if key not in self._memo:
+            self._memo[key] = make()
+        return self._memo[key]
 
     def grad(self, name: str) -> torch.Tensor:
         if name not in self.grads:
@@ -125,6 +140,9 @@ class DerivedScalar:
     grads: Reads = ()
     signed: bool = True  # signed metrics get a bottom-k too
     ranked: bool = True  # False where every node has the same value (embedding activation)
+    # Hook names ("{L}" for the layer) that a reader whose hooks cannot depend on the model (a
+    # dataset's family) records instead of `acts` where those are model-dependent; () = `acts`.
+    fixed_acts: tuple[str, ...] = ()
 
 
 REGISTRY: dict[tuple[NodeType, str], DerivedScalar] = {}
@@ -137,10 +155,11 @@ def derived_scalar(
     grads: Reads = (),
     signed: bool = True,
     ranked: bool = True,
+    fixed_acts: tuple[str, ...] = (),
 ) -> Callable[[ScalarFn], ScalarFn]:
     def register(fn: ScalarFn) -> ScalarFn:
         REGISTRY[(node_type, metric)] = DerivedScalar(
-            node_type, metric, fn, acts, grads, signed, ranked
+            node_type, metric, fn, acts, grads, signed, ranked, fixed_acts
         )
         return fn
 

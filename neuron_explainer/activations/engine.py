@@ -44,7 +44,7 @@ from neuron_explainer.activations.nodes import (
 )
 from neuron_explainer.activations.request import SubRequest, SubResult, describe_trace, loss_value
 from neuron_explainer.activations.token_views import node_token_views, scored, scored_ids
-from neuron_explainer.activations.topk import gather, rank
+from neuron_explainer.activations.topk import KEEP_BUDGET, gather, rank
 from neuron_explainer.activations.validation import (
     Row,
     check_component,
@@ -269,20 +269,29 @@ class Engine:
             desc = describe(node_type)
             for layer in desc.layers(model):
                 act_names |= desc.view_hooks(model, layer)
+        # What an ablation sets is recorded as set (scalars read it instead of recomputing it
+        # from its inputs, as they do for attention patterns).
+        for row in rows:
+            for abl in row.request.node_ablations:
+                ablation = describe(abl.node.node_type).ablation
+                if ablation is not None:
+                    act_names |= set(ablation.hooks(model, abl.node))
         return act_names, grad_names
 
     def estimated_bytes(self, n_rows: int, n_tokens: int, n_latents: int = 0) -> int:
-        """Peak extra memory of a request, fitted to bench/request.py's measurements on SmolLM2
-        (180 MiB, 854 MiB, 3.8 GiB at 64, 256, 1024 tokens) and rounded up: per-token activations
-        and gradients (~12 values per MLP and residual width per layer), plus the attention
-        patterns (~1.5 copies of n²·H per layer); for `n_latents` latents of spliced autoencoders,
-        4 float32 copies (latents, their clean copy, gradient, a temporary)."""
+        """Peak extra memory of a request, an upper bound of bench/request.py's measurements on
+        SmolLM2 (561 MiB and 1.42 GiB at 256 and 1024 tokens): per-token activations and
+        gradients (~6 values per MLP and residual width per layer); attention patterns of one
+        layer at a time (recomputed from queries and keys when ranked: the pattern, its gradient
+        and the metrics derived from them, ~8 copies of n²·H); the metric tensors ranking keeps
+        for the table's values (topk.KEEP_BUDGET); for `n_latents` latents of spliced
+        autoencoders, 4 float32 copies (latents, their clean copy, gradient, a temporary)."""
         cfg = self.model.cfg
         elem = torch.finfo(self.model.dtype).bits // 8
-        quadratic = 1.5 * n_tokens**2 * cfg.n_heads * cfg.n_layers
-        linear = 12 * n_tokens * (cfg.d_mlp + cfg.d_model) * cfg.n_layers
+        quadratic = 8 * n_tokens**2 * cfg.n_heads
+        linear = 6 * n_tokens * (cfg.d_mlp + cfg.d_model) * cfg.n_layers
         latents = 4 * 4 * n_tokens * n_latents
-        return int(n_rows * ((quadratic + linear) * elem + latents))
+        return int(n_rows * ((quadratic + linear) * elem + latents) + KEEP_BUDGET)
 
     def estimate(
         self,

@@ -129,23 +129,29 @@ def rank(
         desc = describe(node_type)
         pairs = desc.per_token_pair
         wants = [node_type in r.node_types for r in rows]
-        for metric in metrics:
-            fn = scalar(node_type, metric)
-            cand: list[list[tuple[Candidates, Candidates | None, int]]] = [[] for _ in rows]
-            sums = torch.zeros(len(rows), 2, n, device=model.device, dtype=sum_dtype)
-            for layer in desc.layers(model):
-                here = [
-                    w and in_table(model, r.node_types, node_type, layer)
-                    for w, r in zip(wants, rows, strict=True)
-                ]
-                if not any(here):
-                    continue  # every row has other node types in place of these
+        # Layer by layer, every metric of a layer in turn (they share what is derived from the
+        # layer's activations, such as a recomputed attention pattern: PassState.per_layer).
+        cand: dict[str, list[list[tuple[Candidates, Candidates | None, int]]]] = {
+            m: [[] for _ in rows] for m in metrics
+        }
+        sums = {
+            m: torch.zeros(len(rows), 2, n, device=model.device, dtype=sum_dtype) for m in metrics
+        }
+        for layer in desc.layers(model):
+            here = [
+                w and in_table(model, r.node_types, node_type, layer)
+                for w, r in zip(wants, rows, strict=True)
+            ]
+            if not any(here):
+                continue  # every row has other node types in place of these
+            position = NodeIndex(node_type, layer, 0).write_position
+            for metric in metrics:
+                fn = scalar(node_type, metric)
                 check()
                 values = fn.fn(state, layer)  # [b, n, C] or [b, H, n, n]
                 if values.numel() * 4 <= budget:
                     budget -= values.numel() * 4
                     kept[(node_type, metric, layer)] = values
-                position = NodeIndex(node_type, layer, 0).write_position
                 for i, row in enumerate(rows):
                     if not here[i] or metric not in row.request.metrics:
                         continue
@@ -156,26 +162,27 @@ def rank(
                     t = min(len(row.tokens), row.upstream_token_limit)
                     if pairs:
                         v = values[i, :, :t, :t]
-                        sums[i, 0, :t] += v.sum(dim=(0, 2))  # attended from (per query token)
-                        sums[i, 1, :t] += v.sum(dim=(0, 1))  # attended to (per key token)
+                        sums[metric][i, 0, :t] += v.sum(dim=(0, 2))  # attended from (per query)
+                        sums[metric][i, 1, :t] += v.sum(dim=(0, 1))  # attended to (per key)
                     else:
                         v = values[i, :t]
-                        sums[i, 0, :t] += v.sum(dim=1)
+                        sums[metric][i, 0, :t] += v.sum(dim=1)
                     k = row.request.top_and_bottom_k
                     if k and fn.ranked:
-                        cand[i].append((*top_candidates(v, k, fn.signed), layer))
+                        cand[metric][i].append((*top_candidates(v, k, fn.signed), layer))
+        for metric in metrics:
             for i, row in enumerate(rows):
                 if not wants[i] or metric not in row.request.metrics:
                     continue
                 for side, key in enumerate(sum_keys(node_type)):
                     # One value per token of the row's own prompt, not of the padded batch.
-                    row_sums = sums[i, side, : len(row.tokens)].tolist()
+                    row_sums = sums[metric][i, side, : len(row.tokens)].tolist()
                     token_sums[i].setdefault(key, {})[metric] = row_sums
-                if cand[i]:
+                if cand[metric][i]:
                     t = min(len(row.tokens), row.upstream_token_limit)
                     width = lambda layer, d=desc: d.width(model, layer)  # noqa: E731
                     selected[groups[i]] |= select(
-                        cand[i], row.request.top_and_bottom_k, node_type, t, width
+                        cand[metric][i], row.request.top_and_bottom_k, node_type, t, width
                     )
     nodes_of = {g: sorted(sel, key=node_sort_key) for g, sel in selected.items()}
     return Ranking(nodes_of, token_sums, kept)
@@ -199,9 +206,9 @@ def gather(
         for j, node in enumerate(nodes):
             if node.token < len(row.tokens):
                 by_layer.setdefault((node.node_type, node.layer), []).append((i, j, node))
-    for metric in METRICS:
-        for (node_type, layer), items in by_layer.items():
-            items = [item for item in items if metric in values_by_row[item[0]]]
+    for (node_type, layer), all_items in by_layer.items():
+        for metric in METRICS:  # a layer's metrics in turn (they share PassState.per_layer)
+            items = [item for item in all_items if metric in values_by_row[item[0]]]
             if not items:
                 continue
             check()

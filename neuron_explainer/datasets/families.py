@@ -92,7 +92,8 @@ def _node_type_family(node_type: NodeType) -> ComponentFamily:
     desc = describe(node_type)
     assert desc.dataset_metric is not None
     fn = scalar(node_type, desc.dataset_metric)
-    assert not callable(fn.acts), "hook names that depend on the model need a bound family"
+    hooks = fn.fixed_acts or fn.acts  # heads: the pattern itself, not the queries and keys
+    assert not callable(hooks), "hook names that depend on the model need a bound family"
 
     def activations(
         model: HookedTransformer, acts: Mapping[str, torch.Tensor], layer: int
@@ -104,7 +105,7 @@ def _node_type_family(node_type: NodeType) -> ComponentFamily:
 
     return ComponentFamily(
         name=desc.name,
-        hooks=tuple(fn.acts),
+        hooks=tuple(hooks),
         activations=activations,
         n_components=lambda model: desc.width(model, 0),
         per_token_pair=desc.per_token_pair,

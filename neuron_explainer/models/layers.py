@@ -269,6 +269,22 @@ class Attention(nn.Module):
         z = self.hook_z(z.transpose(1, 2))  # [b, n, H, dh]
         return self.o_proj(z.reshape(b, n, self.n_heads * self.d_head))
 
+    def probabilities(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """Attention probabilities [b, H, n_q, n_k] of queries [b, n_q, H, dh], the last n_q of
+        n_k positions, against keys [b, n_k, Hkv, dh] (both as the scores read them: after rotary
+        and q/k norms): causal, within the sliding window. The forward's own computation where a
+        hook observes the pattern (the same operations, so the same values), for unpadded rows and
+        the real tokens of right-padded ones; a pass that let the fused kernel run recomputes a
+        layer's pattern with it."""
+        group = self.n_heads // self.n_kv_heads
+        qh = q.transpose(1, 2)
+        kh = k.transpose(1, 2).repeat_interleave(group, dim=1)
+        n, n_k = qh.shape[2], kh.shape[2]
+        window = self.window if self.window and n_k > self.window else 0
+        scores = self.scores(qh @ kh.transpose(-1, -2))
+        mask = causal_mask(n, n_k, q.device, window)
+        return scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+
     def _one_query(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """z [b, 1, H, dh] for one new position (a generation step), which sees every key (the last
         `window` with a sliding window). Grouped-query heads read their key/value head in place:

@@ -218,9 +218,9 @@ class Reference:
 
         hooks: list[Hook] = [("hook_embed", leaf), ("ln_final.hook_scale", detach)]
         hooks += [(name, detach) for name in fixed]
-        # Recording the patterns also makes the model take the explicit attention path, as the
-        # engine does (the fused kernel rounds differently).
-        keep = [*keep, *layer_names(model, "attn.hook_pattern")]
+        # Unless `keep` names patterns, the model takes the fused attention kernel, as the engine
+        # does (it recomputes patterns from queries and keys; the explicit softmax path, which a
+        # hook on a pattern selects, rounds differently).
         hooks += [(name, record) for name in dict.fromkeys(keep) if name not in model.autoencoders]
         hooks += [(ae.hook_name, splice(ae)) for ae in model.autoencoders.values()]
         with torch.enable_grad(), model.hooks(fwd=hooks):
@@ -363,10 +363,12 @@ def test_latent_metrics_match_references(model: HookedTransformer, tokens: list[
 
     final = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
     posts, patterns = layer_names(model, "mlp.hook_post"), layer_names(model, "attn.hook_pattern")
-    ref = Reference(model, tokens, keep=[final, *posts, *patterns])
+    # Without hooks on the patterns, the reference runs the fused attention kernel, as the engine
+    # does (it recomputes patterns from queries and keys): the same rounding of the gradients.
+    ref = Reference(model, tokens, keep=[final, *posts])
     d = ref.logit_diff(ids(model, TARGETS), ids(model, DISTRACTORS))
     assert rel_err(res.direction_value, float(d.detach())) <= 1e-5
-    grads = ref.grads(d, [final, "hook_embed", *all_latent_names(model), *posts, *patterns])
+    grads = ref.grads(d, [final, "hook_embed", *all_latent_names(model), *posts])
     g = grads[final]  # ∂D/∂(final residual) with the final norm scale fixed
 
     def parts(node: NodeIndex) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -390,6 +392,13 @@ def test_latent_metrics_match_references(model: HookedTransformer, tokens: list[
     # The splice leaves every other node's gradient as it is: total effects of the embeddings, of
     # neurons in layers without an MLP-side autoencoder and of heads in layers without an
     # attention-side one are a·∂D/∂a of the unspliced model.
+    # A reference that records the patterns (the explicit softmax) for the heads' a·∂D/∂a.
+    ref = Reference(model, tokens, keep=[*posts, *patterns])
+    grads = ref.grads(
+        ref.logit_diff(ids(model, TARGETS), ids(model, DISTRACTORS)),
+        ["hook_embed", *posts, *patterns],
+    )
+
     def other_total_effect(node: NodeIndex) -> float:
         t, c = node.token, node.component
         if node.node_type == NodeType.EMBEDDING:
@@ -651,12 +660,13 @@ def test_value_trace_toward_a_downstream_latent(
         ]
     )
     cut, v_name = "blocks.5.hook_resid_mid", "blocks.2.attn.hook_v"
-    ref = Reference(model, tokens, fixed=["blocks.5.ln2.hook_scale"], keep=[cut, v_name])
+    pattern = "blocks.2.attn.hook_pattern"  # the traced head's layer: explicit, as in the engine
+    ref = Reference(model, tokens, fixed=["blocks.5.ln2.hook_scale"], keep=[cut, v_name, pattern])
     pre = pre_activation_fixed_scale(ae, ref.act(hook)[t], j)
     g = ref.grads(pre, [cut])[cut][t]
     attn = model.blocks[2].attn
     v = ref.act(v_name)[t - 1, 1 // (attn.n_heads // attn.n_kv_heads)].detach()
-    a = ref.act("blocks.2.attn.hook_pattern")[1, t, t - 1].detach()
+    a = ref.act(pattern)[1, t, t - 1].detach()
     want = float(a * (v @ attn.W_O[1]) @ g)
     assert abs(want) > 1e-6  # a non-vacuous trace
     assert rel_err(res.direction_value, want) <= 1e-4

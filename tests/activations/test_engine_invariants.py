@@ -589,7 +589,10 @@ def test_zero_ablation_matches_plain_forward(case: Case) -> None:
 def test_no_ablation_logits_bit_identical(case: Case) -> None:
     model, p = case.model, case.main
     (res,) = run_debugger_request(model, [request(p, token_view_k=20)])
-    logits = PlainForward(model, p.tokens, last_only=True).logits[0].detach()
+    # The model's own forward, no hook attached (the fused attention kernel, as in the engine).
+    with torch.no_grad():
+        logits = model(torch.tensor([p.tokens]), logits_positions=torch.tensor([len(p.tokens) - 1]))
+    logits = logits[0]
     scored = res.top_logits + res.bottom_logits + res.target_logits + res.distractor_logits
     ids = [s.token for s in scored]
     got = torch.tensor([s.score for s in scored], dtype=logits.dtype)

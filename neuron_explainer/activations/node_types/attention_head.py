@@ -11,21 +11,27 @@ term, not part of any head's write.
 | estimated_total_effect | A·∂D/∂A                     |
 
 Head metrics never build the n²·H·d tensor of per-pair write vectors: ‖v W_O‖ comes from a
-per-head dh×dh factor of W_O and the direct effect from v · (W_O[h] g[q]), so the extra memory is
-n·H·dh + n²·H. Ablation sets A[q,k,h] (for one key, or every key of the query row); tracing goes
-through the query, the key, both (the pre-softmax score, the ln1 scale fixed), or the value.
+per-head dh×dh factor of W_O and the direct effect from v · (W_O[h] g[q]). Nor does a pass keep
+an n²·H pattern per layer: it records the queries and keys (and, for ∂D/∂A, the gradient at z,
+since z = A v gives ∂D/∂A[q,k,h] = ∂D/∂z[q,h]·v[k,h]), so the forward runs the fused attention
+kernel, and each layer's pattern and its gradient are recomputed when its metrics are ranked, one
+layer alive at a time: the extra memory is n·H·dh per layer plus n²·H for one layer. A layer whose
+pattern a hook must see (an ablation sets it, a value trace reads it) records it instead.
+Ablation sets A[q,k,h] (for one key, or every key of the query row); tracing goes through the
+query, the key, both (the pre-softmax score, the ln1 scale fixed), or the value.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 
 from neuron_explainer.activations.derived_scalars import (
     PassState,
-    act_times_grad,
+    Reads,
     derived_scalar,
     nonzero_tokens,
-    post_norm_reads,
     weight_derived,
 )
 from neuron_explainer.activations.nodes import (
@@ -50,6 +56,7 @@ from neuron_explainer.models.transformer import HookedTransformer, Rotary
 T = NodeType.ATTENTION_HEAD
 _PATTERN = "blocks.{L}.attn.hook_pattern"
 _V = "blocks.{L}.attn.hook_v"
+_Z = "blocks.{L}.attn.hook_z"
 
 
 def qk_hooks(model: HookedTransformer, layer: int) -> tuple[str, str]:
@@ -65,9 +72,55 @@ def head_values(state: PassState, layer: int) -> torch.Tensor:
     return v.repeat_interleave(cfg.n_heads // cfg.n_kv_heads, dim=2)
 
 
+def pattern_reads(*names: str, post_norm: bool = False) -> Reads:
+    """What a head scalar reads to have a layer's pattern (the queries and keys the scores read),
+    plus `names` and, with `post_norm` on a model with post-norms, ln1_post's scale."""
+
+    def reads(model: HookedTransformer, layer: int) -> Sequence[str]:
+        post = ("blocks.{L}.ln1_post.hook_scale",) if post_norm and model.cfg.post_norms else ()
+        return (*qk_hooks(model, layer), *names, *post)
+
+    return reads
+
+
 def pattern(state: PassState, layer: int) -> torch.Tensor:
-    """[b, H, n_q, n_k] attention probabilities."""
-    return state.act(_PATTERN.format(L=layer))
+    """[b, H, n_q, n_k] attention probabilities: as recorded where the pass recorded them (a
+    layer whose pattern an ablation set), else recomputed from the recorded queries and keys."""
+    recorded = state.acts.get(_PATTERN.format(L=layer))
+    if recorded is not None:
+        return recorded
+    q_name, k_name = qk_hooks(state.model, layer)
+    attn = state.model.blocks[layer].attn
+    return state.per_layer(
+        "pattern", layer, lambda: attn.probabilities(state.act(q_name), state.act(k_name))
+    )
+
+
+def pattern_row(state: PassState, layer: int, query: int) -> torch.Tensor:
+    """[b, H, n_k] the attention probabilities of one query token (zero after it), without a
+    layer's whole pattern."""
+    recorded = state.acts.get(_PATTERN.format(L=layer))
+    if recorded is not None:
+        return recorded[:, :, query]
+    q_name, k_name = qk_hooks(state.model, layer)
+    q, k = state.act(q_name), state.act(k_name)
+    probs = state.model.blocks[layer].attn.probabilities(
+        q[:, query : query + 1], k[:, : query + 1]
+    )[:, :, 0]
+    return torch.nn.functional.pad(probs, (0, k.shape[1] - query - 1))
+
+
+def pattern_gradient(state: PassState, layer: int) -> torch.Tensor:
+    """[b, H, n_q, n_k] ∂D/∂A: z = A v per head, so ∂D/∂A[q,k,h] = ∂D/∂z[q,h]·v[k,h], from the
+    gradient recorded at z (zero without a backward pass)."""
+    g_z = state.grads.get(_Z.format(L=layer))
+    if g_z is None:
+        return torch.zeros_like(pattern(state, layer))
+    return state.per_layer(
+        "pattern_gradient",
+        layer,
+        lambda: torch.einsum("bqhe,bkhe->bhqk", g_z, head_values(state, layer)),
+    )
 
 
 def head_write_norms(state: PassState, layer: int) -> torch.Tensor:
@@ -104,7 +157,7 @@ def token_pair_attribution(
     w_o = state.model.blocks[layer].attn.W_O
     proj = torch.einsum("hed,d->he", w_o, direction.to(w_o.dtype))  # [H, dh]
     vproj = torch.einsum("bkhe,he->bkh", head_values(state, layer), proj)
-    return torch.einsum("bhk,bkh->bk", pattern(state, layer)[:, :, query_token], vproj)
+    return torch.einsum("bhk,bkh->bk", pattern_row(state, layer, query_token), vproj)
 
 
 # ---- ablation and tracing --------------------------------------------------------------------------
@@ -152,7 +205,7 @@ def _through_value(
 
 
 def _view_hooks(model: HookedTransformer, layer: int) -> set[str]:
-    names = {_PATTERN.format(L=layer), _V.format(L=layer), f"blocks.{layer}.ln1.hook_scale"}
+    names = {_V.format(L=layer), f"blocks.{layer}.ln1.hook_scale"}
     return names | set(qk_hooks(model, layer))
 
 
@@ -178,12 +231,14 @@ register_node_type(
 # ---- derived scalars -------------------------------------------------------------------------------
 
 
-@derived_scalar(T, "activation", acts=(_PATTERN,), signed=False)
+@derived_scalar(T, "activation", acts=pattern_reads(), signed=False)
 def head_activation(state: PassState, layer: int) -> torch.Tensor:
     return pattern(state, layer)
 
 
-@derived_scalar(T, "write_magnitude", acts=(_PATTERN, _V), signed=False)
+@derived_scalar(
+    T, "write_magnitude", acts=pattern_reads(_V), signed=False, fixed_acts=(_PATTERN, _V)
+)
 def head_write_magnitude(state: PassState, layer: int) -> torch.Tensor:
     """A·‖v W_O‖; through a post-norm A·‖v W_O ⊙ w‖ / s[q] where its scale was recorded (the
     engine always records it; a dataset, whose hooks do not depend on the model, gets the
@@ -195,7 +250,7 @@ def head_write_magnitude(state: PassState, layer: int) -> torch.Tensor:
     return out
 
 
-@derived_scalar(T, "direct_effect", acts=post_norm_reads(_PATTERN, _V, writes="attention"))
+@derived_scalar(T, "direct_effect", acts=pattern_reads(_V, post_norm=True))
 def head_direct_effect(state: PassState, layer: int) -> torch.Tensor:
     w_o = state.model.blocks[layer].attn.W_O  # [H, dh, d]
     g = state.gradient_at_write(layer, "attention", 2 * layer + 1)  # [b, n, d]
@@ -211,9 +266,10 @@ def head_direct_effect(state: PassState, layer: int) -> torch.Tensor:
     return out
 
 
-derived_scalar(T, "estimated_total_effect", acts=(_PATTERN,), grads=(_PATTERN,))(
-    act_times_grad(_PATTERN)
-)
+@derived_scalar(T, "estimated_total_effect", acts=pattern_reads(_V), grads=(_Z,))
+def head_total_effect(state: PassState, layer: int) -> torch.Tensor:
+    """A·∂D/∂A (act × grad), ∂D/∂A from the gradient at z (`pattern_gradient`)."""
+    return pattern(state, layer) * pattern_gradient(state, layer)
 
 
 # ---- token views -----------------------------------------------------------------------------------
@@ -228,15 +284,13 @@ def head_views(queue: ViewQueue, node: NodeIndex) -> None:
     t, h, kt = node.token, node.component, node.attended_token
     assert kt is not None
     attn = model.blocks[L].attn
-    probs = queue.act(_PATTERN.format(L=L))
-    if probs is not None and queue.act(_V.format(L=L)) is not None:
-        vo = head_values(queue.state, L)[row, kt, h] @ attn.W_O[h]
-        lnf = model.ln_final
-        queue.output.add(
-            node, ("head", L, row, kt, h), lambda: norm_linear(lnf, vo), float(probs[row, h, t, kt])
-        )
     q_name, k_name = qk_hooks(model, L)
     q_all, k_all = queue.act(q_name), queue.act(k_name)
+    if q_all is not None and k_all is not None and queue.act(_V.format(L=L)) is not None:
+        a = float(pattern_row(queue.state, L, t)[row, h, kt])
+        vo = head_values(queue.state, L)[row, kt, h] @ attn.W_O[h]
+        lnf = model.ln_final
+        queue.output.add(node, ("head", L, row, kt, h), lambda: norm_linear(lnf, vo), a)
     s1 = queue.act(f"blocks.{L}.ln1.hook_scale")
     if q_all is None or k_all is None or s1 is None:
         return

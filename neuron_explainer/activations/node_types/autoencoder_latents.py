@@ -45,7 +45,11 @@ from neuron_explainer.activations.derived_scalars import (
     nonzero_tokens,
     weight_derived,
 )
-from neuron_explainer.activations.node_types.attention_head import token_pair_attribution
+from neuron_explainer.activations.node_types.attention_head import (
+    pattern_row,
+    qk_hooks,
+    token_pair_attribution,
+)
 from neuron_explainer.activations.nodes import (
     Live,
     NodeAblation,
@@ -165,11 +169,10 @@ def _view_hooks(model: HookedTransformer, layer: int, side: AutoencoderSide) -> 
             f"blocks.{layer}.ln2.hook_normalized",
             f"blocks.{layer}.ln2.hook_scale",
         }
-    attn = f"blocks.{layer}.attn"
     return {
         ae.hook_name,
-        f"{attn}.hook_pattern",
-        f"{attn}.hook_v",
+        *qk_hooks(model, layer),  # the pattern, recomputed from them (attention_head.pattern)
+        f"blocks.{layer}.attn.hook_v",
         f"blocks.{layer}.ln1.hook_scale",
     }
 
@@ -358,14 +361,15 @@ def latent_views(queue: ViewQueue, node: NodeIndex) -> None:
         queue.input.add(node, ("latent_in", ae.hook_name, row, t, j), vec, 1 / float(s2[row, t, 0]))
         return
     # Attention side: through the values with the pattern and the ln1 scales fixed.
-    pattern = queue.act(f"blocks.{L}.attn.hook_pattern")
+    q_name, k_name = qk_hooks(model, L)
     s1 = queue.act(f"blocks.{L}.ln1.hook_scale")
-    if pattern is None or s1 is None or queue.act(f"blocks.{L}.attn.hook_v") is None:
+    if s1 is None or any(queue.act(n) is None for n in (q_name, k_name, f"blocks.{L}.attn.hook_v")):
         return
     attn = block.attn
     dh, group = attn.d_head, attn.n_heads // attn.n_kv_heads
     e_model = e.to(attn.W_O.dtype)
-    weights = (pattern[row, :, t, : t + 1] / s1[row, : t + 1, 0]).sum(-1).to(e_model.dtype)  # [H]
+    probs = pattern_row(state, L, t)[row, :, : t + 1]  # [H, t + 1]
+    weights = (probs / s1[row, : t + 1, 0]).sum(-1).to(e_model.dtype)  # [H]
     o_e = attn.W_O @ e_model  # [H, dh]
     w_v = attn.v_proj.weight.reshape(attn.n_kv_heads, dh, -1).repeat_interleave(group, dim=0)
     vec = torch.einsum("h,he,hed->d", weights, o_e, w_v)
