@@ -98,6 +98,8 @@ def create_app(model: HookedTransformer | None, settings: Settings | None = None
             state.worker = ModelWorker(
                 state.engine, settings.max_merged_rows, settings.request_timeout_s
             )
+            # Background jobs wait while the model runs requests (jobs.py).
+            state.worker.on_busy = lambda busy: pause_jobs(state, busy)
             state.worker.start()
         if settings.auto_dataset_model is not None:
             await _start_default_collation(state, settings.auto_dataset_model)
@@ -145,6 +147,14 @@ def create_app(model: HookedTransformer | None, settings: Settings | None = None
     install_docs(app)  # before the UI, whose mount at "/" takes every path left
     _mount_ui(app, Path(settings.ui_dir) if settings.ui_dir else DEFAULT_UI_DIR)
     return app
+
+
+def pause_jobs(state: ServerState, paused: bool) -> None:
+    for job in state.jobs.values():
+        if paused:
+            job.pause()
+        else:
+            job.resume()
 
 
 async def _start_default_collation(state: ServerState, model: str) -> None:

@@ -12,7 +12,10 @@ new user's node table carries explanations with no set-up. Both commands resume 
 
 A child process, not a thread: collation hooks the model, and a second model in the same process
 would share its hook points with the server's requests. The child runs at a lower priority
-(`nice`), so interactive requests keep the CPU when both want it. It prints progress as JSON lines
+(`nice`), and the server pauses it while its model runs a request (`pause`/`resume`: SIGSTOP and
+SIGCONT to the child's process group): a lower priority alone does not keep a request's speed,
+since the request's torch threads wait for each other and one of them preempted by the child stalls
+them all (bench/server.py --while-collating measures both). It prints progress as JSON lines
 (`tdb collate --progress-json`); its stderr is kept as a short log tail for error messages.
 """
 
@@ -94,6 +97,7 @@ class CollationJob:
         self._process: asyncio.subprocess.Process | None = None
         self._task: asyncio.Task[None] | None = None
         self._started = 0.0
+        self._paused = False
 
     @classmethod
     def for_default_store(
@@ -143,13 +147,16 @@ class CollationJob:
         self._task = asyncio.create_task(self._watch(self._process))
 
     def _lower_priority(self) -> None:
-        """In the child before exec: lower priority, and die with the server (Linux)."""
+        """In the child before exec: its own process group (what `pause` stops, with any process
+        it starts), lower priority, and die with the server (Linux; SIGKILL, which also ends a
+        paused child, and the child's store is safe at any point: a rerun resumes it)."""
+        os.setpgrp()
         with contextlib.suppress(OSError):
             os.nice(self.nice)
         if sys.platform.startswith("linux"):
             with contextlib.suppress(OSError, AttributeError):
                 libc = ctypes.CDLL(None, use_errno=True)
-                libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+                libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
     async def _watch(self, process: asyncio.subprocess.Process) -> None:
         assert process.stdout is not None and process.stderr is not None
@@ -200,6 +207,22 @@ class CollationJob:
         remaining = (state.totalTokens or 0) - state.tokens
         state.etaSeconds = remaining / rate if rate > 0 else None
 
+    def pause(self) -> None:
+        """Stop the child where it is (SIGSTOP to its process group) until `resume`: its work,
+        its commits and its progress wait; nothing is lost."""
+        self._signal(signal.SIGSTOP, paused=True)
+
+    def resume(self) -> None:
+        self._signal(signal.SIGCONT, paused=False)
+
+    def _signal(self, sig: signal.Signals, paused: bool) -> None:
+        process = self._process
+        if process is None or process.returncode is not None or self._paused == paused:
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, sig)
+            self._paused = paused
+
     async def wait(self) -> JobStatus:
         if self._task is not None:
             await self._task
@@ -213,6 +236,7 @@ class CollationJob:
         self.state.status = "stopped"
         self.state.message = "stopped with the server; it resumes on the next start"
         process.terminate()
+        self.resume()  # a stopped process takes its SIGTERM once it runs again
         try:
             await asyncio.wait_for(process.wait(), timeout=10)
         except TimeoutError:

@@ -123,6 +123,9 @@ class ModelWorker:
         self.requests_cancelled = 0  # abandoned by their clients (queued or running)
         self.requests_timed_out = 0  # past their deadline (queued or running)
         self.runs_stopped = 0  # model runs stopped early because nobody waited for them
+        # Called with True when the model starts running requests and False when none is left:
+        # the server pauses its background jobs meanwhile (jobs.py).
+        self.on_busy: Callable[[bool], None] = lambda busy: None
 
     @property
     def queued(self) -> int:
@@ -232,9 +235,12 @@ class ModelWorker:
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
+            if not self._pending:
+                self.on_busy(False)
             while not self._pending:
                 self._wakeup.clear()
                 await self._wakeup.wait()
+            self.on_busy(True)
             batch = [self._pending.popleft()]
             if batch[0].sub_requests is not None:
                 rows = len(batch[0].sub_requests)

@@ -10,6 +10,8 @@ do; this module's last test checks its progress."""
 from __future__ import annotations
 
 import re
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
@@ -27,7 +29,7 @@ from tests.e2e.conftest import (
     serve_store,
 )
 from tests.e2e.test_debugger import wait_for_table
-from tests.servers import Server, post
+from tests.servers import Server, call, post
 
 IOI_QUERY = "When+Mary+and+John+went+to+the+store%2C+John+gave+a+drink+to"
 FULL_RED = "rgba(220, 38, 38, 0.85)"  # lib/colors.ts at intensity 1 (the dataset max)
@@ -53,6 +55,64 @@ def test_jobs_indicator_shows_the_running_collation(collating_page: Page) -> Non
     expect(job).to_contain_text(f"collate {AUTO_TOKENS:,} tokens")
     expect(job.get_by_test_id("job-tokens")).to_contain_text("tokens")
     expect(page.get_by_test_id("jobs-indicator")).to_contain_text("1 job running")
+
+
+def _children(pid: int) -> list[int]:
+    return [
+        int(p.name)
+        for p in Path("/proc").iterdir()
+        if p.name.isdigit() and _stat(int(p.name)).get("ppid") == pid
+    ]
+
+
+def _stat(pid: int) -> dict[str, str | int]:
+    """State and parent of a process (/proc/PID/stat), {} once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return {}
+    return {"state": fields[0], "ppid": int(fields[1])}
+
+
+def test_the_collation_waits_while_the_model_runs_a_request(
+    collating_page: Page, auto_server: Server
+) -> None:
+    """The server stops its background collation (the child process) while the model runs a
+    request, so a request keeps its speed, and lets it go on afterwards."""
+    [child] = [
+        pid
+        for pid in _children(auto_server.process.pid)
+        if b"collate" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    ]
+    states: list[str | int] = []
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            states.append(_stat(child).get("state", "gone"))
+            time.sleep(0.01)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    prompt = (
+        "The harbour town woke slowly on winter mornings, and the gulls followed the boats. " * 12
+    )
+    body = {
+        "subRequests": [{"prompt": prompt, "targetTokens": [" the"], "distractorTokens": [" a"]}]
+    }
+    try:
+        status, answer = call(auto_server, "/batched_tdb", body, timeout=300)
+    finally:
+        done.set()
+        watcher.join()
+    assert status == 200, answer
+    assert "T" in states  # stopped (SIGSTOP) while the request ran
+    deadline = time.monotonic() + 10
+    while _stat(child).get("state") == "T" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _stat(child).get("state") != "T"  # and continued once the model was idle
+    open_jobs_panel(collating_page)
+    expect(collating_page.get_by_test_id("jobs-indicator")).to_contain_text("1 job running")
 
 
 def test_node_page_shows_neuron_dataset_examples(dpage: Page, dataset_server: Server) -> None:
