@@ -1,5 +1,6 @@
 """Throughput of the activation server under concurrent debugger requests, with and without merging;
-or, with --soak, its stability under a long mixed load.
+or, with --soak, its stability under a long mixed load; or, with --while-collating, a request's
+latency while a collation runs (beside the server, and as the server's own paused job).
 
 Starts `python -m activation_server` twice on the default model, once with
 `--max-merged-rows 1` (requests queue and run one at a time) and once with merging (requests
@@ -64,7 +65,9 @@ def prompts(n: int) -> list[dict[str, Any]]:
     return out
 
 
-def start(extra: list[str]) -> tuple[subprocess.Popen[bytes], str]:
+def start(
+    extra: list[str], env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[bytes], str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -76,7 +79,7 @@ def start(extra: list[str]) -> tuple[subprocess.Popen[bytes], str]:
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-        env={**os.environ},
+        env=env or {**os.environ},
     )
     url = f"http://127.0.0.1:{port}"
     for _ in range(600):
@@ -122,7 +125,15 @@ def main() -> None:
         help="soak mode: a mixed load for this long after the warm-up (default 120)",
     )
     ap.add_argument("--warmup", type=float, default=None, help="soak warm-up seconds")
+    ap.add_argument(
+        "--while-collating",
+        action="store_true",
+        help="a 64-token request's latency idle, beside a collation, and with one as a server job",
+    )
     args = ap.parse_args()
+    if args.while_collating:
+        while_collating(args.rounds)
+        return
     if args.soak is not None:
         soak(args.soak, args.warmup if args.warmup is not None else min(120.0, args.soak / 5))
         return
@@ -160,6 +171,106 @@ def main() -> None:
         f"one request: {latency * 1000:.0f} ms over HTTP vs {min(lib) * 1000:.0f} ms in-process "
         f"(ratio {latency / min(lib):.2f})"
     )
+
+
+# ---- latency while collating --------------------------------------------------------------------
+
+# Three finished IOI sentences, then one to complete: about 64 tokens.
+IOI_64 = " ".join(
+    [
+        *(
+            f"When {NAMES[i]} and {NAMES[i + 3]} went to the {PLACES[i]}, "
+            f"{NAMES[i + 3]} gave a drink to {NAMES[i]}."
+            for i in range(3)
+        ),
+        "When Mary and John went to the store, John gave a drink to",
+    ]
+)
+
+
+def latencies(url: str, n: int) -> list[float]:
+    body = {"prompt": IOI_64, "targetTokens": [" Mary"], "distractorTokens": [" John"]}
+
+    async def run() -> list[float]:
+        async with AsyncClient(url) as client:
+            await client.batched_tdb([body])  # warm-up
+            times = []
+            for _ in range(n):
+                t = time.perf_counter()
+                await client.batched_tdb([body])
+                times.append(time.perf_counter() - t)
+                await asyncio.sleep(0.5)  # the collation gets the CPU between requests
+            return times
+
+    return asyncio.run(run())
+
+
+def wait_collating(url: str, timeout_s: float = 300) -> None:
+    """Until the server's collation job has committed tokens (its model is loaded and running)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with urllib.request.urlopen(url + "/jobs", timeout=5) as resp:
+            jobs = json.loads(resp.read())["jobs"]
+        if jobs and jobs[0]["status"] == "running" and jobs[0]["tokens"] > 0:
+            return
+        time.sleep(1)
+    raise RuntimeError("the collation job did not start")
+
+
+def while_collating(rounds: int) -> None:
+    """A 64-token debugger request's latency (median of 5 per round): on an idle server; beside a
+    `tdb collate` started by hand (nice 10, not the server's: the server cannot pause it); and
+    with the collation as the server's own job (--auto-dataset), which it pauses while requests
+    run. A fresh TDB_CACHE for the collations (the default corpus linked in)."""
+    import tempfile
+
+    from neuron_explainer.datasets.corpus import default_corpus_dir
+
+    n = 5
+    rows: dict[str, list[float]] = defaultdict(list)
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = Path(tmp)
+        (cache / "corpora").mkdir()
+        corpus = default_corpus_dir()
+        (cache / "corpora" / corpus.name).symlink_to(corpus, target_is_directory=True)
+        env = {**os.environ, "TDB_CACHE": str(cache)}
+        for r in range(rounds):
+            proc, url = start([])
+            try:
+                rows["idle server"] += latencies(url, n)
+                out = str(cache / f"by-hand-{r}.sqlite")
+                command = [sys.executable, "-m", "neuron_explainer.cli", "collate", "--quiet"]
+                collate = subprocess.Popen(
+                    [*command, "--out", out, "--tokens", "65536"],
+                    env=env,
+                    preexec_fn=lambda: os.nice(10),
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+                time.sleep(20)  # its model loaded, collating
+                rows["beside `tdb collate` (nice 10)"] += latencies(url, n)
+                collate.kill()
+                collate.wait()
+            finally:
+                proc.terminate()
+                proc.wait()
+            extra = ["--auto-dataset", "--no-auto-explain", "--auto-dataset-tokens", "65536"]
+            proc, url = start(extra, env=env)
+            try:
+                wait_collating(url)
+                rows["collation as the server's job (paused per request)"] += latencies(url, n)
+            finally:
+                proc.terminate()
+                proc.wait()
+            for f in cache.glob("datasets/*"):
+                f.unlink()  # the next round's job starts from scratch
+    idle = statistics.median(rows["idle server"])
+    print(f"\n64-token debugger request, {rounds} round(s) x {n} requests, medians:")
+    print("| server | latency median (range) | ÷ idle |")
+    print("|---|---|---|")
+    for label, times in rows.items():
+        med = statistics.median(times)
+        print(f"| {label} | {med:.2f} s ({min(times):.2f}–{max(times):.2f}) | {med / idle:.2f} |")
 
 
 # ---- soak --------------------------------------------------------------------------------------
