@@ -2,8 +2,12 @@
 anything parses it, and is never held in memory whole.
 
 A declared `Content-Length` over the limit is refused at once, unread. A body without one (chunked)
-is counted while it streams in and refused as soon as it passes the limit. A body within the limit
-is read here and handed on in one piece; endpoints would have read it whole anyway to parse it.
+is counted while it streams in and refused once it passes the limit: what the client still sends,
+up to the limit again, is read and dropped first, so that a client that sends its whole body before
+reading the answer (most do) gets the 413 rather than a connection reset in mid-send (the answer
+lost with it); a longer one gets the 413 as the connection closes. Memory stays one chunk. A body
+within the limit is read here and handed on in one piece; endpoints would have read it whole anyway
+to parse it.
 """
 
 from __future__ import annotations
@@ -41,6 +45,8 @@ class BodyLimitMiddleware:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_bytes:
+                if message.get("more_body", False):
+                    await _drop_rest(receive, self.max_bytes)
                 await self._refuse(scope, receive, send, f"more than {self.max_bytes:,} bytes")
                 return
             chunks.append(chunk)
@@ -69,6 +75,18 @@ class BodyLimitMiddleware:
         # The unread rest of the body is not wanted: close the connection after the answer.
         response.headers["connection"] = "close"
         await response(scope, receive, send)
+
+
+async def _drop_rest(receive: Receive, up_to: int) -> None:
+    """Read and drop the rest of a body, at most `up_to` bytes of it."""
+    dropped = 0
+    while dropped <= up_to:
+        message = await receive()
+        if message["type"] != "http.request":
+            return
+        dropped += len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return
 
 
 def _content_length(scope: Scope) -> int | None:
