@@ -14,7 +14,7 @@ logit(" John") at the last token, read and differentiated by every method:
    `mlp.hook_post` and `attn.hook_pattern`, the same act×grad;
 4. nnsight (`TransformersModel.trace`): the down projection's input and the attention weights,
    their `.grad` inside `with d.backward():`, the same act×grad;
-5. ours: a full debugger request (all four metrics for every node type, top-k 10 over ~2 M nodes
+5. ours: a full debugger request (all four metrics for every node type, top-k 10 over 20.7 M nodes
    at T = 256, token-space views);
 6. ours with token views off (`SubRequest(token_views=False)`).
 
