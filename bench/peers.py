@@ -43,6 +43,7 @@ above what it held before.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import os
@@ -425,7 +426,7 @@ def time_rounds(
     medians: dict[str, list[float]] = {m: [] for m in METHODS}
     for r in range(rounds):
         for m in METHODS if r % 2 == 0 else METHODS[::-1]:
-            medians[m].append(median_seconds(lambda m=m: runs[m](tokens), repeats))
+            medians[m].append(median_seconds(functools.partial(runs[m], tokens), repeats))
         print(
             f"T = {len(tokens)} round {r + 1}: "
             + "  ".join(f"{m} {medians[m][-1]:.3f}" for m in METHODS),
