@@ -57,6 +57,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from request import TEXT  # bench/request.py, beside this script
 
 # Every method loads a local folder; nothing may be fetched from a hub (read when the peers'
 # packages are imported, inside the functions below).
@@ -66,16 +67,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 MODEL = "smollm2-135m"
 IOI = "When Mary and John went to the store, John gave a drink to"
 TARGET, DISTRACTOR = " Mary", " John"
-# The same prose as bench/request.py, before the sentence, to reach T tokens.
-FILLER = (
-    "The harbour town woke slowly on winter mornings. Fishermen carried their nets down the stone "
-    "steps while the baker opened his shutters and the smell of bread drifted across the square. "
-    "Children ran to the school on the hill, and the old clock above the town hall struck eight, "
-    "always a minute late. In the afternoon the wind turned, the boats came back one after another, "
-    "and the gulls followed them into the harbour, crying over every basket of fish. By evening "
-    "the lamps were lit along the quay, and the sailors told stories of storms they had seen and "
-    "islands they had never found, while the innkeeper listened and poured another round. "
-)
+# The same prose as bench/request.py (imported from it: this script runs from bench/), before
+# the sentence, to reach T tokens.
+FILLER = TEXT
 METHODS = ["floor", "hooks", "transformer_lens", "nnsight", "ours", "ours_no_views"]
 PEERS = ["hooks", "transformer_lens", "nnsight"]
 LABELS = {

@@ -72,3 +72,19 @@ def duration(seconds: float) -> str:
         return "?"
     s = int(seconds)
     return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def at_most_every(seconds: float, report: ProgressCallback) -> ProgressCallback:
+    """`report`, called at most once every `seconds` (always for the last update, done == total):
+    for reports that cost something (a line on stdout, a message to another process)."""
+    last = 0.0
+
+    def throttled(done: int, total: int, rate: float) -> None:
+        nonlocal last
+        now = time.monotonic()
+        if done < total and now - last < seconds:
+            return
+        last = now
+        report(done, total, rate)
+
+    return throttled

@@ -12,13 +12,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from neuron_explainer.cli.models import load_from_args
 from neuron_explainer.models.registry import DEFAULT_MODEL
+from neuron_explainer.progress import at_most_every
 
 if TYPE_CHECKING:
     from neuron_explainer.datasets.store import DatasetMetadata
@@ -185,19 +185,13 @@ def _print_summary(out: str, meta: DatasetMetadata) -> None:
 
 def json_progress() -> Callable[[int, int, float], None]:
     """Progress as one JSON object per line on stdout, for a supervising process (the server's
-    background collation job reads these)."""
-    last = 0.0
+    background collation job reads these), at most one a second."""
 
     def report(done: int, total: int, rate: float) -> None:
-        nonlocal last
-        now = time.monotonic()
-        if done < total and now - last < 1.0:
-            return
-        last = now
         line = {"tokens": done, "totalTokens": total, "tokensPerSecond": round(rate, 1)}
         print(json.dumps(line), flush=True)
 
-    return report
+    return at_most_every(1.0, report)
 
 
 def _layer_ranges(layers: Sequence[int]) -> str:

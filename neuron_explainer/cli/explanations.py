@@ -16,9 +16,12 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from neuron_explainer.models.registry import DEFAULT_MODEL
+
+if TYPE_CHECKING:  # imported lazily at run time (the CLI starts fast)
+    from neuron_explainer.explanations.batch import BatchSummary
 
 
 def _cache_dir() -> Path:
@@ -124,12 +127,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     except BackendUnreachableError as e:
         print(f"tdb: error: {e}", file=sys.stderr)
         return 2
-    print(
-        f"{args.store}: {summary.explained + summary.failed:,} components explained "
-        f"({summary.failed:,} failed), {summary.skipped:,} already done, method "
-        f"{method.label()}, {summary.seconds:.1f}s",
-        file=sys.stderr,
-    )
+    print_summary(args.store, summary, method.label())
     return 0
 
 
@@ -202,12 +200,7 @@ def _explain_on_ray(
     except BackendUnreachableError as e:
         print(f"tdb: error: {e}", file=sys.stderr)
         return 2
-    print(
-        f"{args.store}: {summary.explained + summary.failed:,} components explained "
-        f"({summary.failed:,} failed), {summary.skipped:,} already done, method "
-        f"{spec.method().label()}, {summary.seconds:.1f}s on Ray",
-        file=sys.stderr,
-    )
+    print_summary(args.store, summary, spec.method().label(), " on Ray")
     return 0
 
 
@@ -420,3 +413,13 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("store")
     p.add_argument("out_dir")
     p.set_defaults(fn=cmd_export)
+
+
+def print_summary(store: str, summary: BatchSummary, method: str, where: str = "") -> None:
+    """The line `tdb explain` ends with, on stderr."""
+    print(
+        f"{store}: {summary.explained + summary.failed:,} components explained "
+        f"({summary.failed:,} failed), {summary.skipped:,} already done, method "
+        f"{method}, {summary.seconds:.1f}s{where}",
+        file=sys.stderr,
+    )

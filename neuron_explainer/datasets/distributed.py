@@ -45,7 +45,7 @@ from neuron_explainer.datasets.store import DatasetMetadata, stored_metadata
 from neuron_explainer.datasets.store_writer import StoreLock
 from neuron_explainer.models.loading import load_model, model_name
 from neuron_explainer.models.transformer import HookedTransformer
-from neuron_explainer.progress import Progress, ProgressCallback
+from neuron_explainer.progress import Progress, ProgressCallback, at_most_every
 
 RAY_INSTALL = "pip install 'transformer-debugger[ray]'"
 # Attempts after the first for a task whose worker process or node died (Ray's own default, stated
@@ -201,17 +201,10 @@ class ShardBoard:
 
 
 def _reporter(board: Any, shard: int) -> ProgressCallback:
-    last = 0.0
-
     def report(done: int, total: int, rate: float) -> None:
-        nonlocal last
-        now = time.monotonic()
-        if done < total and now - last < 1.0:
-            return
-        last = now
         board.report.remote(shard, done, total, rate)
 
-    return report
+    return at_most_every(1.0, report)
 
 
 def collate_shard(

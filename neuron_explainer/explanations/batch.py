@@ -147,16 +147,7 @@ def explain_store(
         method_id = writer.method_id(method)
         done = writer.done(method_id)
         todo = [n for n in selected if n not in done]
-        bar = Progress(
-            "explain",
-            total=len(selected),
-            done=len(selected) - len(todo),
-            enabled=progress,
-            unit="nodes",
-            rate_unit="nodes/s",
-            callback=on_progress,
-        )
-        bar.update(len(selected) - len(todo))
+        bar = node_progress(len(selected), len(selected) - len(todo), progress, on_progress)
         explained = failed = 0
         pool = ThreadPoolExecutor(workers) if workers > 1 else None
         if pool is not None:
@@ -178,3 +169,20 @@ def explain_store(
     return BatchSummary(
         len(selected), len(selected) - len(todo), explained, failed, time.monotonic() - start
     )
+
+
+def node_progress(
+    total: int, done: int, enabled: bool, callback: ProgressCallback | None
+) -> Progress:
+    """The progress line of an explanation run (nodes, nodes/s), `done` already counted."""
+    bar = Progress(
+        "explain",
+        total=total,
+        done=done,
+        enabled=enabled,
+        unit="nodes",
+        rate_unit="nodes/s",
+        callback=callback,
+    )
+    bar.update(done)
+    return bar

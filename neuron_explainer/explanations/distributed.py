@@ -36,7 +36,12 @@ from neuron_explainer.datasets.distributed import (
     import_ray,
 )
 from neuron_explainer.datasets.store import DatasetStore
-from neuron_explainer.explanations.batch import BatchSummary, explain_one, select_components
+from neuron_explainer.explanations.batch import (
+    BatchSummary,
+    explain_one,
+    node_progress,
+    select_components,
+)
 from neuron_explainer.explanations.llm import (
     LLM_LIMITS,
     PROMPT_VERSION,
@@ -60,7 +65,7 @@ from neuron_explainer.explanations.methods import (
 from neuron_explainer.explanations.store import ExplanationWriter, Node, StoredExplanation
 from neuron_explainer.explanations.text_simulator import TextSimulator
 from neuron_explainer.models.loading import model_name
-from neuron_explainer.progress import Progress, ProgressCallback
+from neuron_explainer.progress import ProgressCallback
 
 # Requests at once from one task (its thread pool) when an endpoint's bound is split into tasks.
 PER_TASK = 4
@@ -188,16 +193,7 @@ def explain_store_on_ray(
             in_group = strategies.PlacementGroupSchedulingStrategy(group)
             options |= {"num_cpus": 1, "scheduling_strategy": in_group}  # one bundle each
         task = ray.remote(explain_part).options(**options)
-        bar = Progress(
-            "explain",
-            total=len(selected),
-            done=len(selected) - len(todo),
-            enabled=progress,
-            unit="nodes",
-            rate_unit="nodes/s",
-            callback=on_progress,
-        )
-        bar.update(bar.done)
+        bar = node_progress(len(selected), len(selected) - len(todo), progress, on_progress)
         pending = {task.remote(str(path), part, spec, per_task): i for i, part in enumerate(parts)}
         explained = failed = 0
         failures: dict[int, str] = {}
